@@ -1,0 +1,1 @@
+"""Connectors: one module per external system, by role (source, stage, target), and a registry."""

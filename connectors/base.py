@@ -1,0 +1,213 @@
+"""The contracts every connector fulfils, and the staged file format they share.
+
+- A `Source` counts a window and streams its documents in batches.
+- A `Stage` writes a window's documents to files plus a manifest, and reads them back.
+- A `Target` loads a window from the stage idempotently and counts it.
+
+Connectors translate their SDK's exceptions into `TransientError` (worth retrying) or
+`TerminalError` (fail the window now); see `core.errors`.
+
+Staged files are gzip NDJSON; each line is one document:
+    {"id": "<document id>", "ts": "2026-11-01T00:00:00Z", "doc": {...the whole document...}}
+Paths in a manifest are relative to the stage's root (bucket + prefix, or directory + prefix),
+so a Snowflake stage over that root can name them in `COPY INTO ... FILES=(...)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+import orjson
+
+from core.instants import format_instant, parse_instant
+from core.windows import Window
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One source document: its id, its timestamp, and the whole document as JSON-able data."""
+
+    id: str
+    timestamp: datetime
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A source document that cannot be staged; counted and reported, never silently dropped."""
+
+    id: str | None
+    reason: str
+    """A short, stable reason: `missing timestamp`, `unparseable timestamp`, `not UTF-8`,
+    `oversized document`, `timestamp outside window`."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """One page from a source: the documents it yielded and the ones it rejected."""
+
+    documents: list[Document] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedFile:
+    path: str
+    """Relative to the stage root: `<pipeline>/YYYY/MM/DD/<window>/<run>-part-00000.ndjson.gz`."""
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class Manifest:
+    """What one extraction run of one window wrote to the stage."""
+
+    pipeline: str
+    window_start: datetime
+    window_end: datetime
+    run: str
+    """Identifies the extraction run (the window's fencing token): a late writer's files never
+    mix with the current run's."""
+    files: list[StagedFile]
+    rows: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rejected documents by reason."""
+    rejected_ids: list[str] = field(default_factory=list)
+    """Ids of rejected documents (the first 100), for the error message and the operator."""
+    path: str = ""
+    """Where this manifest itself lives, relative to the stage root."""
+
+    @property
+    def window(self) -> Window:
+        return Window(self.window_start, self.window_end)
+
+    @property
+    def rejected_count(self) -> int:
+        return sum(self.rejected.values())
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["window_start"] = format_instant(self.window_start)
+        data["window_end"] = format_instant(self.window_end)
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Manifest:
+        data = json.loads(raw)
+        data["window_start"] = parse_instant(data["window_start"])
+        data["window_end"] = parse_instant(data["window_end"])
+        data["files"] = [StagedFile(**item) for item in data["files"]]
+        return cls(**data)
+
+
+def window_dir(pipeline: str, window: Window) -> str:
+    """`<pipeline>/YYYY/MM/DD/<start>_<end>`: one directory per window, relative to the root.
+
+    No `=` in it: DuckDB (behind fakesnow) reads `key=value/` as a partition column.
+    """
+    start = window.start
+    compact = "%Y%m%dT%H%M%SZ"
+    return (
+        f"{pipeline}/{start:%Y}/{start:%m}/{start:%d}/"
+        f"{window.start.strftime(compact)}_{window.end.strftime(compact)}"
+    )
+
+
+def encode_line(document: Document) -> bytes:
+    """One staged NDJSON line (with its newline) for `document`."""
+    return (
+        orjson.dumps(
+            {"id": document.id, "ts": format_instant(document.timestamp), "doc": document.body},
+            option=orjson.OPT_NON_STR_KEYS,
+            default=_json_default,
+        )
+        + b"\n"
+    )
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """The object of one staged line: `{"id", "ts", "doc"}`."""
+    value: dict[str, Any] = orjson.loads(line)
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_instant(value) if value.tzinfo else value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8")
+    # Decimal, UUID and the like: their text form is exact.
+    return str(value)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where documents come from."""
+
+    def count(self, window: Window) -> int:
+        """How many documents have `window.start <= timestamp < window.end`."""
+        ...
+
+    def iter_batches(self, window: Window) -> Iterator[Batch]:
+        """Every document of the window exactly once, in bounded batches (flat memory)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """Where documents wait between extract and load."""
+
+    def write_window(
+        self, pipeline: str, window: Window, run: str, batches: Iterable[Batch]
+    ) -> Manifest:
+        """Write the window's files and then its manifest; replace (never append to) any files
+        an earlier run of the window left behind."""
+        ...
+
+    def read_manifest(self, path: str) -> Manifest:
+        """The manifest at `path` (as returned in `Manifest.path`)."""
+        ...
+
+    def iter_lines(self, path: str) -> Iterator[bytes]:
+        """The decompressed NDJSON lines of one staged file."""
+        ...
+
+    def list_files(self, pipeline: str, window: Window) -> list[str]:
+        """Every path under the window's directory, sorted."""
+        ...
+
+    def delete_window(self, pipeline: str, window: Window) -> int:
+        """Delete everything under the window's directory; returns how many files went."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Target(Protocol):
+    """Where documents end up; one row per source document."""
+
+    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage) -> int:
+        """Replace the window's rows with the manifest's files, atomically; rows loaded."""
+        ...
+
+    def count_window(self, pipeline: str, window: Window) -> int:
+        """How many rows the target holds for the window."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def iter_documents(stage: Stage, manifest: Manifest) -> Iterator[dict[str, Any]]:
+    """Every staged line of a manifest's files, decoded, file by file."""
+    for staged in manifest.files:
+        for line in stage.iter_lines(staged.path):
+            if line.strip():
+                yield decode_line(line)

@@ -1,0 +1,1 @@
+"""windowpipe core: pure window logic, config, durable state and locks."""

@@ -1,0 +1,396 @@
+"""The windowpipe config: one TOML file, validated into models, `WINDOWPIPE_*` overrides.
+
+This is the original design's `load_final_config()`: the file is found (`--config`, else
+`$WINDOWPIPE_CONFIG`, else `./windowpipe.toml`), parsed, validated, and every problem is
+reported as one line naming the file, the key and what is wrong. Secrets never live in the
+file: a connector names the environment variable that holds one (`password_env`), and the value
+is read only when a client is built (`resolve_secret`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from core.errors import ConfigError
+from core.instants import format_duration, format_instant, parse_duration, parse_instant
+
+DEFAULT_CONFIG_PATH = "windowpipe.toml"
+"""Where the config is looked for when neither `--config` nor `$WINDOWPIPE_CONFIG` is given."""
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    return parse_duration(value)
+
+
+def _instant(value: Any) -> datetime:
+    return parse_instant(value)
+
+
+Duration = Annotated[
+    timedelta, BeforeValidator(_duration), PlainSerializer(format_duration, return_type=str)
+]
+"""A duration written `90s`, `15m`, `1h`, `1d` or `1w`."""
+
+Instant = Annotated[
+    datetime, BeforeValidator(_instant), PlainSerializer(format_instant, return_type=str)
+]
+"""An aware instant, ISO 8601 with an offset; stored as UTC."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- connectors -------------------------------------------------------------------------------
+
+
+class ElasticsearchSourceConfig(_Strict):
+    """An Elasticsearch index pattern read with point in time + search_after."""
+
+    type: Literal["elasticsearch"]
+    hosts: list[str] = Field(min_length=1)
+    index: str = Field(min_length=1)
+    timestamp_field: str = "@timestamp"
+    page_size: int = Field(default=1000, ge=1, le=10000)
+    slices: int = Field(default=1, ge=1, le=64)
+    username: str | None = None
+    password_env: str | None = None
+    api_key_env: str | None = None
+    verify_certs: bool = True
+    ca_certs: str | None = None
+    request_timeout: float = Field(default=30.0, gt=0)
+    pit_keep_alive: str = "5m"
+    max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+
+
+class OpenSearchSourceConfig(ElasticsearchSourceConfig):
+    """The same source for OpenSearch / AWS OpenSearch, through opensearch-py."""
+
+    type: Literal["opensearch"]  # type: ignore[assignment]
+
+
+class SqlSourceConfig(_Strict):
+    """A table with a timestamp column, read with keyset pagination through SQLAlchemy."""
+
+    type: Literal["sql"]
+    url: str = Field(min_length=1)
+    table: str = Field(min_length=1)
+    timestamp_column: str = "created_at"
+    id_column: str = "id"
+    page_size: int = Field(default=5000, ge=1)
+    password_env: str | None = None
+    max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+
+
+class S3StageConfig(_Strict):
+    """gzip NDJSON files and a manifest per window in an S3 bucket (or MinIO, moto)."""
+
+    type: Literal["s3"]
+    bucket: str = Field(min_length=3)
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    multipart_chunk_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+
+class LocalStageConfig(_Strict):
+    """The S3 stage's layout, in a local directory."""
+
+    type: Literal["local"]
+    path: str = Field(min_length=1)
+    prefix: str = ""
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
+class SnowflakeTargetConfig(_Strict):
+    """A Snowflake table loaded with `COPY INTO` from a Snowflake stage over the S3 stage."""
+
+    type: Literal["snowflake"]
+    account: str = Field(min_length=1)
+    user: str = Field(min_length=1)
+    password_env: str | None = None
+    private_key_path: str | None = None
+    role: str | None = None
+    warehouse: str | None = None
+    database: str = Field(min_length=1)
+    schema_: str = Field(alias="schema", min_length=1)
+    table: str = Field(min_length=1)
+    stage: str = Field(min_length=1)
+    host: str | None = None
+    port: int | None = None
+    protocol: Literal["https", "http"] | None = None
+    login_timeout: int = Field(default=60, ge=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SqlTargetConfig(_Strict):
+    """A table in PostgreSQL, DuckDB or SQLite, loaded idempotently per window."""
+
+    type: Literal["sql"]
+    url: str = Field(min_length=1)
+    table: str = Field(min_length=1)
+    password_env: str | None = None
+    batch_size: int = Field(default=5000, ge=1)
+
+
+SourceConfig = Annotated[
+    ElasticsearchSourceConfig | OpenSearchSourceConfig | SqlSourceConfig,
+    Field(discriminator="type"),
+]
+StageConfig = Annotated[S3StageConfig | LocalStageConfig, Field(discriminator="type")]
+TargetConfig = Annotated[SnowflakeTargetConfig | SqlTargetConfig, Field(discriminator="type")]
+
+
+# --- pipelines --------------------------------------------------------------------------------
+
+
+class PipelineConfig(_Strict):
+    """One pipeline: its window rules, run limits and its three connectors."""
+
+    name: str
+    window: Duration
+    start: Instant
+    lag: Duration = timedelta(0)
+    max_windows_per_tick: int = Field(default=96, ge=1)
+    every: Duration = timedelta(minutes=5)
+    max_active_windows: int = Field(default=16, ge=1)
+    """At most this many scheduled windows queued or running at once."""
+    max_backfill_windows: int = Field(default=4, ge=1)
+    """At most this many manual/backfill windows queued or running at once."""
+    max_attempts: int = Field(default=5, ge=1)
+    source: SourceConfig
+    stage: StageConfig
+    target: TargetConfig
+
+    @field_validator("window")
+    @classmethod
+    def _window_positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("window must be longer than zero")
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every_positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("every must be longer than zero")
+        return value
+
+    @field_validator("lag")
+    @classmethod
+    def _lag_not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("lag must not be negative")
+        return value
+
+
+class Settings(BaseSettings):
+    """The `[windowpipe]` table; every key can be overridden by `WINDOWPIPE_<KEY>`."""
+
+    model_config = SettingsConfigDict(env_prefix="WINDOWPIPE_", extra="forbid", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Window locks, and the Celery broker and result backend unless broker_url is set."""
+    state_url: str = "sqlite:///windowpipe.db"
+    """SQLAlchemy URL of the window records."""
+    broker_url: str | None = None
+    """Optional Celery broker (e.g. amqp:// for RabbitMQ); locks always stay in Redis."""
+    result_backend_url: str | None = None
+    """Optional Celery result backend; defaults to redis_url."""
+    lock_ttl: Duration = timedelta(seconds=60)
+    """How long a window lock lives without renewal; renewed every third of it while work runs."""
+    stale_after: Duration = timedelta(minutes=30)
+    """A window queued this long with no lock held is considered lost and requeued."""
+    cleanup_every: Duration = timedelta(minutes=1)
+    """How often beat runs the stale-lock cleanup."""
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file, which is passed in as init values.
+        return (env_settings, init_settings)
+
+
+class Config(_Strict):
+    """The whole validated config."""
+
+    path: str
+    settings: Settings
+    pipelines: dict[str, PipelineConfig]
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        """The pipeline called `name`; a BadInputError naming the known ones otherwise."""
+        try:
+            return self.pipelines[name]
+        except KeyError:
+            known = ", ".join(sorted(self.pipelines)) or "none"
+            raise ConfigError(
+                f"{self.path}: unknown pipeline {name!r} (configured: {known})"
+            ) from None
+
+    @model_validator(mode="after")
+    def _names_match_keys(self) -> Config:
+        for key, pipeline in self.pipelines.items():
+            if key != pipeline.name:
+                raise ValueError(f"pipeline key {key!r} and name {pipeline.name!r} differ")
+        return self
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to read: `--config`, else `$WINDOWPIPE_CONFIG`, else ./windowpipe.toml."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("WINDOWPIPE_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator's tag into the location (source.elasticsearch.index);
+    # users wrote source.index, so drop tags that are connector types.
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, str) and item in _CONNECTOR_TAGS and parts and parts[-1] in (
+            "source",
+            "stage",
+            "target",
+        ):
+            continue
+        if item == "schema_":
+            item = "schema"
+        parts.append(str(item))
+    return ".".join(parts)
+
+
+_CONNECTOR_TAGS = {"elasticsearch", "opensearch", "sql", "s3", "local", "snowflake"}
+
+
+def _first_error_line(path: Path, error: ValidationError, prefix: str) -> str:
+    first = error.errors()[0]
+    location = _format_location(tuple(first["loc"]))
+    key = f"{prefix}.{location}" if prefix and location else (prefix or location)
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "missing required key"
+    elif first["type"] == "union_tag_invalid":
+        tag = first.get("input", {}).get("type") if isinstance(first.get("input"), dict) else None
+        expected = first.get("ctx", {}).get("expected_tags", "")
+        message = f"unknown connector type {tag!r} (expected one of {expected})"
+    elif first["type"] == "union_tag_not_found":
+        message = "missing required key 'type'"
+    message = message.removeprefix("Value error, ")
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{path}: {key}: {message}{suffix}"
+
+
+def _secret_env_names(model: BaseModel) -> list[tuple[str, str]]:
+    names = []
+    for field_name in type(model).model_fields:
+        if field_name.endswith("_env"):
+            value = getattr(model, field_name)
+            if value:
+                names.append((field_name, value))
+    return names
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, validate and return the config; raise ConfigError with one line on any problem."""
+    file = config_path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{file}: config file is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: config file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{file}: not valid TOML: {error}") from None
+    return config_from_dict(raw, file)
+
+
+def config_from_dict(raw: dict[str, Any], file: str | os.PathLike[str] = "<config>") -> Config:
+    """Validate an already parsed config (the TOML file's tables) into a Config."""
+    file = Path(file)
+    unknown = sorted(set(raw) - {"windowpipe", "pipelines"})
+    if unknown:
+        raise ConfigError(f"{file}: {unknown[0]}: unknown top-level table")
+    table = raw.get("windowpipe", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: windowpipe: must be a table")
+    try:
+        settings = Settings(**table)
+    except ValidationError as error:
+        raise ConfigError(_first_error_line(file, error, "windowpipe")) from None
+
+    pipelines_raw = raw.get("pipelines", {})
+    if not isinstance(pipelines_raw, dict):
+        raise ConfigError(f"{file}: pipelines: must be a table of pipelines")
+    pipelines: dict[str, PipelineConfig] = {}
+    for name, body in pipelines_raw.items():
+        prefix = f"pipelines.{name}"
+        if not isinstance(body, dict):
+            raise ConfigError(f"{file}: {prefix}: must be a table")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(
+                f"{file}: {prefix}: pipeline names may use letters, digits, '-' and '_' only"
+            )
+        try:
+            pipeline = PipelineConfig(name=name, **body)
+        except ValidationError as error:
+            raise ConfigError(_first_error_line(file, error, prefix)) from None
+        for role in ("source", "stage", "target"):
+            for field_name, env_name in _secret_env_names(getattr(pipeline, role)):
+                if env_name not in os.environ:
+                    raise ConfigError(
+                        f"{file}: {prefix}.{role}.{field_name}: environment variable "
+                        f"{env_name} is not set"
+                    )
+        pipelines[name] = pipeline
+    return Config(path=str(file), settings=settings, pipelines=pipelines)
+
+
+def resolve_secret(env_name: str | None) -> str | None:
+    """Read a secret from the environment variable a connector names; None if none is named."""
+    if not env_name:
+        return None
+    try:
+        return os.environ[env_name]
+    except KeyError:
+        raise ConfigError(f"environment variable {env_name} (a secret) is not set") from None

@@ -1,0 +1,122 @@
+"""Window record states, the transitions between them, and the record as plain data.
+
+    pending -> queued -> running -> succeeded
+                           |   \\-> skipped        (precheck found 0 documents)
+                           \\-> failed -> (retried: queued) ... -> dead (attempts exhausted)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from core.instants import format_instant
+from core.windows import Window
+
+
+class WindowStatus(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class Stage(StrEnum):
+    """The steps of a window's chain, in order."""
+
+    PRECHECK = "precheck"
+    EXTRACT = "extract"
+    LOAD = "load"
+    AUDIT = "audit"
+
+
+STAGE_ORDER: tuple[Stage, ...] = (Stage.PRECHECK, Stage.EXTRACT, Stage.LOAD, Stage.AUDIT)
+"""The chain, in the order its steps run."""
+
+
+class WindowKind(StrEnum):
+    SCHEDULED = "scheduled"
+    """Created by beat's generation tick."""
+    MANUAL = "manual"
+    """Created by `windowpipe enqueue` (manual runs and backfills); runs under its own cap."""
+
+
+ALLOWED_TRANSITIONS: dict[WindowStatus, frozenset[WindowStatus]] = {
+    WindowStatus.PENDING: frozenset({WindowStatus.QUEUED}),
+    # queued -> queued: a requeue of a lost message (stale cleanup).
+    WindowStatus.QUEUED: frozenset(
+        {WindowStatus.QUEUED, WindowStatus.RUNNING, WindowStatus.FAILED, WindowStatus.PENDING}
+    ),
+    WindowStatus.RUNNING: frozenset(
+        {
+            WindowStatus.RUNNING,
+            WindowStatus.SUCCEEDED,
+            WindowStatus.SKIPPED,
+            WindowStatus.FAILED,
+            WindowStatus.QUEUED,
+        }
+    ),
+    WindowStatus.FAILED: frozenset({WindowStatus.QUEUED, WindowStatus.DEAD}),
+    # --force re-runs finished windows.
+    WindowStatus.SUCCEEDED: frozenset({WindowStatus.QUEUED}),
+    WindowStatus.SKIPPED: frozenset({WindowStatus.QUEUED}),
+    WindowStatus.DEAD: frozenset({WindowStatus.QUEUED}),
+}
+"""Which status may follow which. Anything else is refused by the store."""
+
+FINISHED = frozenset({WindowStatus.SUCCEEDED, WindowStatus.SKIPPED})
+"""States whose work is done and must survive a rebuild."""
+
+ACTIVE = frozenset({WindowStatus.QUEUED, WindowStatus.RUNNING})
+"""States in which a chain is (or should be) in flight."""
+
+
+def can_transition(current: WindowStatus, new: WindowStatus) -> bool:
+    """True when the state machine allows `current -> new`."""
+    return new in ALLOWED_TRANSITIONS[current]
+
+
+@dataclass
+class WindowRecord:
+    """One window's durable record, as plain data (the store maps its rows to this)."""
+
+    pipeline: str
+    window_start: datetime
+    window_end: datetime
+    status: WindowStatus = WindowStatus.PENDING
+    stage: Stage | None = None
+    kind: WindowKind = WindowKind.SCHEDULED
+    attempts: int = 0
+    source_count: int | None = None
+    staged_count: int | None = None
+    target_count: int | None = None
+    rejected_count: int | None = None
+    fence: int = 0
+    manifest: str | None = None
+    error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    id: int | None = field(default=None)
+
+    @property
+    def window(self) -> Window:
+        return Window(self.window_start, self.window_end)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, with instants as ISO 8601 `Z` strings, for `status --json`."""
+        out: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, datetime):
+                value = format_instant(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            out[item.name] = value
+        return out

@@ -1,0 +1,147 @@
+"""Window generation (the original `record_generation`): which windows are due, as a pure function.
+
+Windows are half-open `[start, end)`, aligned to `pipeline.start + k * size`. A window is due
+once `end + lag <= now`. Generation continues where the last stored window ends (or at the
+pipeline's `start`) and never creates more than `max_windows_per_tick`, oldest first.
+Nothing here reads the clock, Redis or a database: `now` and the last window are arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from core.instants import format_instant
+
+
+@dataclass(frozen=True, order=True)
+class Window:
+    """A half-open time window `[start, end)` in UTC."""
+
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        _require_aware(self.start, "window start")
+        _require_aware(self.end, "window end")
+        if self.end <= self.start:
+            raise ValueError(
+                f"window end {format_instant(self.end)} is not after its start "
+                f"{format_instant(self.start)}"
+            )
+
+    @property
+    def size(self) -> timedelta:
+        return self.end - self.start
+
+    def contains(self, instant: datetime) -> bool:
+        """True when `start <= instant < end`."""
+        return self.start <= instant < self.end
+
+    def __str__(self) -> str:
+        return f"[{format_instant(self.start)}, {format_instant(self.end)})"
+
+
+def _require_aware(value: datetime, what: str) -> None:
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} {value.isoformat()} is naive; windowpipe needs UTC instants")
+
+
+def _require_positive(size: timedelta, what: str = "window size") -> None:
+    if size <= timedelta(0):
+        raise ValueError(f"{what} must be longer than zero, got {size}")
+
+
+def is_aligned(instant: datetime, origin: datetime, size: timedelta) -> bool:
+    """True when `instant` is `origin + k * size` for some whole k (k may be negative)."""
+    _require_aware(instant, "instant")
+    _require_aware(origin, "origin")
+    _require_positive(size)
+    return (instant - origin) % size == timedelta(0)
+
+
+def align_down(instant: datetime, origin: datetime, size: timedelta) -> datetime:
+    """The last boundary `origin + k * size` at or before `instant`."""
+    _require_aware(instant, "instant")
+    _require_aware(origin, "origin")
+    _require_positive(size)
+    return instant - (instant - origin) % size
+
+
+def due_windows(
+    *,
+    origin: datetime,
+    size: timedelta,
+    lag: timedelta,
+    max_windows: int,
+    now: datetime,
+    last_end: datetime | None = None,
+) -> list[Window]:
+    """The windows a generation tick creates, oldest first.
+
+    - `origin`: the pipeline's `start`; windows are aligned to `origin + k * size`.
+    - `last_end`: the end of the last stored window, or None on the first run.
+    - A window is due when `window.end + lag <= now`; at most `max_windows` are returned.
+    """
+    _require_aware(origin, "pipeline start")
+    _require_aware(now, "now")
+    _require_positive(size)
+    if lag < timedelta(0):
+        raise ValueError(f"lag must not be negative, got {lag}")
+    if max_windows < 1:
+        raise ValueError(f"max_windows_per_tick must be at least 1, got {max_windows}")
+    if last_end is None:
+        cursor = origin
+    else:
+        _require_aware(last_end, "last window end")
+        if not is_aligned(last_end, origin, size):
+            raise ValueError(
+                f"last window end {format_instant(last_end)} is not aligned to "
+                f"{format_instant(origin)} + k * {size}"
+            )
+        cursor = max(last_end, origin)
+    horizon = now - lag
+    if cursor + size > horizon:
+        return []
+    # Jump straight to the count instead of looping over a long gap one window at a time.
+    available = (horizon - cursor) // size
+    count = min(available, max_windows)
+    return [Window(cursor + i * size, cursor + (i + 1) * size) for i in range(count)]
+
+
+def windows_in_range(
+    *, origin: datetime, size: timedelta, start: datetime, end: datetime
+) -> list[Window]:
+    """The aligned windows that make up `[start, end)`, for manual runs and backfills.
+
+    `start` and `end` must be window boundaries, so a backfill never creates a partial window
+    that would overlap a scheduled one.
+    """
+    _require_aware(start, "start")
+    _require_aware(end, "end")
+    _require_positive(size)
+    if end <= start:
+        raise ValueError(f"end {format_instant(end)} must be after start {format_instant(start)}")
+    for name, instant in (("start", start), ("end", end)):
+        if not is_aligned(instant, origin, size):
+            before = align_down(instant, origin, size)
+            raise ValueError(
+                f"{name} {format_instant(instant)} is not on a window boundary "
+                f"(windows of {size} from {format_instant(origin)}; nearest earlier "
+                f"boundary {format_instant(before)})"
+            )
+    if start < origin:
+        raise ValueError(
+            f"start {format_instant(start)} is before the pipeline start {format_instant(origin)}"
+        )
+    return list(_iter_windows(start, end, size))
+
+
+def _iter_windows(start: datetime, end: datetime, size: timedelta) -> Iterator[Window]:
+    cursor = start
+    while cursor < end:
+        yield Window(cursor, cursor + size)
+        cursor += size
