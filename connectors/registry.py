@@ -27,7 +27,7 @@ CONNECTORS: dict[Role, dict[str, str]] = {
     },
     "target": {
         "snowflake": "connectors.snowflake:SnowflakeTarget",
-        "sql": "connectors.sql:SqlTarget",
+        "sql": "connectors.sql_target:SqlTarget",
     },
 }
 """role -> config `type` -> "module:Class". Add a system here and a config model in core.config."""

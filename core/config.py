@@ -225,8 +225,63 @@ class Settings(BaseSettings):
     """A window queued this long with no lock held is considered lost and requeued."""
     cleanup_every: Duration = timedelta(minutes=1)
     """How often beat runs the stale-lock cleanup."""
+    failed_retry_base: Duration = timedelta(seconds=30)
+    """A failed window waits this long before its next attempt, doubling each attempt (max 1h)."""
+    visibility_timeout: Duration = timedelta(hours=2)
+    """Redis broker/result visibility timeout; must exceed the longest stage plus its backoff,
+    or Redis redelivers tasks that are still running (celery/celery#5935)."""
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("visibility_timeout")
+    @classmethod
+    def _visibility_above_longest_task(cls, value: timedelta) -> timedelta:
+        from core.retry import longest_task_seconds
+
+        if value.total_seconds() <= longest_task_seconds():
+            raise ValueError(
+                f"visibility_timeout must exceed the longest stage plus its retry backoff "
+                f"({int(longest_task_seconds())}s), or Redis redelivers running tasks"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {_safe(value)!r}")
+        return value
+
+    @field_validator("broker_url", "result_backend_url")
+    @classmethod
+    def _broker_scheme(cls, value: str | None) -> str | None:
+        schemes = ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
+        if value is not None and not value.startswith(schemes):
+            raise ValueError(
+                f"expected a redis://, rediss:// or amqp:// URL, got {_safe(value)!r}"
+            )
+        return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                f"not a SQLAlchemy URL (e.g. sqlite:///windowpipe.db): {_safe(value)!r}"
+            ) from None
+        return value
+
+    @field_validator("lock_ttl", "stale_after", "cleanup_every")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than zero")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -264,6 +319,19 @@ class Config(_Strict):
             if key != pipeline.name:
                 raise ValueError(f"pipeline key {key!r} and name {pipeline.name!r} differ")
         return self
+
+
+def _safe(url: str) -> str:
+    """A URL with any password replaced, fit for an error message."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -1,0 +1,442 @@
+"""Elasticsearch and OpenSearch sources: point in time + `search_after`, optionally sliced.
+
+One paging implementation (`SearchEngineSource`) drives a thin client adapter per SDK:
+elasticsearch-py for `type = "elasticsearch"`, opensearch-py for `type = "opensearch"`. The
+adapters differ only in how a point in time is opened and closed, and in the SDK's exceptions.
+
+Why a point in time and `[timestamp, _shard_doc]`: the PIT freezes the index, so a window read
+while documents are still arriving (or being deleted) is one consistent snapshot; `_shard_doc`
+is the tiebreaker that makes `search_after` exact when thousands of documents share a
+timestamp (without it, documents at a page boundary are skipped).
+
+Each hit becomes a `Document`, or a `Rejection` when its timestamp is missing, unparseable or
+outside the window (possible when an index maps the field as text or keyword), or when the
+document is larger than `max_document_bytes`. Rejections are counted by the caller, never
+dropped here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from connectors.base import Batch, Document, Rejection
+from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, resolve_secret
+from core.errors import ConfigError, TerminalError, TransientError, WindowpipeError
+from core.instants import format_instant
+from core.windows import Window
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+"""HTTP statuses worth retrying: timeouts, throttling, an overloaded or restarting cluster."""
+
+CLIENT_MAX_RETRIES = 2
+"""Retries inside the SDK for a connection error or timeout on one request, so a blip in the
+middle of a long extraction does not restart the whole window; the worker retries the rest."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_MILLIS = re.compile(r"^-?\d+$")
+_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
+
+
+# --- timestamps and hits ---------------------------------------------------------------------
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """An Elasticsearch date value as an aware UTC datetime; None when it cannot be one.
+
+    Accepted: epoch milliseconds (a number or a string of digits, like ES's `epoch_millis`) and
+    ISO 8601 text with or without an offset. ES stores a date without an offset as UTC, so a
+    naive value is UTC here too.
+    """
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int | float):
+            return _EPOCH + timedelta(milliseconds=value)
+        if not isinstance(value, str):
+            return None
+        text = value.strip()
+        if _EPOCH_MILLIS.match(text):
+            return _EPOCH + timedelta(milliseconds=int(text))
+        parsed = datetime.fromisoformat(text)
+    except (ValueError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def field_value(source: dict[str, Any], path: str) -> Any:
+    """The value at `path` in a document: a literal key (`@timestamp`, `event.created` written
+    flat) first, else the dotted path through nested objects; None when absent."""
+    if path in source:
+        return source[path]
+    value: Any = source
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def hit_to_record(
+    hit: dict[str, Any], window: Window, timestamp_field: str, max_document_bytes: int
+) -> Document | Rejection:
+    """One search hit as a `Document`, or the `Rejection` that says why it cannot be staged."""
+    doc_id = str(hit.get("_id"))
+    body = hit.get("_source")
+    if not isinstance(body, dict):
+        return Rejection(doc_id, "missing source")
+    raw = field_value(body, timestamp_field)
+    if raw is None:
+        return Rejection(doc_id, "missing timestamp")
+    timestamp = parse_timestamp(raw)
+    if timestamp is None:
+        return Rejection(doc_id, "unparseable timestamp")
+    if not window.contains(timestamp):
+        return Rejection(doc_id, "timestamp outside window")
+    if len(orjson.dumps(body)) > max_document_bytes:
+        return Rejection(doc_id, "oversized document")
+    return Document(id=doc_id, timestamp=timestamp, body=body)
+
+
+def range_query(timestamp_field: str, window: Window) -> dict[str, Any]:
+    """`start <= timestamp < end`, with the bounds as ISO instants in UTC."""
+    return {
+        "range": {
+            timestamp_field: {
+                "gte": format_instant(window.start),
+                "lt": format_instant(window.end),
+                # The bounds' format, whatever format the index declares for the field.
+                "format": "strict_date_optional_time",
+            }
+        }
+    }
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line, credentials in URLs masked, at most `limit` characters."""
+    text = _URL_CREDENTIALS.sub("***@", " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- client adapters ---------------------------------------------------------------------------
+
+
+class SearchClientAdapter(ABC):
+    """The few calls the paging logic needs, over one SDK's client."""
+
+    flavour: str
+    """`elasticsearch` or `opensearch`, for error messages."""
+
+    @abstractmethod
+    def count(self, index: str, query: dict[str, Any]) -> int: ...
+
+    @abstractmethod
+    def open_pit(self, index: str, keep_alive: str) -> str: ...
+
+    @abstractmethod
+    def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A search over a point in time (the PIT is in `body`, so no index)."""
+
+    @abstractmethod
+    def close_pit(self, pit_id: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def translate(self, error: Exception, action: str) -> WindowpipeError | None:
+        """The windowpipe error for an SDK exception; None for exceptions that are not the
+        SDK's (bugs, which propagate as they are)."""
+
+
+def _classify(flavour: str, action: str, status: Any, detail: str) -> WindowpipeError:
+    message = one_line(f"{flavour}: {action} failed: {detail}")
+    if isinstance(status, int) and status in TRANSIENT_STATUSES:
+        return TransientError(message)
+    if isinstance(status, int):
+        return TerminalError(message)
+    # No HTTP status: the request never got an answer (refused, reset, timed out).
+    return TransientError(message)
+
+
+class ElasticsearchAdapter(SearchClientAdapter):
+    """elasticsearch-py 8/9: `open_point_in_time` / `close_point_in_time`."""
+
+    flavour = "elasticsearch"
+
+    def __init__(self, config: ElasticsearchSourceConfig, node_class: Any = None) -> None:
+        from elasticsearch import Elasticsearch
+
+        options: dict[str, Any] = {
+            "request_timeout": config.request_timeout,
+            "max_retries": CLIENT_MAX_RETRIES,
+            "retry_on_timeout": True,
+            "verify_certs": config.verify_certs,
+        }
+        if config.ca_certs:
+            options["ca_certs"] = config.ca_certs
+        if config.username:
+            options["basic_auth"] = (config.username, resolve_secret(config.password_env) or "")
+        if config.api_key_env:
+            options["api_key"] = resolve_secret(config.api_key_env)
+        if node_class is not None:
+            options["node_class"] = node_class
+        self._client = Elasticsearch(config.hosts, **options)
+
+    def count(self, index: str, query: dict[str, Any]) -> int:
+        return int(self._client.count(index=index, query=query)["count"])
+
+    def open_pit(self, index: str, keep_alive: str) -> str:
+        return str(self._client.open_point_in_time(index=index, keep_alive=keep_alive)["id"])
+
+    def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._client.search(body=body).body)
+
+    def close_pit(self, pit_id: str) -> None:
+        self._client.close_point_in_time(id=pit_id)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def translate(self, error: Exception, action: str) -> WindowpipeError | None:
+        from elastic_transport import TransportError
+        from elasticsearch import ApiError
+
+        if isinstance(error, ApiError):
+            return _classify(self.flavour, action, error.meta.status, _api_detail(error))
+        if isinstance(error, TransportError):
+            return _classify(self.flavour, action, None, f"{type(error).__name__}: {error}")
+        return None
+
+
+class OpenSearchAdapter(SearchClientAdapter):
+    """opensearch-py: `create_pit` / `delete_pit`."""
+
+    flavour = "opensearch"
+
+    def __init__(self, config: OpenSearchSourceConfig) -> None:
+        from opensearchpy import OpenSearch
+
+        options: dict[str, Any] = {
+            "timeout": config.request_timeout,
+            "max_retries": CLIENT_MAX_RETRIES,
+            "retry_on_timeout": True,
+            "verify_certs": config.verify_certs,
+        }
+        if config.ca_certs:
+            options["ca_certs"] = config.ca_certs
+        if config.username:
+            options["http_auth"] = (config.username, resolve_secret(config.password_env) or "")
+        self._client = OpenSearch(hosts=config.hosts, **options)
+
+    def count(self, index: str, query: dict[str, Any]) -> int:
+        return int(self._client.count(index=index, body={"query": query})["count"])
+
+    def open_pit(self, index: str, keep_alive: str) -> str:
+        reply = self._client.create_pit(index=index, params={"keep_alive": keep_alive})
+        return str(reply["pit_id"])
+
+    def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._client.search(body=body))
+
+    def close_pit(self, pit_id: str) -> None:
+        self._client.delete_pit(body={"pit_id": [pit_id]})
+
+    def close(self) -> None:
+        self._client.close()
+
+    def translate(self, error: Exception, action: str) -> WindowpipeError | None:
+        from opensearchpy.exceptions import ConnectionError, TransportError
+
+        if isinstance(error, ConnectionError):  # status "N/A": no answer at all
+            return _classify(self.flavour, action, None, f"{type(error).__name__}: {error.info}")
+        if isinstance(error, TransportError):
+            status = error.status_code if isinstance(error.status_code, int) else None
+            return _classify(self.flavour, action, status, _opensearch_detail(error))
+        return None
+
+
+def _api_detail(error: Any) -> str:
+    """`404 index_not_found_exception: no such index [x]` from an elasticsearch-py ApiError."""
+    reason = ""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        reason = str(body["error"].get("reason") or "")
+    return f"{error.meta.status} {error.error}" + (f": {reason}" if reason else "")
+
+
+def _opensearch_detail(error: Any) -> str:
+    reason = ""
+    info = getattr(error, "info", None)
+    if isinstance(info, dict) and isinstance(info.get("error"), dict):
+        reason = str(info["error"].get("reason") or "")
+    return f"{error.status_code} {error.error}" + (f": {reason}" if reason else "")
+
+
+# --- the source --------------------------------------------------------------------------------
+
+
+class SearchEngineSource:
+    """The paging logic shared by the Elasticsearch and OpenSearch sources.
+
+    The client is built on first use, once per instance (so once per worker process, through
+    the registry), and is safe to share between threads.
+    """
+
+    def __init__(self, config: ElasticsearchSourceConfig) -> None:
+        self.config = config
+        self._adapter: SearchClientAdapter | None = None
+        self._lock = threading.Lock()
+
+    def _build_adapter(self) -> SearchClientAdapter:
+        raise NotImplementedError
+
+    @property
+    def adapter(self) -> SearchClientAdapter:
+        """The client adapter, built on first use."""
+        with self._lock:
+            if self._adapter is None:
+                try:
+                    self._adapter = self._build_adapter()
+                except ValueError as error:  # the SDK refusing a host URL or an option
+                    raise TerminalError(one_line(f"{self.config.type} client: {error}")) from None
+            return self._adapter
+
+    def _call(self, action: str, call: Any, *args: Any) -> Any:
+        adapter = self.adapter
+        try:
+            return call(*args)
+        except Exception as error:
+            translated = adapter.translate(error, action)
+            if translated is None:
+                raise
+            raise translated from error
+
+    def count(self, window: Window) -> int:
+        """How many documents have `window.start <= timestamp < window.end`.
+
+        An index pattern matching no index counts 0; a named index that does not exist is a
+        TerminalError.
+        """
+        query = range_query(self.config.timestamp_field, window)
+        adapter = self.adapter
+        return int(
+            self._call(f"count on {self.config.index}", adapter.count, self.config.index, query)
+        )
+
+    def iter_batches(self, window: Window) -> Iterator[Batch]:
+        """Every document of the window once, a page (`page_size` hits) per batch.
+
+        Slices (`slices > 1`) are read one after the other over the same point in time, so
+        memory stays at one page. The point in time is closed however the iteration ends.
+        """
+        config = self.config
+        if self.count(window) == 0:
+            # Nothing to read; also spares opening a PIT over a pattern that matches no index.
+            return
+        adapter = self.adapter
+        query = range_query(config.timestamp_field, window)
+        pit_id: str = self._call(
+            f"open point in time on {config.index}",
+            adapter.open_pit,
+            config.index,
+            config.pit_keep_alive,
+        )
+        try:
+            slice_ids: list[int | None] = (
+                list(range(config.slices)) if config.slices > 1 else [None]
+            )
+            for slice_id in slice_ids:
+                search_after: list[Any] | None = None
+                while True:
+                    body: dict[str, Any] = {
+                        "size": config.page_size,
+                        "query": query,
+                        "pit": {"id": pit_id, "keep_alive": config.pit_keep_alive},
+                        "sort": [
+                            {config.timestamp_field: {"order": "asc", "unmapped_type": "date"}},
+                            {"_shard_doc": "asc"},
+                        ],
+                        "track_total_hits": False,
+                    }
+                    if slice_id is not None:
+                        body["slice"] = {"id": slice_id, "max": config.slices}
+                    if search_after is not None:
+                        body["search_after"] = search_after
+                    reply = self._call(f"search on {config.index}", adapter.search, body)
+                    # Elasticsearch may hand back a new id for the same PIT; use the latest.
+                    pit_id = str(reply.get("pit_id") or pit_id)
+                    hits = reply["hits"]["hits"]
+                    if not hits:
+                        break
+                    yield self._batch(hits, window)
+                    if len(hits) < config.page_size:
+                        break
+                    search_after = hits[-1]["sort"]
+        finally:
+            try:
+                self._call("close point in time", adapter.close_pit, pit_id)
+            except WindowpipeError as error:
+                # It expires after pit_keep_alive anyway; never hide the real outcome.
+                log.warning("could not close point in time: %s", error)
+
+    def _batch(self, hits: list[dict[str, Any]], window: Window) -> Batch:
+        batch = Batch()
+        field, limit = self.config.timestamp_field, self.config.max_document_bytes
+        for hit in hits:
+            record = hit_to_record(hit, window, field, limit)
+            if isinstance(record, Document):
+                batch.documents.append(record)
+            else:
+                batch.rejected.append(record)
+        return batch
+
+    def close(self) -> None:
+        """Close the client (it is built again on next use)."""
+        with self._lock:
+            adapter, self._adapter = self._adapter, None
+        if adapter is not None:
+            adapter.close()
+
+
+class ElasticsearchSource(SearchEngineSource):
+    """An Elasticsearch index (or pattern) through elasticsearch-py.
+
+    `node_class` is elasticsearch-py's transport node class; only tests and the demo pass one
+    (`tests.osmem_support.OsmemCompatibleNode`, to talk to osmem-server).
+    """
+
+    def __init__(self, config: ElasticsearchSourceConfig, node_class: Any = None) -> None:
+        super().__init__(config)
+        self._node_class = node_class
+
+    def _build_adapter(self) -> SearchClientAdapter:
+        return ElasticsearchAdapter(self.config, node_class=self._node_class)
+
+
+class OpenSearchSource(SearchEngineSource):
+    """An OpenSearch index (or pattern) through opensearch-py; no API keys in OpenSearch."""
+
+    def __init__(self, config: OpenSearchSourceConfig) -> None:
+        if config.api_key_env:
+            raise ConfigError(
+                "opensearch source: api_key_env is not supported; use username and password_env"
+            )
+        super().__init__(config)
+
+    def _build_adapter(self) -> SearchClientAdapter:
+        assert isinstance(self.config, OpenSearchSourceConfig)
+        return OpenSearchAdapter(self.config)

@@ -1,0 +1,305 @@
+"""The `s3` stage: gzip NDJSON files and a manifest per window in a bucket (AWS, MinIO, moto).
+
+Each part file streams into S3 as it is compressed: its bytes collect in a buffer of
+`multipart_chunk_bytes`; a file that stays below one chunk is sent with one `PutObject`, a
+larger one becomes a multipart upload whose parts are sent as the buffer fills (and which is
+aborted if the run fails). Memory per writer is about one chunk, whatever the window's size.
+A crashed process can leave an incomplete multipart upload behind: a bucket lifecycle rule
+(`AbortIncompleteMultipartUpload`) reclaims those.
+
+boto3 is imported when the client is first needed, and the client is built once per stage.
+SDK errors become `TransientError` (throttling, 5xx, connection trouble, timeouts) or
+`TerminalError` (access denied, no such bucket, bad keys, anything else), in one line.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, BinaryIO, cast
+
+from connectors.staging import ObjectStage, PartSink, normalize_prefix
+from core.config import S3StageConfig, resolve_secret
+from core.errors import ConfigError, TerminalError, TransientError, WindowpipeError
+
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "PriorRequestNotComplete",
+    }
+)
+"""S3 error codes worth retrying (with any HTTP 429 or 5xx); every other code is terminal."""
+
+DELETE_BATCH = 1000
+"""S3's limit of keys per `DeleteObjects` request."""
+
+_CLIENT_RETRIES = {"mode": "standard", "max_attempts": 3}
+"""botocore's own quick retries for blips; the task retry policy handles longer outages."""
+
+
+def translate_s3_error(exc: Exception, action: str, where: str) -> WindowpipeError | None:
+    """The windowpipe error for a botocore exception, or None if `exc` is not one.
+
+    The message is one line naming the action, the object and the error code; never the
+    credentials (botocore's messages do not carry them).
+    """
+    from botocore import exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or "Unknown")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = _one_line(str(error.get("Message") or ""))
+        text = f"S3 {action} {where} failed: {code} (HTTP {status})" + (
+            f": {message}" if message else ""
+        )
+        transient = code in TRANSIENT_ERROR_CODES or status == 429 or status >= 500
+        return (TransientError if transient else TerminalError)(text)
+    transient_types: tuple[type[Exception], ...] = (
+        bex.ConnectionError,  # endpoint unreachable, connect timeout, proxy, TLS handshake
+        bex.HTTPClientError,  # connection closed, read timeout, response streaming broke off
+        bex.IncompleteReadError,
+    )
+    if isinstance(exc, transient_types):
+        return TransientError(f"S3 {action} {where} failed: {_one_line(str(exc))}")
+    if isinstance(exc, bex.BotoCoreError):
+        # No credentials, bad parameters, no region: retrying changes nothing.
+        return TerminalError(f"S3 {action} {where} failed: {_one_line(str(exc))}")
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextmanager
+def _s3_errors(action: str, where: str) -> Iterator[None]:
+    try:
+        yield
+    except WindowpipeError:
+        raise
+    except Exception as exc:
+        translated = translate_s3_error(exc, action, where)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+class _MultipartSink:
+    """One S3 object fed in chunks: `PutObject` if it stays under a chunk, else multipart."""
+
+    def __init__(self, client: Any, bucket: str, key: str, chunk_bytes: int) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._key = key
+        self._where = f"s3://{bucket}/{key}"
+        self._chunk_bytes = chunk_bytes
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._chunk_bytes:
+            self._send_part(bytes(self._buffer[: self._chunk_bytes]))
+            del self._buffer[: self._chunk_bytes]
+
+    def _send_part(self, body: bytes) -> None:
+        with _s3_errors("upload", self._where):
+            if self._upload_id is None:
+                created = self._client.create_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, ContentType="application/gzip"
+                )
+                self._upload_id = str(created["UploadId"])
+            number = len(self._parts) + 1
+            sent = self._client.upload_part(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=body,
+            )
+            self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    def commit(self) -> None:
+        if self._upload_id is None:
+            with _s3_errors("upload", self._where):
+                self._client.put_object(
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    Body=bytes(self._buffer),
+                    ContentType="application/gzip",
+                )
+            self._buffer.clear()
+            return
+        if self._buffer:
+            self._send_part(bytes(self._buffer))
+            self._buffer.clear()
+        with _s3_errors("upload", self._where):
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        self._upload_id = None
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        if self._upload_id is None:
+            return
+        upload_id, self._upload_id = self._upload_id, None
+        try:
+            self._client.abort_multipart_upload(
+                Bucket=self._bucket, Key=self._key, UploadId=upload_id
+            )
+        except Exception:  # best effort: a lifecycle rule reclaims what this leaves
+            pass
+
+
+class S3Stage(ObjectStage):
+    """Staged files under `s3://<bucket>/<prefix>`."""
+
+    def __init__(self, config: S3StageConfig) -> None:
+        self.config = config
+        self.max_file_bytes = config.max_file_bytes
+        self.bucket = config.bucket
+        self.prefix = normalize_prefix(config.prefix)
+        """Keys are `prefix + path`; `Manifest.path` and `StagedFile.path` never include it."""
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client, built on first use (boto3 is imported only then)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._build_client()
+            return self._client
+
+    def _build_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        key_id = resolve_secret(self.config.access_key_id_env)
+        secret = resolve_secret(self.config.secret_access_key_env)
+        if (key_id is None) != (secret is None):
+            raise ConfigError(
+                "s3 stage: set both access_key_id_env and secret_access_key_env, or neither "
+                "(to use the default credential chain)"
+            )
+        options: dict[str, Any] = {
+            "connect_timeout": 10,
+            "read_timeout": 60,
+            "retries": dict(_CLIENT_RETRIES),
+        }
+        if self.config.endpoint_url:
+            # MinIO, moto and friends answer on one host: address buckets by path.
+            options["s3"] = {"addressing_style": "path"}
+        # A session of our own: boto3's default session is not safe to share across threads.
+        session = boto3.session.Session(
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name=self.config.region,
+        )
+        return session.client("s3", endpoint_url=self.config.endpoint_url, config=Config(**options))
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _key(self, path: str) -> str:
+        return self.prefix + path
+
+    def _where(self, path: str) -> str:
+        return f"s3://{self.bucket}/{self._key(path)}"
+
+    def _open_part(self, path: str) -> PartSink:
+        return _MultipartSink(
+            self.client, self.bucket, self._key(path), self.config.multipart_chunk_bytes
+        )
+
+    def _put(self, path: str, data: bytes) -> None:
+        with _s3_errors("write", self._where(path)):
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(path), Body=data, ContentType="application/json"
+            )
+
+    @contextmanager
+    def _open_body(self, path: str) -> Iterator[BinaryIO]:
+        where = self._where(path)
+        with _s3_errors("read", where):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+            except Exception as exc:
+                if _error_code(exc) in {"NoSuchKey", "404"}:
+                    raise TerminalError(f"S3 read {where} failed: no such object") from exc
+                raise
+        body = response["Body"]
+        try:
+            yield cast(BinaryIO, body)
+        finally:
+            body.close()
+
+    def _open_read(self, path: str) -> AbstractContextManager[BinaryIO]:
+        return self._open_body(path)
+
+    def _read_errors(self, action: str, path: str) -> AbstractContextManager[None]:
+        return _s3_errors(action, self._where(path))
+
+    def _list(self, directory: str) -> list[str]:
+        listing_prefix = self._key(directory) + "/"
+        paths: list[str] = []
+        with _s3_errors("list", f"s3://{self.bucket}/{listing_prefix}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=listing_prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    paths.append(str(item["Key"])[len(self.prefix) :])
+        return paths
+
+    def _delete(self, paths: list[str]) -> int:
+        deleted = 0
+        for start in range(0, len(paths), DELETE_BATCH):
+            batch = paths[start : start + DELETE_BATCH]
+            with _s3_errors("delete", self._where(batch[0])):
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._key(p)} for p in batch], "Quiet": True},
+                )
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                code = str(first.get("Code") or "Unknown")
+                kind = TransientError if code in TRANSIENT_ERROR_CODES else TerminalError
+                raise kind(
+                    f"S3 delete s3://{self.bucket}/{first.get('Key')} failed: {code} "
+                    f"({len(errors)} of {len(batch)} keys not deleted)"
+                )
+            deleted += len(batch)
+        return deleted
+
+
+def _error_code(exc: Exception) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None

@@ -1,0 +1,249 @@
+"""SQL tables through SQLAlchemy (PostgreSQL, SQLite, DuckDB, ...).
+
+The source reads a table with a timestamp column and a unique id column, a window at a time,
+by keyset pagination on `(timestamp, id)`: each page is one `LIMIT page_size` query that starts
+after the last row of the previous one, so memory stays at one page however big the window,
+and rows sharing a timestamp are neither skipped nor repeated at page boundaries.
+
+Timestamps in a column without a time zone (SQLite, PostgreSQL `timestamp without time zone`)
+are UTC; such a column is compared with naive UTC bounds, an aware column with aware ones.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from connectors.base import Batch, Document, Rejection
+from core.config import SqlSourceConfig, resolve_secret
+from core.errors import TerminalError, TransientError, WindowpipeError
+from core.instants import format_instant
+from core.windows import Window
+
+# --- source -------------------------------------------------------------------------------------
+
+_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
+
+_TERMINAL_SQLSTATE_PREFIXES = ("28", "3D")
+"""SQLSTATE classes an OperationalError can carry that retrying cannot fix: bad credentials
+(class 28) and a database that does not exist (3D000)."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = _URL_CREDENTIALS.sub("***@", " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _translate(error: sa.exc.SQLAlchemyError, action: str) -> WindowpipeError:
+    """TransientError for a lost or refused connection, TerminalError for everything else."""
+    detail = str(error.orig) if isinstance(error, sa.exc.DBAPIError) else str(error)
+    message = _one_line(f"sql source: {action} failed: {type(error).__name__}: {detail}")
+    if isinstance(error, sa.exc.DBAPIError):
+        sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
+        if sqlstate.startswith(_TERMINAL_SQLSTATE_PREFIXES):
+            return TerminalError(message)
+        if error.connection_invalidated or isinstance(
+            error, sa.exc.OperationalError | sa.exc.InterfaceError
+        ):
+            return TransientError(message)
+    if isinstance(error, sa.exc.TimeoutError | sa.exc.DisconnectionError):
+        return TransientError(message)
+    return TerminalError(message)
+
+
+def json_value(value: Any) -> Any:
+    """A column value as JSON-able data: instants as ISO UTC with `Z` (naive means UTC),
+    Decimal as exact text, bytes as UTF-8 text. Raises UnicodeError for text that is not
+    UTF-8."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        if not value.isascii():
+            value.encode("utf-8")  # lone surrogates: undecodable bytes the driver let through
+        return value
+    if isinstance(value, datetime):
+        return format_instant(_utc(value))
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8")
+    if isinstance(value, dict):
+        return {str(key): json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(item) for item in value]
+    return str(value)  # Decimal, UUID, intervals: their text form is exact
+
+
+_PLAIN: frozenset[type] = frozenset({type(None), bool, int, float})
+"""Column value types that are JSON as they are (the common case, checked first for speed)."""
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _lenient_text(raw: bytes) -> str:
+    # SQLite returns TEXT as it was stored; decoding strictly would fail the whole page on one
+    # bad row. Undecodable bytes become lone surrogates, which json_value turns into a
+    # `not UTF-8` rejection of that row only.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class SqlSource:
+    """A table with a timestamp column and a unique id column, read a window at a time.
+
+    The engine is built and the table reflected on first use, once per instance (once per
+    worker process through the registry). A document's id is the id column's value as text,
+    its body the whole row as an object of column name to value.
+    """
+
+    def __init__(self, config: SqlSourceConfig) -> None:
+        self.config = config
+        self._engine: sa.Engine | None = None
+        self._table: sa.Table | None = None
+        self._lock = threading.Lock()
+
+    # -- connection and table --
+
+    def _connect(self) -> tuple[sa.Engine, sa.Table]:
+        with self._lock:
+            if self._engine is None or self._table is None:
+                engine = self._engine or self._create_engine()
+                self._engine = engine
+                self._table = self._reflect(engine)
+            return self._engine, self._table
+
+    def _create_engine(self) -> sa.Engine:
+        try:
+            url = sa.make_url(self.config.url)
+            password = resolve_secret(self.config.password_env)
+            if password is not None:
+                url = url.set(password=password)
+            connect_args: dict[str, Any] = {}
+            if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+                connect_args["connect_timeout"] = 10
+            engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
+            raise TerminalError(_one_line(f"sql source: bad url: {error}")) from None
+        if engine.dialect.name == "sqlite":
+
+            @sa.event.listens_for(engine, "connect")
+            def _text_factory(dbapi_connection: Any, _record: Any) -> None:
+                dbapi_connection.text_factory = _lenient_text
+
+        return engine
+
+    def _reflect(self, engine: sa.Engine) -> sa.Table:
+        schema, _, name = self.config.table.rpartition(".")
+        try:
+            table = sa.Table(name, sa.MetaData(), autoload_with=engine, schema=schema or None)
+        except sa.exc.NoSuchTableError:
+            raise TerminalError(f"sql source: table {self.config.table!r} does not exist") from None
+        except sa.exc.SQLAlchemyError as error:
+            raise _translate(error, f"reading table {self.config.table!r}") from error
+        for role, column in (
+            ("timestamp_column", self.config.timestamp_column),
+            ("id_column", self.config.id_column),
+        ):
+            if column not in table.c:
+                raise TerminalError(
+                    f"sql source: table {self.config.table!r} has no column {column!r} ({role})"
+                )
+        if not isinstance(table.c[self.config.timestamp_column].type, sa.DateTime):
+            raise TerminalError(
+                f"sql source: column {self.config.timestamp_column!r} of "
+                f"{self.config.table!r} is not a timestamp column"
+            )
+        return table
+
+    def _bounds(self, table: sa.Table, window: Window) -> tuple[datetime, datetime]:
+        """The window's bounds as the column compares them: naive UTC for a naive column."""
+        column_type = table.c[self.config.timestamp_column].type
+        if getattr(column_type, "timezone", False):
+            return window.start, window.end
+        return (
+            window.start.astimezone(UTC).replace(tzinfo=None),
+            window.end.astimezone(UTC).replace(tzinfo=None),
+        )
+
+    # -- the Source contract --
+
+    def count(self, window: Window) -> int:
+        """How many rows have `start <= timestamp < end`."""
+        engine, table = self._connect()
+        ts = table.c[self.config.timestamp_column]
+        start, end = self._bounds(table, window)
+        query = sa.select(sa.func.count()).select_from(table).where(ts >= start, ts < end)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+        except sa.exc.SQLAlchemyError as error:
+            raise _translate(error, f"count on {self.config.table!r}") from error
+
+    def iter_batches(self, window: Window) -> Iterator[Batch]:
+        """Every row of the window once, `page_size` rows per batch, ordered by (ts, id).
+
+        On PostgreSQL the pages are read in one REPEATABLE READ transaction: one snapshot,
+        like a point in time in Elasticsearch.
+        """
+        engine, table = self._connect()
+        ts, key = table.c[self.config.timestamp_column], table.c[self.config.id_column]
+        start, end = self._bounds(table, window)
+        window_query = sa.select(table).order_by(ts, key).limit(self.config.page_size)
+        try:
+            with engine.connect() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    query = window_query.where(ts >= start, ts < end)
+                    while True:
+                        result = conn.execute(query)
+                        names = [str(name) for name in result.keys()]  # noqa: SIM118
+                        rows = result.fetchall()
+                        if not rows:
+                            break
+                        yield self._batch(names, rows)
+                        if len(rows) < self.config.page_size:
+                            break
+                        # After the last row, as the database compares it. `ts >= last` rather
+                        # than a row-value `(ts, id) > (...)`: SQLite seeks an index with the
+                        # former but scans from the window start with the latter.
+                        last_ts, last_id = rows[-1]._mapping[ts], rows[-1]._mapping[key]
+                        query = window_query.where(
+                            ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)
+                        )
+        except sa.exc.SQLAlchemyError as error:
+            raise _translate(error, f"reading {self.config.table!r}") from error
+
+    def _batch(self, names: list[str], rows: Sequence[sa.Row[Any]]) -> Batch:
+        batch = Batch()
+        ts_at, id_at = names.index(self.config.timestamp_column), names.index(self.config.id_column)
+        limit = self.config.max_document_bytes
+        for row in rows:
+            doc_id = str(row[id_at])
+            try:
+                body = {
+                    name: value if type(value) in _PLAIN else json_value(value)
+                    for name, value in zip(names, row, strict=True)
+                }
+            except UnicodeError:
+                batch.rejected.append(Rejection(doc_id, "not UTF-8"))
+                continue
+            if len(orjson.dumps(body)) > limit:
+                batch.rejected.append(Rejection(doc_id, "oversized document"))
+                continue
+            batch.documents.append(Document(id=doc_id, timestamp=_utc(row[ts_at]), body=body))
+        return batch
+
+    def close(self) -> None:
+        """Dispose of the engine's connections (it is built again on next use)."""
+        with self._lock:
+            engine, self._engine, self._table = self._engine, None, None
+        if engine is not None:
+            engine.dispose()

@@ -1,0 +1,156 @@
+"""Generation and dispatch: create due windows, then enqueue the runnable ones within caps.
+
+This is what beat runs for each pipeline every `every`, what `windowpipe enqueue` runs after
+creating manual windows, and what a finishing window triggers so the next one starts.
+Scheduled and manual (backfill) windows have separate caps per pipeline, so a backfill of
+10,000 windows never holds up the live windows (apache/airflow#18501).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import redis
+
+from core.config import PipelineConfig
+from core.instants import format_instant
+from core.logs import get_logger
+from core.records import Stage, WindowKind, WindowRecord, WindowStatus
+from core.store import StateStore
+from core.validation import ChainProblem, validate_chain
+from core.windows import Window, due_windows
+
+SendChain = Callable[[str, datetime, Stage], str | None]
+"""(pipeline, window start, first stage) -> the id of the chain sent to the broker."""
+
+DISPATCH_LOCK_SECONDS = 120
+"""TTL of the per-pipeline dispatch lock; dispatch takes milliseconds to seconds."""
+
+
+@dataclass
+class TickReport:
+    """What one generation tick did, for logs and the task result."""
+
+    pipeline: str
+    created: list[Window] = field(default_factory=list)
+    problems: list[ChainProblem] = field(default_factory=list)
+    queued: list[WindowRecord] = field(default_factory=list)
+    dead: int = 0
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "pipeline": self.pipeline,
+            "created": len(self.created),
+            "problems": [p.message for p in self.problems],
+            "queued": [format_instant(r.window_start) for r in self.queued],
+            "dead": self.dead,
+        }
+
+
+def create_due_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:
+    """Store the windows that are due at `now` (idempotent); returns the ones created."""
+    last_end = store.last_window_end(pipeline.name, kind=WindowKind.SCHEDULED)
+    due = due_windows(
+        origin=pipeline.start,
+        size=pipeline.window,
+        lag=pipeline.lag,
+        max_windows=pipeline.max_windows_per_tick,
+        now=now,
+        last_end=last_end,
+    )
+    return store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED) if due else []
+
+
+def failed_retry_delay(attempts: int, base: timedelta) -> timedelta:
+    """How long a failed window waits before its next attempt: base, 2 base, 4 base, ... 1 h."""
+    if base <= timedelta(0):
+        return timedelta(0)
+    return min(timedelta(hours=1), base * (2 ** max(attempts - 1, 0)))
+
+
+def dispatch(
+    store: StateStore,
+    client: redis.Redis,
+    pipeline: PipelineConfig,
+    send: SendChain,
+    now: datetime,
+    *,
+    failed_retry_base: timedelta = timedelta(seconds=30),
+) -> tuple[list[WindowRecord], int]:
+    """Enqueue runnable windows up to the pipeline's caps; returns (queued, newly dead).
+
+    One dispatcher per pipeline at a time (a Redis lock); the guarded `queue()` transition
+    makes each window's enqueue happen once even if two dispatchers raced anyway.
+    """
+    log = get_logger("windowpipe.dispatch", pipeline=pipeline.name)
+    lock = client.lock(
+        f"windowpipe:dispatch:{pipeline.name}",
+        timeout=DISPATCH_LOCK_SECONDS,
+        blocking_timeout=10,
+        thread_local=False,
+    )
+    if not lock.acquire():
+        log.info("dispatch already running elsewhere")
+        return [], 0
+    try:
+        dead = store.mark_dead_exhausted(pipeline.name, pipeline.max_attempts)
+        queued: list[WindowRecord] = []
+        caps = {
+            WindowKind.SCHEDULED: pipeline.max_active_windows,
+            WindowKind.MANUAL: pipeline.max_backfill_windows,
+        }
+        for kind, cap in caps.items():
+            free = cap - store.count_active(pipeline.name, kind)
+            if free <= 0:
+                continue
+            candidates = store.runnable(
+                pipeline.name, kind, max_attempts=pipeline.max_attempts, limit=free * 4
+            )
+            for record in candidates:
+                if len([r for r in queued if r.kind == kind]) >= free:
+                    break
+                if record.status == WindowStatus.FAILED and record.finished_at is not None:
+                    ready_at = record.finished_at + failed_retry_delay(
+                        record.attempts, failed_retry_base
+                    )
+                    if ready_at > now:
+                        continue
+                claimed = store.queue(pipeline.name, record.window_start, expect=[record.status])
+                if claimed is None:
+                    continue
+                send(pipeline.name, claimed.window_start, claimed.stage or Stage.PRECHECK)
+                queued.append(claimed)
+        if queued or dead:
+            log.info("dispatched", queued=len(queued), dead=dead)
+        return queued, dead
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass
+
+
+def generation_tick(
+    store: StateStore,
+    client: redis.Redis,
+    pipeline: PipelineConfig,
+    send: SendChain,
+    now: datetime,
+    *,
+    failed_retry_base: timedelta = timedelta(seconds=30),
+) -> TickReport:
+    """Beat's job for one pipeline: create due windows, validate the chain, dispatch."""
+    report = TickReport(pipeline.name)
+    report.created = create_due_windows(store, pipeline, now)
+    records = store.list_records(pipeline.name)
+    report.problems = validate_chain(records, origin=pipeline.start, size=pipeline.window)
+    if report.problems:
+        log = get_logger("windowpipe.generation", pipeline=pipeline.name)
+        for problem in report.problems[:20]:
+            log.warning("chain problem", kind=problem.kind.value, message=problem.message)
+    report.queued, report.dead = dispatch(
+        store, client, pipeline, send, now, failed_retry_base=failed_retry_base
+    )
+    return report

@@ -1,0 +1,1 @@
+"""Alembic migrations of the state store, shipped in the package and run by `StateStore.migrate`."""

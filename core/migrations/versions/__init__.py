@@ -1,0 +1,1 @@
+"""Alembic revisions of the state store, one file per schema change."""

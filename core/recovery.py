@@ -1,0 +1,111 @@
+"""Stale-lock cleanup (the original `cleanup_stale_locks`): put lost windows back to run.
+
+A window is lost when its record says work is in flight but nobody is doing it:
+- `running` and its lock is gone (the worker died, or Redis restarted and the worker with it),
+  for longer than one lock TTL;
+- `queued` for longer than `stale_after` with no lock held (the message was lost, e.g. a
+  Redis restart emptied the broker).
+Locks whose owner process is dead on this host are released first. Requeued windows resume
+from their recorded stage; every stage is idempotent, so a requeue that races a slow but live
+worker costs time, never correctness (fencing refuses the loser's commit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import redis
+
+from core.config import Config
+from core.dispatch import SendChain
+from core.instants import format_instant
+from core.locks import HeldLock, force_release, held_locks, lock_key
+from core.logs import get_logger
+from core.records import Stage, WindowRecord, WindowStatus
+from core.store import StateStore
+
+
+@dataclass
+class CleanupReport:
+    released: list[HeldLock] = field(default_factory=list)
+    requeued: list[tuple[WindowRecord, str]] = field(default_factory=list)
+    failed: list[tuple[WindowRecord, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "released": [f"{h.pipeline} {format_instant(h.window_start)}" for h in self.released],
+            "requeued": [
+                f"{r.pipeline} {format_instant(r.window_start)}: {why}" for r, why in self.requeued
+            ],
+            "failed": [
+                f"{r.pipeline} {format_instant(r.window_start)}: {why}" for r, why in self.failed
+            ],
+        }
+
+
+def stale_windows(
+    store: StateStore, client: redis.Redis, config: Config, now: datetime
+) -> list[tuple[WindowRecord, str]]:
+    """Windows in flight that nobody works on, each with the reason."""
+    settings = config.settings
+    running_grace = settings.lock_ttl
+    found = []
+    for record in store.stale_candidates(older_than=now - running_grace):
+        if record.pipeline not in config.pipelines:
+            continue
+        if client.exists(lock_key(record.pipeline, record.window_start)):
+            continue
+        idle = now - (record.updated_at or now)
+        if record.status == WindowStatus.RUNNING:
+            found.append((record, f"running at {record.stage} but its lock is gone"))
+        elif record.status == WindowStatus.QUEUED and idle >= settings.stale_after:
+            found.append(
+                (record, f"queued at {record.stage} for {_seconds(idle)} with no worker on it")
+            )
+    return found
+
+
+def cleanup(
+    store: StateStore, client: redis.Redis, config: Config, send: SendChain, now: datetime
+) -> CleanupReport:
+    """Release dead owners' locks, then requeue (or fail, if out of attempts) lost windows."""
+    log = get_logger("windowpipe.cleanup")
+    report = CleanupReport()
+    for held in held_locks(client):
+        if held.owner_is_dead_here() and force_release(client, held):
+            report.released.append(held)
+            log.warning(
+                "released lock of a dead owner",
+                pipeline=held.pipeline,
+                window=format_instant(held.window_start),
+                owner=held.owner,
+            )
+    for record, reason in stale_windows(store, client, config, now):
+        pipeline = config.pipelines[record.pipeline]
+        context = {"pipeline": record.pipeline, "window": format_instant(record.window_start)}
+        if record.attempts >= pipeline.max_attempts:
+            try:
+                store.transition(
+                    record.pipeline,
+                    record.window_start,
+                    WindowStatus.FAILED,
+                    expect=[record.status],
+                    error=f"lost {record.attempts} times ({reason})",
+                )
+                report.failed.append((record, reason))
+                log.warning("lost window failed: attempts exhausted", reason=reason, **context)
+            except Exception as error:  # raced with a live worker: leave it to that worker
+                log.info("lost window changed meanwhile", error=str(error), **context)
+            continue
+        requeued = store.queue(record.pipeline, record.window_start, expect=[record.status])
+        if requeued is None:
+            continue
+        send(record.pipeline, requeued.window_start, requeued.stage or Stage.PRECHECK)
+        report.requeued.append((record, reason))
+        log.warning("requeued lost window", reason=reason, stage=str(requeued.stage), **context)
+    return report
+
+
+def _seconds(value: timedelta) -> str:
+    return f"{int(value.total_seconds())}s"

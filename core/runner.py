@@ -1,0 +1,313 @@
+"""Running one stage of one window: lock, fence, work, guarded commit.
+
+The window record is the truth, not the message that asked for the work. A stage task:
+1. reads the record; if the window is not waiting for this stage it passes (the stage is
+   already done: let the chain go on) or stops (an earlier stage is not done, or the window
+   is finished: someone else is on it);
+2. takes the window's Redis lock without waiting (taken: stop, someone else has it);
+3. bumps the fencing token and marks the record running;
+4. does the work while a thread renews the lock;
+5. commits its result guarded by the fence: an owner whose lock expired cannot overwrite the
+   next owner's result.
+Each stage is idempotent: extraction writes a run-specific set of files, loading replaces the
+window's rows in one transaction, so a redelivered or duplicated message changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from core.config import Config, PipelineConfig
+from core.errors import LostOwnershipError, TerminalError, TransientError
+from core.instants import format_instant
+from core.locks import WindowLock
+from core.logs import get_logger
+from core.records import ACTIVE, STAGE_ORDER, Stage, WindowRecord, WindowStatus
+from core.retry import STAGE_POLICIES, StagePolicy, backoff_seconds, call_with_retries
+from core.store import StateStore
+from core.windows import Window
+
+ConnectorFactory = Callable[[str, PipelineConfig], Any]
+"""(role, pipeline) -> the process-wide connector; `connectors.registry.connector_for`."""
+
+
+class Outcome(StrEnum):
+    DONE = "done"
+    """The stage ran and committed; the chain goes on."""
+    PASSED = "passed"
+    """The stage was already done (a duplicate message); the chain goes on."""
+    STOPPED = "stopped"
+    """Someone else owns the window, or it is not active: this chain ends here."""
+    FINISHED = "finished"
+    """The window reached succeeded, skipped or failed: the chain ends here."""
+    RETRY = "retry"
+    """A transient failure: send this stage again after `retry_in` seconds."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage task returns (small, identifiers and counts only)."""
+
+    outcome: Outcome
+    stage: Stage
+    pipeline: str
+    window_start: datetime
+    status: WindowStatus | None = None
+    detail: str = ""
+    retry_in: float | None = None
+
+    @property
+    def continues_chain(self) -> bool:
+        return self.outcome in (Outcome.DONE, Outcome.PASSED)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome.value,
+            "stage": self.stage.value,
+            "pipeline": self.pipeline,
+            "window_start": format_instant(self.window_start),
+            "status": self.status.value if self.status else None,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Runtime:
+    """What a stage needs from the process: config, store, Redis and connectors."""
+
+    config: Config
+    store: StateStore
+    redis: redis.Redis
+    connectors: ConnectorFactory
+
+
+@dataclass
+class _Step:
+    runtime: Runtime
+    pipeline: PipelineConfig
+    record: WindowRecord
+    fence: int
+    policy: StagePolicy
+
+    @property
+    def window(self) -> Window:
+        return self.record.window
+
+    def connector(self, role: str) -> Any:
+        return self.runtime.connectors(role, self.pipeline)
+
+    def commit(self, status: WindowStatus, **fields: Any) -> WindowRecord:
+        return self.runtime.store.transition(
+            self.pipeline.name,
+            self.record.window_start,
+            status,
+            expect=[WindowStatus.RUNNING],
+            fence=self.fence,
+            **fields,
+        )
+
+
+def _position(stage: Stage | None) -> int:
+    return STAGE_ORDER.index(stage) if stage is not None else 0
+
+
+def run_stage(
+    runtime: Runtime, stage: Stage, pipeline_name: str, window_start: datetime, retry: int = 0
+) -> StageResult:
+    """Run `stage` of one window, as described in the module docstring."""
+    pipeline = runtime.config.pipeline(pipeline_name)
+    log = get_logger(
+        "windowpipe.stage",
+        pipeline=pipeline_name,
+        window=format_instant(window_start),
+        stage=stage.value,
+    )
+
+    def result(outcome: Outcome, detail: str = "", **extra: Any) -> StageResult:
+        log.info("stage result", outcome=outcome.value, detail=detail)
+        return StageResult(outcome, stage, pipeline_name, window_start, detail=detail, **extra)
+
+    early = _not_for_this_stage(runtime.store.get(pipeline_name, window_start), stage)
+    if early is not None:
+        return result(*early)
+    lock = WindowLock(
+        runtime.redis,
+        pipeline_name,
+        window_start,
+        runtime.config.settings.lock_ttl.total_seconds(),
+    )
+    if not lock.acquire():
+        return result(Outcome.STOPPED, "window is locked by another worker")
+    try:
+        fence = runtime.store.bump_fence(pipeline_name, window_start)
+        record = runtime.store.get(pipeline_name, window_start)
+        early = _not_for_this_stage(record, stage)
+        if early is not None:
+            return result(*early)
+        assert record is not None
+        record = runtime.store.transition(
+            pipeline_name, window_start, WindowStatus.RUNNING, expect=ACTIVE, fence=fence,
+            stage=stage,
+        )
+        step = _Step(runtime, pipeline, record, fence, STAGE_POLICIES[stage])
+        log.info("stage started", fence=fence, attempt=record.attempts, retry=retry)
+        with lock.renewing():
+            return _run_guarded(step, stage, retry, result)
+    except LostOwnershipError as error:
+        return result(Outcome.STOPPED, f"lost the window to a newer owner: {error}")
+    finally:
+        lock.release()
+
+
+def _not_for_this_stage(
+    record: WindowRecord | None, stage: Stage
+) -> tuple[Outcome, str] | None:
+    """Why this stage must not run now (as an outcome and a reason), or None if it may."""
+    if record is None:
+        return Outcome.STOPPED, "no such window record"
+    if record.status not in ACTIVE:
+        return Outcome.STOPPED, f"window is {record.status.value}"
+    if _position(record.stage) > _position(stage):
+        return Outcome.PASSED, f"{stage.value} already done (window at {record.stage})"
+    if _position(record.stage) < _position(stage):
+        return Outcome.STOPPED, f"window still at {record.stage}"
+    return None
+
+
+def _run_guarded(
+    step: _Step, stage: Stage, retry: int, result: Callable[..., StageResult]
+) -> StageResult:
+    try:
+        record = STAGE_STEPS[stage](step)
+    except TransientError as error:
+        if retry < step.policy.task_retries:
+            wait = backoff_seconds(retry, base=step.policy.backoff_base, cap=step.policy.backoff_cap)
+            step.commit(
+                WindowStatus.QUEUED,
+                error=f"{stage.value}: {error} (retry {retry + 1} of {step.policy.task_retries})",
+            )
+            return result(Outcome.RETRY, str(error), retry_in=wait)
+        record = step.commit(
+            WindowStatus.FAILED,
+            error=f"{stage.value}: {error} (gave up after {retry + 1} tries)",
+        )
+        return result(Outcome.FINISHED, str(error), status=record.status)
+    except TerminalError as error:
+        record = step.commit(WindowStatus.FAILED, error=f"{stage.value}: {error}")
+        return result(Outcome.FINISHED, str(error), status=record.status)
+    except LostOwnershipError:
+        raise
+    except Exception as error:  # a bug or an unclassified SDK error: fail the attempt, visibly
+        message = f"{stage.value}: unexpected {type(error).__name__}: {error}"
+        record = step.commit(WindowStatus.FAILED, error=message[:2000])
+        return result(Outcome.FINISHED, message, status=record.status)
+    if record.status in ACTIVE:
+        return result(Outcome.DONE, status=record.status)
+    return result(Outcome.FINISHED, status=record.status)
+
+
+def _precheck(step: _Step) -> WindowRecord:
+    source = step.connector("source")
+    count = call_with_retries(step.policy, lambda: source.count(step.window))
+    if count == 0:
+        return step.commit(
+            WindowStatus.SKIPPED, source_count=0, staged_count=0, target_count=0, error=None
+        )
+    return step.commit(
+        WindowStatus.QUEUED, stage=Stage.EXTRACT, source_count=count, error=None
+    )
+
+
+def _extract(step: _Step) -> WindowRecord:
+    source = step.connector("source")
+    stage = step.connector("stage")
+    run = f"f{step.fence:08d}"
+    manifest = call_with_retries(
+        step.policy,
+        lambda: stage.write_window(
+            step.pipeline.name, step.window, run, source.iter_batches(step.window)
+        ),
+    )
+    return step.commit(
+        WindowStatus.QUEUED,
+        stage=Stage.LOAD,
+        staged_count=manifest.rows,
+        rejected_count=manifest.rejected_count,
+        manifest=manifest.path,
+        error=_rejections_text(manifest.rejected, manifest.rejected_ids) or None,
+    )
+
+
+def _load(step: _Step) -> WindowRecord:
+    stage = step.connector("stage")
+    target = step.connector("target")
+    if not step.record.manifest:
+        raise TerminalError("no manifest recorded for this window; extract must run first")
+    manifest_path = step.record.manifest
+    manifest = call_with_retries(step.policy, lambda: stage.read_manifest(manifest_path))
+    call_with_retries(step.policy, lambda: target.load_window(step.pipeline.name, manifest, stage))
+    count = call_with_retries(
+        step.policy, lambda: target.count_window(step.pipeline.name, step.window)
+    )
+    return step.commit(WindowStatus.QUEUED, stage=Stage.AUDIT, target_count=count)
+
+
+def _audit(step: _Step) -> WindowRecord:
+    target = step.connector("target")
+    record = step.record
+    target_count = call_with_retries(
+        step.policy, lambda: target.count_window(step.pipeline.name, step.window)
+    )
+    problems = audit_problems(
+        record.source_count, record.staged_count, target_count, record.rejected_count or 0
+    )
+    if problems:
+        detail = "; ".join(problems)
+        if record.error and record.rejected_count:
+            detail = f"{detail}; {record.error}"
+        # A failed audit re-runs the whole chain on the next attempt.
+        return step.commit(
+            WindowStatus.FAILED,
+            stage=Stage.PRECHECK,
+            target_count=target_count,
+            error=f"audit: {detail}"[:2000],
+        )
+    return step.commit(WindowStatus.SUCCEEDED, target_count=target_count, error=None)
+
+
+def audit_problems(
+    source_count: int | None, staged_count: int | None, target_count: int, rejected_count: int
+) -> list[str]:
+    """Why a window's counts do not agree (empty when source = staged = target, none rejected)."""
+    problems = []
+    counts = f"source={source_count} staged={staged_count} target={target_count}"
+    if source_count is None or staged_count is None:
+        problems.append(f"counts missing ({counts})")
+    elif not source_count == staged_count == target_count:
+        problems.append(f"counts disagree ({counts})")
+    if rejected_count:
+        problems.append(f"{rejected_count} source documents rejected")
+    return problems
+
+
+def _rejections_text(rejected: dict[str, int], ids: list[str]) -> str:
+    if not rejected:
+        return ""
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(rejected.items()))
+    sample = ", ".join(ids[:5])
+    return f"rejected documents ({reasons}); first ids: {sample}"
+
+
+STAGE_STEPS: dict[Stage, Callable[[_Step], WindowRecord]] = {
+    Stage.PRECHECK: _precheck,
+    Stage.EXTRACT: _extract,
+    Stage.LOAD: _load,
+    Stage.AUDIT: _audit,
+}
+"""The work of each stage; each commits its result guarded by the fence."""

@@ -1,0 +1,842 @@
+"""The durable state store: one record per (pipeline, window) in SQLite or PostgreSQL.
+
+Every change of a record is ONE guarded statement, `UPDATE windows SET ... WHERE pipeline = ?
+AND window_start = ? AND status IN (...) [AND fence = ?] RETURNING ...`, so when two processes
+race for the same window exactly one statement matches and the other learns why it lost
+(wrong state, a newer fencing token, no such record). Nothing is cached: the database is the
+truth, and a worker, beat and the CLI may all hold a `StateStore` on the same database.
+
+Instants are stored as UTC and always come back timezone-aware UTC, on both backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect, Engine, Row, make_url
+
+from core.errors import BadInputError, InvalidTransitionError, LostOwnershipError
+from core.instants import format_instant, utc_now
+from core.records import (
+    ACTIVE,
+    ALLOWED_TRANSITIONS,
+    FINISHED,
+    Stage,
+    WindowKind,
+    WindowRecord,
+    WindowStatus,
+)
+from core.validation import RebuildPlan
+from core.windows import Window
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+"""How long a SQLite writer waits for another process's write lock before giving up."""
+
+INSERT_CHUNK_ROWS = 1000
+"""Rows per multi-row INSERT: 9 parameters a row stays far below both backends' limits."""
+
+MIGRATION_LOCK_KEY = 0x77696E646F77
+"""PostgreSQL advisory lock key held while migrating ("window" in ASCII)."""
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+"""Alembic's script location: the migrations ship inside the package."""
+
+_T = TypeVar("_T")
+
+_SQLITE_BEGIN = "windowpipe_sqlite_begin"
+"""Execution option naming the SQLite BEGIN mode of a connection's next transaction."""
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """An instant stored as UTC and returned aware UTC; naive datetimes are refused.
+
+    PostgreSQL keeps it in `timestamptz`; SQLite has no time zones, so it stores the naive UTC
+    wall time (as fixed-width text, which also sorts and compares correctly).
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = _aware(value, "instant").astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+METADATA = sa.MetaData()
+"""The state store's schema (created by the alembic migrations, never by `create_all`)."""
+
+
+def _in_list(column: str, values: Collection[str]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+WINDOWS = sa.Table(
+    "windows",
+    METADATA,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("pipeline", sa.String(200), nullable=False),
+    sa.Column("window_start", UTCDateTime(), nullable=False),
+    sa.Column("window_end", UTCDateTime(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("stage", sa.String(16), nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="scheduled"),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("source_count", sa.BigInteger(), nullable=True),
+    sa.Column("staged_count", sa.BigInteger(), nullable=True),
+    sa.Column("target_count", sa.BigInteger(), nullable=True),
+    sa.Column("rejected_count", sa.BigInteger(), nullable=True),
+    sa.Column("fence", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("manifest", sa.Text(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("pipeline", "window_start", name="uq_windows_pipeline_window_start"),
+    sa.CheckConstraint(_in_list("status", list(WindowStatus)), name="ck_windows_status"),
+    sa.CheckConstraint(
+        f"stage IS NULL OR {_in_list('stage', list(Stage))}", name="ck_windows_stage"
+    ),
+    sa.CheckConstraint(_in_list("kind", list(WindowKind)), name="ck_windows_kind"),
+    sa.CheckConstraint("window_end > window_start", name="ck_windows_window_order"),
+    sa.Index("ix_windows_pipeline_status", "pipeline", "status"),
+)
+"""One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
+
+UPDATABLE_FIELDS = frozenset(
+    {
+        "stage",
+        "kind",
+        "attempts",
+        "source_count",
+        "staged_count",
+        "target_count",
+        "rejected_count",
+        "manifest",
+        "error",
+    }
+)
+"""Fields `transition` and `update_fields` may set besides the status."""
+
+RESULT_FIELDS = ("source_count", "staged_count", "target_count", "rejected_count", "manifest")
+"""What a run produced; cleared when a window's chain starts over from precheck."""
+
+RESTART_FROM_PRECHECK = frozenset(
+    {WindowStatus.PENDING, WindowStatus.SUCCEEDED, WindowStatus.SKIPPED, WindowStatus.DEAD}
+)
+"""Statuses from which `queue()` starts the chain over; from the others it resumes."""
+
+ENDING = frozenset(
+    {WindowStatus.SUCCEEDED, WindowStatus.SKIPPED, WindowStatus.FAILED, WindowStatus.DEAD}
+)
+"""Statuses that end an attempt: entering one sets `finished_at`."""
+
+
+class RecordNotFoundError(InvalidTransitionError, LookupError):
+    """The window record a change was asked for does not exist."""
+
+
+@dataclass(frozen=True)
+class RebuildCounts:
+    """What `apply_rebuild` changed."""
+
+    deleted: int
+    reset: int
+    created: int
+
+
+class StateStore:
+    """Window records in one SQLite or PostgreSQL database; one engine per instance."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = _build_engine(url)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """`sqlite` or `postgresql`."""
+        return self._engine.dialect.name
+
+    def dispose(self) -> None:
+        """Close every pooled connection (call before a process exits or forks)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.dispose()
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (alembic `upgrade head`); safe to race.
+
+        The whole upgrade runs in one transaction that first takes a lock (a PostgreSQL
+        advisory lock, SQLite's write lock via BEGIN IMMEDIATE), so a second process calling
+        this at the same time waits, then finds the schema at head and does nothing.
+        """
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self._writing() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    # --- creating windows ---------------------------------------------------------------------
+
+    def create_windows(
+        self, pipeline: str, windows: Sequence[Window], kind: WindowKind = WindowKind.SCHEDULED
+    ) -> list[Window]:
+        """Store `windows` as pending records; returns the ones this call created, oldest first.
+
+        Idempotent and safe to race: existing (pipeline, window_start) rows are left alone
+        (`INSERT ... ON CONFLICT DO NOTHING`), inserted in chunks of `INSERT_CHUNK_ROWS` in one
+        transaction. Rows go in sorted by start, so two concurrent callers never deadlock.
+        Returns [] if every window existed already.
+        """
+        _require_pipeline(pipeline)
+        unique = _unique_by_start(windows)
+        with self._writing() as conn:
+            created = set(self._insert_new(conn, pipeline, unique, WindowKind(kind)))
+        return [window for window in unique if window.start in created]
+
+    def _insert_new(
+        self, conn: Connection, pipeline: str, windows: Sequence[Window], kind: WindowKind
+    ) -> list[datetime]:
+        """Insert pending records for the windows not stored yet; returns their starts.
+
+        Chunks of `INSERT_CHUNK_ROWS`, each ONE statement with `ON CONFLICT DO NOTHING`:
+        on PostgreSQL an `INSERT ... SELECT FROM unnest(starts, ends)` with two array
+        parameters, on SQLite a multi-row VALUES built by SQLAlchemy's "insertmanyvalues".
+        """
+        now = utc_now()
+        starts: list[datetime] = []
+        params: dict[str, Any] | list[dict[str, Any]]
+        for chunk in _chunks(windows, INSERT_CHUNK_ROWS):
+            if self.dialect == "postgresql":
+                statement, params = _pg_insert_new(pipeline, chunk, kind, now)
+            else:
+                statement = _SQLITE_INSERT_NEW
+                params = [_new_row(pipeline, window, kind, now) for window in chunk]
+            starts.extend(conn.execute(statement, params).scalars())
+        return starts
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def get(self, pipeline: str, window_start: datetime) -> WindowRecord | None:
+        """The record of one window, or None."""
+        query = sa.select(WINDOWS).where(*_key(pipeline, window_start))
+        with self._reading() as conn:
+            row = conn.execute(query).one_or_none()
+        return _to_record(row) if row is not None else None
+
+    def list_records(
+        self,
+        pipeline: str | None = None,
+        *,
+        statuses: Collection[WindowStatus] | None = None,
+        kind: WindowKind | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[WindowRecord]:
+        """Records ordered by pipeline and window start, filtered by every argument given.
+
+        `start`/`end` select the windows whose start lies in `[start, end)`.
+        """
+        query = sa.select(WINDOWS).order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
+        if pipeline is not None:
+            query = query.where(WINDOWS.c.pipeline == pipeline)
+        if statuses is not None:
+            query = query.where(WINDOWS.c.status.in_(_values(statuses)))
+        if kind is not None:
+            query = query.where(WINDOWS.c.kind == WindowKind(kind).value)
+        if start is not None:
+            query = query.where(WINDOWS.c.window_start >= _aware(start, "start"))
+        if end is not None:
+            query = query.where(WINDOWS.c.window_start < _aware(end, "end"))
+        if limit is not None:
+            query = query.limit(limit)
+        return self._records(query)
+
+    def last_window_end(self, pipeline: str, *, kind: WindowKind | None = None) -> datetime | None:
+        """The latest window end stored for `pipeline` (of one kind, if given), or None."""
+        query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(WINDOWS.c.pipeline == pipeline)
+        if kind is not None:
+            query = query.where(WINDOWS.c.kind == WindowKind(kind).value)
+        with self._reading() as conn:
+            value: datetime | None = conn.execute(query).scalar_one()
+        return value
+
+    def counts_by_status(self, pipeline: str | None = None) -> dict[str, int]:
+        """How many records are in each status (every status listed, zeros included)."""
+        query = sa.select(WINDOWS.c.status, sa.func.count()).group_by(WINDOWS.c.status)
+        if pipeline is not None:
+            query = query.where(WINDOWS.c.pipeline == pipeline)
+        with self._reading() as conn:
+            found = {status: count for status, count in conn.execute(query).tuples()}
+        return {status.value: int(found.get(status.value, 0)) for status in WindowStatus}
+
+    def count_active(self, pipeline: str, kind: WindowKind) -> int:
+        """How many windows of `kind` are queued or running (for the pipeline's caps)."""
+        query = sa.select(sa.func.count()).where(
+            WINDOWS.c.pipeline == pipeline,
+            WINDOWS.c.kind == WindowKind(kind).value,
+            WINDOWS.c.status.in_(_values(ACTIVE)),
+        )
+        with self._reading() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def runnable(
+        self, pipeline: str, kind: WindowKind, *, max_attempts: int, limit: int
+    ) -> list[WindowRecord]:
+        """Windows of `kind` that may be queued: pending, or failed with attempts left; oldest
+        first."""
+        retryable = sa.and_(
+            WINDOWS.c.status == WindowStatus.FAILED.value, WINDOWS.c.attempts < max_attempts
+        )
+        query = (
+            sa.select(WINDOWS)
+            .where(
+                WINDOWS.c.pipeline == pipeline,
+                WINDOWS.c.kind == WindowKind(kind).value,
+                sa.or_(WINDOWS.c.status == WindowStatus.PENDING.value, retryable),
+            )
+            .order_by(WINDOWS.c.window_start)
+            .limit(limit)
+        )
+        return self._records(query)
+
+    def stale_candidates(self, older_than: datetime) -> list[WindowRecord]:
+        """Queued or running records of every pipeline not updated since `older_than`."""
+        query = (
+            sa.select(WINDOWS)
+            .where(
+                WINDOWS.c.status.in_(_values(ACTIVE)),
+                WINDOWS.c.updated_at < _aware(older_than, "older_than"),
+            )
+            .order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
+        )
+        return self._records(query)
+
+    # --- guarded changes ----------------------------------------------------------------------
+
+    def transition(
+        self,
+        pipeline: str,
+        window_start: datetime,
+        to: WindowStatus,
+        *,
+        expect: Collection[WindowStatus] | None = None,
+        fence: int | None = None,
+        **fields: Any,
+    ) -> WindowRecord:
+        """Move a record to status `to` (setting `fields` too) in one guarded UPDATE.
+
+        The record must be in one of `expect` (default: every status `to` may follow) and, when
+        `fence` is given, still carry that fencing token. Otherwise nothing changes and this
+        raises `LostOwnershipError` (the fence moved on), `RecordNotFoundError` or
+        `InvalidTransitionError` (wrong state) - never a silent no-op.
+        """
+        to = WindowStatus(to)
+        sources = _sources_for(to, expect)
+        now = utc_now()
+        values = {
+            **_checked_fields(fields),
+            **_instants_on_entering(to, now),
+            "status": to.value,
+            "updated_at": now,
+        }
+        guards = [*_key(pipeline, window_start), WINDOWS.c.status.in_(_values(sources))]
+        if fence is not None:
+            guards.append(WINDOWS.c.fence == fence)
+        record = self._update_one(guards, values)
+        if record is None:
+            raise self._refusal(pipeline, window_start, fence=fence, to=to, sources=sources)
+        return record
+
+    def update_fields(
+        self, pipeline: str, window_start: datetime, *, fence: int, **fields: Any
+    ) -> WindowRecord:
+        """Record progress without a status change (stage, counts, ...), guarded by `fence`.
+
+        Raises `LostOwnershipError` when the record's fence moved on (or `RecordNotFoundError`).
+        """
+        values = {**_checked_fields(fields), "updated_at": utc_now()}
+        guards = [*_key(pipeline, window_start), WINDOWS.c.fence == fence]
+        record = self._update_one(guards, values)
+        if record is None:
+            raise self._refusal(pipeline, window_start, fence=fence)
+        return record
+
+    def bump_fence(self, pipeline: str, window_start: datetime) -> int:
+        """Atomically increment the record's fencing token and return the new value.
+
+        `updated_at` is left alone on purpose: taking a token is not progress, and stale
+        detection must keep seeing a window nobody moves forward.
+        """
+        statement = (
+            sa.update(WINDOWS)
+            .where(*_key(pipeline, window_start))
+            .values(fence=WINDOWS.c.fence + 1)
+            .returning(WINDOWS.c.fence)
+        )
+        with self._writing() as conn:
+            fence = conn.execute(statement).scalar_one_or_none()
+        if fence is None:
+            raise RecordNotFoundError(f"no window record {_describe(pipeline, window_start)}")
+        return int(fence)
+
+    def queue(
+        self,
+        pipeline: str,
+        window_start: datetime,
+        *,
+        expect: Collection[WindowStatus],
+        kind: WindowKind | None = None,
+    ) -> WindowRecord | None:
+        """Claim a window for a new attempt: status queued, attempts + 1, error cleared.
+
+        From pending, succeeded, skipped or dead the chain starts over (stage precheck, results
+        cleared); from failed, queued or running it resumes at its recorded stage. Returns None
+        when the record is not in one of `expect`: someone else queued it first, which is how
+        concurrent enqueuers (beat, the CLI, cleanup) enqueue each window exactly once.
+        """
+        sources = _sources_for(WindowStatus.QUEUED, expect)
+        values: dict[str, Any] = {
+            "status": WindowStatus.QUEUED.value,
+            "attempts": WINDOWS.c.attempts + 1,
+            "error": None,
+            "started_at": None,
+            "finished_at": None,
+            "updated_at": utc_now(),
+            **_restart_or_resume(),
+        }
+        if kind is not None:
+            values["kind"] = WindowKind(kind).value
+        guards = [*_key(pipeline, window_start), WINDOWS.c.status.in_(_values(sources))]
+        return self._update_one(guards, values)
+
+    def mark_dead_exhausted(self, pipeline: str, max_attempts: int) -> int:
+        """Failed windows with `attempts >= max_attempts` become dead; returns how many."""
+        now = utc_now()
+        statement = (
+            sa.update(WINDOWS)
+            .where(
+                WINDOWS.c.pipeline == pipeline,
+                WINDOWS.c.status == WindowStatus.FAILED.value,
+                WINDOWS.c.attempts >= max_attempts,
+            )
+            .values(status=WindowStatus.DEAD.value, finished_at=now, updated_at=now)
+        )
+        with self._writing() as conn:
+            return conn.execute(statement).rowcount
+
+    # --- administrative resets (outside the workers' state machine) ---------------------------
+
+    def reset_for_rerun(
+        self,
+        pipeline: str,
+        starts: Collection[datetime],
+        *,
+        kind: WindowKind = WindowKind.MANUAL,
+    ) -> int:
+        """Put finished (succeeded, skipped) or dead windows back to pending for `--force`.
+
+        Their chain starts over: stage, results, error and attempts are cleared, and they take
+        `kind` so the dispatcher runs them under that kind's cap. Active, pending and failed
+        windows are left alone (they run anyway). Returns how many records were reset.
+        """
+        rerunnable = _values(FINISHED | {WindowStatus.DEAD})
+        reset = 0
+        with self._writing() as conn:
+            for chunk in _chunks(sorted(set(starts)), INSERT_CHUNK_ROWS):
+                statement = (
+                    sa.update(WINDOWS)
+                    .where(
+                        WINDOWS.c.pipeline == pipeline,
+                        WINDOWS.c.window_start.in_(chunk),
+                        WINDOWS.c.status.in_(rerunnable),
+                    )
+                    .values(**_pending_values(utc_now()), kind=WindowKind(kind).value)
+                )
+                reset += conn.execute(statement).rowcount
+        return reset
+
+    def apply_rebuild(self, pipeline: str, plan: RebuildPlan) -> RebuildCounts:
+        """Apply a `validate --rebuild` plan in one transaction; finished work is never lost.
+
+        Deletes `plan.delete_starts`, puts `plan.reset_starts` back to pending (stage, results
+        and error cleared) and creates `plan.create` as pending windows. Raises
+        `InvalidTransitionError` - and changes nothing - if the plan would delete or reset a
+        succeeded or skipped record.
+        """
+        _require_pipeline(pipeline)
+        now = utc_now()
+        touched = [*plan.delete_starts, *plan.reset_starts]
+        with self._writing() as conn:
+            _refuse_finished(conn, pipeline, touched)
+            deleted = 0
+            for chunk in _chunks(sorted(set(plan.delete_starts)), INSERT_CHUNK_ROWS):
+                deleted += conn.execute(
+                    sa.delete(WINDOWS).where(
+                        WINDOWS.c.pipeline == pipeline, WINDOWS.c.window_start.in_(chunk)
+                    )
+                ).rowcount
+            reset = 0
+            for chunk in _chunks(sorted(set(plan.reset_starts)), INSERT_CHUNK_ROWS):
+                reset += conn.execute(
+                    sa.update(WINDOWS)
+                    .where(WINDOWS.c.pipeline == pipeline, WINDOWS.c.window_start.in_(chunk))
+                    .values(**_pending_values(now))
+                ).rowcount
+            windows = _unique_by_start(plan.create)
+            created = len(self._insert_new(conn, pipeline, windows, WindowKind.SCHEDULED))
+        return RebuildCounts(deleted=deleted, reset=reset, created=created)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A connection in a write transaction, committed on success.
+
+        On SQLite the transaction starts with BEGIN IMMEDIATE: it takes the write lock up front
+        (waiting up to the busy timeout), instead of failing at its first write when another
+        process wrote after this transaction's first read.
+        """
+        with self._engine.connect() as conn:
+            conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
+            with conn.begin():
+                yield conn
+
+    def _records(self, query: sa.Select[Any]) -> list[WindowRecord]:
+        with self._reading() as conn:
+            return [_to_record(row) for row in conn.execute(query)]
+
+    def _update_one(
+        self, guards: Sequence[sa.ColumnElement[bool]], values: Mapping[str, Any]
+    ) -> WindowRecord | None:
+        """Run one guarded UPDATE of one record; the record as updated, or None if no match."""
+        statement = sa.update(WINDOWS).where(*guards).values(**values).returning(*WINDOWS.c)
+        with self._writing() as conn:
+            row = conn.execute(statement).one_or_none()
+        return _to_record(row) if row is not None else None
+
+    def _refusal(
+        self,
+        pipeline: str,
+        window_start: datetime,
+        *,
+        fence: int | None,
+        to: WindowStatus | None = None,
+        sources: Collection[WindowStatus] = (),
+    ) -> InvalidTransitionError | LostOwnershipError:
+        """Why a guarded UPDATE matched nothing, as the error to raise."""
+        where = _describe(pipeline, window_start)
+        current = self.get(pipeline, window_start)
+        if current is None:
+            return RecordNotFoundError(f"no window record {where}")
+        if fence is not None and current.fence != fence:
+            return LostOwnershipError(
+                f"window {where}: fence is {current.fence} now, this owner holds {fence}"
+            )
+        allowed = ", ".join(sorted(_values(sources)))
+        return InvalidTransitionError(
+            f"window {where} is {current.status.value}: cannot go to "
+            f"{to.value if to else current.status.value} (only from {allowed})"
+        )
+
+
+# --- engine -------------------------------------------------------------------------------------
+
+
+def _build_engine(url: str) -> Engine:
+    """The engine for a SQLite or PostgreSQL URL, set up for many processes sharing it."""
+    backend = make_url(url).get_backend_name()
+    if backend == "postgresql":
+        return sa.create_engine(url, pool_pre_ping=True)
+    if backend == "sqlite":
+        engine = sa.create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+        )
+        _configure_sqlite(engine)
+        return engine
+    raise BadInputError(
+        f"state_url: unsupported database {backend!r}; the state store needs sqlite or postgresql"
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL (readers never block the writer), a busy timeout, and BEGIN issued by us.
+
+    pysqlite's own transaction handling delays BEGIN until the first write and cannot say
+    IMMEDIATE; switching it off and emitting BEGIN in the `begin` event is SQLAlchemy's
+    documented recipe.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+# --- rows and values ----------------------------------------------------------------------------
+
+
+def _to_record(row: Row[Any]) -> WindowRecord:
+    data = row._mapping
+    return WindowRecord(
+        id=data["id"],
+        pipeline=data["pipeline"],
+        window_start=data["window_start"],
+        window_end=data["window_end"],
+        status=WindowStatus(data["status"]),
+        stage=Stage(data["stage"]) if data["stage"] is not None else None,
+        kind=WindowKind(data["kind"]),
+        attempts=data["attempts"],
+        source_count=data["source_count"],
+        staged_count=data["staged_count"],
+        target_count=data["target_count"],
+        rejected_count=data["rejected_count"],
+        fence=data["fence"],
+        manifest=data["manifest"],
+        error=data["error"],
+        created_at=data["created_at"],
+        updated_at=data["updated_at"],
+        started_at=data["started_at"],
+        finished_at=data["finished_at"],
+    )
+
+
+_NEW_ROW_KEY = ["pipeline", "window_start"]
+
+_SQLITE_INSERT_NEW = (
+    sqlite.insert(WINDOWS)
+    .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
+    .returning(WINDOWS.c.window_start)
+)
+"""Executed with a list of `_new_row`s; compiled once, sent as multi-row VALUES."""
+
+_PG_ARRAY_OF_INSTANTS = postgresql.ARRAY(UTCDateTime())
+
+
+def _pg_insert_new(
+    pipeline: str, windows: Sequence[Window], kind: WindowKind, now: datetime
+) -> tuple[sa.Executable, dict[str, Any]]:
+    """`INSERT ... SELECT ... FROM unnest(:starts, :ends) ON CONFLICT DO NOTHING RETURNING`.
+
+    Two array parameters instead of thousands of scalar ones: psycopg parses a query with
+    9,000 placeholders slowly, so this is several times faster for a year of 15m windows.
+    """
+    bounds = (
+        sa.func.unnest(
+            sa.bindparam("starts", type_=_PG_ARRAY_OF_INSTANTS),
+            sa.bindparam("ends", type_=_PG_ARRAY_OF_INSTANTS),
+        )
+        .table_valued("window_start", "window_end")
+        .render_derived(name="bounds")
+    )
+    rows = sa.select(
+        sa.literal(pipeline, sa.String()),
+        bounds.c.window_start,
+        bounds.c.window_end,
+        sa.literal(WindowStatus.PENDING.value, sa.String()),
+        sa.literal(kind.value, sa.String()),
+        sa.literal(0, sa.Integer()),
+        sa.literal(0, sa.BigInteger()),
+        sa.literal(now, UTCDateTime()),
+        sa.literal(now, UTCDateTime()),
+    )
+    columns = ["pipeline", "window_start", "window_end", "status", "kind", "attempts", "fence"]
+    statement = (
+        postgresql.insert(WINDOWS)
+        .from_select([*columns, "created_at", "updated_at"], rows)
+        .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
+        .returning(WINDOWS.c.window_start)
+    )
+    params = {"starts": [w.start for w in windows], "ends": [w.end for w in windows]}
+    return statement, params
+
+
+def _new_row(pipeline: str, window: Window, kind: WindowKind, now: datetime) -> dict[str, Any]:
+    return {
+        "pipeline": pipeline,
+        "window_start": window.start,
+        "window_end": window.end,
+        "status": WindowStatus.PENDING.value,
+        "kind": kind.value,
+        "attempts": 0,
+        "fence": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _pending_values(now: datetime) -> dict[str, Any]:
+    """A record put back to pending by an administrative reset: its chain starts over."""
+    return {
+        "status": WindowStatus.PENDING.value,
+        "stage": None,
+        "attempts": 0,
+        "error": None,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+        **dict.fromkeys(RESULT_FIELDS),
+    }
+
+
+def _instants_on_entering(to: WindowStatus, now: datetime) -> dict[str, Any]:
+    """started_at is set by the first move to running of an attempt; finished_at by its end."""
+    if to in ENDING:
+        return {"finished_at": now}
+    if to == WindowStatus.RUNNING:
+        first_start = sa.func.coalesce(WINDOWS.c.started_at, sa.literal(now, UTCDateTime()))
+        return {"started_at": first_start, "finished_at": None}
+    if to == WindowStatus.PENDING:
+        return {"started_at": None, "finished_at": None}
+    return {"finished_at": None}
+
+
+def _restart_or_resume() -> dict[str, Any]:
+    """SET expressions for `queue()`: start over from precheck or keep the recorded stage.
+
+    They read the row's status before the UPDATE (SQL evaluates every SET expression against
+    the old row), so one statement decides and applies.
+    """
+    restart = WINDOWS.c.status.in_(_values(RESTART_FROM_PRECHECK))
+    precheck = Stage.PRECHECK.value
+    values: dict[str, Any] = {
+        "stage": sa.case((restart, precheck), else_=sa.func.coalesce(WINDOWS.c.stage, precheck))
+    }
+    for name in RESULT_FIELDS:
+        values[name] = sa.case((restart, sa.null()), else_=WINDOWS.c[name])
+    return values
+
+
+def _checked_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values for the updatable record fields; anything else is a caller's bug."""
+    unknown = set(fields) - UPDATABLE_FIELDS
+    if unknown:
+        raise TypeError(f"cannot set {', '.join(sorted(unknown))} on a window record")
+    values = dict(fields)
+    if values.get("stage") is not None:
+        values["stage"] = Stage(values["stage"]).value
+    if "kind" in values:
+        values["kind"] = WindowKind(values["kind"]).value
+    return values
+
+
+def _sources_for(
+    to: WindowStatus, expect: Collection[WindowStatus] | None
+) -> frozenset[WindowStatus]:
+    """The statuses a move to `to` may start from: `expect`, checked against the state machine."""
+    if expect is None:
+        return frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets)
+    sources = frozenset(WindowStatus(s) for s in expect)
+    if not sources:
+        raise ValueError("expect must name at least one status")
+    refused = sorted(s.value for s in sources if to not in ALLOWED_TRANSITIONS[s])
+    if refused:
+        raise ValueError(f"the state machine never allows {', '.join(refused)} -> {to.value}")
+    return sources
+
+
+def _refuse_finished(conn: Connection, pipeline: str, starts: Sequence[datetime]) -> None:
+    """Raise if any of `starts` is a succeeded or skipped record (a rebuild must keep them)."""
+    for chunk in _chunks(sorted(set(starts)), INSERT_CHUNK_ROWS):
+        query = sa.select(WINDOWS.c.window_start, WINDOWS.c.status).where(
+            WINDOWS.c.pipeline == pipeline,
+            WINDOWS.c.window_start.in_(chunk),
+            WINDOWS.c.status.in_(_values(FINISHED)),
+        )
+        finished = conn.execute(query).first()
+        if finished is not None:
+            raise InvalidTransitionError(
+                f"rebuild refused: window {_describe(pipeline, finished[0])} is {finished[1]}; "
+                "finished work is never deleted or reset"
+            )
+
+
+def _key(pipeline: str, window_start: datetime) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE clauses selecting one record."""
+    return (WINDOWS.c.pipeline == pipeline, WINDOWS.c.window_start == _aware(window_start))
+
+
+def _aware(value: datetime, what: str = "window_start") -> datetime:
+    """`value`, refused if naive: a record's identity must never depend on a machine's zone."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} {value.isoformat()} is naive; the state store needs UTC")
+    return value
+
+
+def _values(statuses: Collection[WindowStatus]) -> list[str]:
+    return [WindowStatus(s).value for s in statuses]
+
+
+def _describe(pipeline: str, window_start: datetime) -> str:
+    return f"{pipeline} {format_instant(window_start)}"
+
+
+def _require_pipeline(pipeline: str) -> None:
+    if not isinstance(pipeline, str) or not pipeline:
+        raise ValueError(f"pipeline must be a non-empty name, got {pipeline!r}")
+
+
+def _unique_by_start(windows: Sequence[Window]) -> list[Window]:
+    """The windows sorted by start, once each; two different windows with one start is an error."""
+    by_start: dict[datetime, Window] = {}
+    for window in windows:
+        if not isinstance(window, Window):
+            raise TypeError(f"expected a Window, got {type(window).__name__}")
+        seen = by_start.setdefault(window.start, window)
+        if seen.end != window.end:
+            raise ValueError(f"two different windows start at {format_instant(window.start)}")
+    return [by_start[start] for start in sorted(by_start)]
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for offset in range(0, len(items), size):
+        yield items[offset : offset + size]

@@ -1,0 +1,111 @@
+"""docker-compose.yml checked against the app (no Docker engine runs here): a worker service per
+queue, commands Celery accepts, one mounted config, Flower behind auth, scalable workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deployment import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+QUEUES = ("precheck", "extract", "load", "audit", "control")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def windowpipe_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: body
+        for name, body in compose["services"].items()
+        if body.get("command") and body["command"][:3] == ["celery", "-A", "workers"]
+    }
+
+
+def test_every_queue_has_its_own_worker_service(compose: dict[str, Any]) -> None:
+    served: dict[str, str] = {}
+    for name, body in windowpipe_services(compose).items():
+        command = body["command"]
+        if command[3] == "worker":
+            queue = command[command.index("-Q") + 1]
+            assert queue not in served, f"{queue} served by {served.get(queue)} and {name}"
+            served[queue] = name
+            assert name == f"worker-{queue}"
+    assert sorted(served) == sorted(QUEUES)
+
+
+def test_the_app_declares_the_same_queues() -> None:
+    env = {**os.environ, "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
+           "SF_PASSWORD": "x", "S3_ACCESS_KEY_ID": "x", "S3_SECRET_ACCESS_KEY": "x"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import workers; print(' '.join(workers.QUEUES))"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert sorted(out) == sorted(QUEUES)
+
+
+def test_all_windowpipe_services_mount_one_config(compose: dict[str, Any]) -> None:
+    services = windowpipe_services(compose)
+    assert {"beat", "flower"} <= set(services)
+    for name, body in services.items():
+        assert body["volumes"] == ["./windowpipe.toml:/etc/windowpipe/windowpipe.toml:ro"], name
+        assert body["environment"]["WINDOWPIPE_CONFIG"] == "/etc/windowpipe/windowpipe.toml"
+
+
+def test_flower_requires_basic_auth(compose: dict[str, Any]) -> None:
+    command = " ".join(compose["services"]["flower"]["command"])
+    assert re.search(r"--basic-auth=\$\{FLOWER_USER\}:\$\{FLOWER_PASSWORD\}", command)
+    example = (REPO / ".env.example").read_text()
+    assert "FLOWER_USER=" in example and "FLOWER_PASSWORD=" in example
+
+
+def test_worker_services_can_be_scaled(compose: dict[str, Any]) -> None:
+    for name, body in windowpipe_services(compose).items():
+        if name.startswith("worker-"):
+            assert "container_name" not in body and "ports" not in body, name
+
+
+@pytest.mark.parametrize("service", ["worker-precheck", "worker-extract", "worker-load",
+                                     "worker-audit", "worker-control", "beat", "flower"])
+def test_celery_accepts_each_service_command(compose: dict[str, Any], service: str) -> None:
+    command = [
+        part.replace("${FLOWER_USER}", "u").replace("${FLOWER_PASSWORD}", "p")
+        for part in compose["services"][service]["command"]
+    ]
+    env = {**os.environ, "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
+           "SF_PASSWORD": "x", "S3_ACCESS_KEY_ID": "x", "S3_SECRET_ACCESS_KEY": "x"}
+    # click parses every option before it acts on --help: an unknown option fails here.
+    result = subprocess.run(
+        [sys.executable, "-m", *command, "--help"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Usage:" in result.stdout
+
+
+def test_example_config_is_valid() -> None:
+    from core.config import load_config
+
+    env = {"SF_PASSWORD": "x", "S3_ACCESS_KEY_ID": "x", "S3_SECRET_ACCESS_KEY": "x"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        config = load_config(Path(REPO / "windowpipe.example.toml"))
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert set(config.pipelines) == {"orders"}

@@ -1,0 +1,307 @@
+"""The distributed runtime end to end: real Celery workers per stage queue on the real Redis,
+SQL source -> local stage -> SQL target on PostgreSQL, window records on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from core.config import load_config
+from core.errors import LostOwnershipError
+from core.instants import format_instant
+from core.locks import WindowLock
+from core.records import Stage, WindowKind, WindowStatus
+from core.runner import Outcome, Runtime, run_stage
+from core.store import StateStore
+from connectors.registry import connector_for
+from tests.conftest import REDIS_TEST_URL
+from tests.deployment import (
+    Deployment,
+    free_redis_db,
+    release_redis_db,
+    statuses,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
+SIZE = timedelta(minutes=15)
+WINDOWS = 60
+
+
+def seed_events(url: str, windows: int = WINDOWS) -> dict[int, int]:
+    """Create `events` with a few documents per window (every 7th window empty, some exactly
+    on a boundary); returns documents per window index."""
+    engine = sa.create_engine(url)
+    per_window: dict[int, int] = {}
+    rows = []
+    next_id = 1
+    for index in range(windows):
+        count = 0 if index % 7 == 3 else (index % 5) + 1
+        per_window[index] = count
+        start = ORIGIN + index * SIZE
+        for n in range(count):
+            # The first document sits exactly on the window's start boundary.
+            at = start + timedelta(seconds=0 if n == 0 else 37 * n)
+            rows.append({"id": next_id, "created_at": at, "payload": f"doc {next_id} ✓"})
+            next_id += 1
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events (id BIGINT PRIMARY KEY, "
+                "created_at TIMESTAMPTZ NOT NULL, payload TEXT)"
+            )
+        )
+        conn.execute(
+            sa.text("INSERT INTO events (id, created_at, payload) VALUES (:id, :created_at, :payload)"),
+            rows,
+        )
+    engine.dispose()
+    return per_window
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    number = free_redis_db(REDIS_TEST_URL)
+    url = f"{REDIS_TEST_URL}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    release_redis_db(REDIS_TEST_URL, number)
+
+
+def make_deployment(
+    tmp_path: Path, data_url: str, state_url: str, redis_url: str, **settings: Any
+) -> Deployment:
+    config = write_config(
+        tmp_path / "windowpipe.toml",
+        {
+            "redis_url": redis_url,
+            "state_url": state_url,
+            "lock_ttl": "10s",
+            "stale_after": "20s",
+            "failed_retry_base": "1s",
+            **settings,
+        },
+        {
+            "events": {
+                "window": "15m",
+                "start": format_instant(ORIGIN),
+                "lag": "0s",
+                "max_windows_per_tick": WINDOWS,
+                "every": "1h",
+                "max_active_windows": 12,
+                "max_backfill_windows": 4,
+                "source": {
+                    "type": "sql",
+                    "url": data_url,
+                    "table": "events",
+                    "timestamp_column": "created_at",
+                    "id_column": "id",
+                    "page_size": 3,
+                },
+                "stage": {"type": "local", "path": str(tmp_path / "stage")},
+                "target": {"type": "sql", "url": data_url, "table": "events_loaded"},
+            }
+        },
+    )
+    return Deployment(config_path=config, workdir=tmp_path)
+
+
+def target_ids(url: str) -> Counter[str]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(sa.text("SELECT doc_id FROM events_loaded"))]
+    engine.dispose()
+    return Counter(str(i) for i in ids)
+
+
+def source_ids(url: str) -> Counter[str]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(sa.text("SELECT id FROM events"))]
+    engine.dispose()
+    return Counter(str(i) for i in ids)
+
+
+@pytest.fixture
+def deployment(
+    tmp_path: Path, pg_schema_url: str, redis_db: str, request: pytest.FixtureRequest
+) -> Iterator[tuple[Deployment, str, dict[int, int]]]:
+    state = getattr(request, "param", "sqlite")
+    state_url = f"sqlite:///{tmp_path}/state.db" if state == "sqlite" else pg_schema_url
+    per_window = seed_events(pg_schema_url)
+    dep = make_deployment(tmp_path, pg_schema_url, state_url, redis_db)
+    try:
+        yield dep, pg_schema_url, per_window
+    finally:
+        dep.stop_all()
+
+
+@pytest.mark.parametrize("deployment", ["sqlite", "postgresql"], indirect=True)
+def test_generated_windows_run_end_to_end_through_four_stage_queues(
+    deployment: tuple[Deployment, str, dict[int, int]],
+) -> None:
+    dep, data_url, per_window = deployment
+    dep.start_stage_workers(concurrency=2)
+    dep.send("windowpipe.generate", "events")
+    records = dep.wait_finished("events", WINDOWS, timeout=300)
+
+    assert len(records) == WINDOWS
+    for index, record in enumerate(records):
+        expected = per_window[index]
+        assert record.window_start == ORIGIN + index * SIZE
+        if expected == 0:
+            assert record.status == WindowStatus.SKIPPED, record
+        else:
+            assert record.status == WindowStatus.SUCCEEDED, record
+            assert record.source_count == record.staged_count == record.target_count == expected
+    assert target_ids(data_url) == source_ids(data_url)
+
+
+def test_same_window_enqueued_many_times_at_once_runs_each_stage_once(
+    deployment: tuple[Deployment, str, dict[int, int]],
+) -> None:
+    dep, data_url, per_window = deployment
+    window_start = ORIGIN + SIZE  # window 1: 2 documents
+    store = dep.store()
+    store.create_windows("events", [_window(1)], kind=WindowKind.MANUAL)
+    # Before any worker runs: beat-like dispatch plus 20 manual chains for the same window.
+    dep.send("windowpipe.dispatch", "events")
+    for _ in range(20):
+        dep.send_chain("events", format_instant(window_start))
+    dep.start_stage_workers(concurrency=3)
+    records = dep.wait_finished("events", 1, timeout=120)
+
+    assert [r.status for r in records] == [WindowStatus.SUCCEEDED]
+    started = Counter(
+        line.split('"stage": "')[1].split('"')[0]
+        for line in dep.logs().splitlines()
+        if '"stage started"' in line and format_instant(window_start) in line
+    )
+    assert started == {"precheck": 1, "extract": 1, "load": 1, "audit": 1}
+    assert sum(target_ids(data_url).values()) == per_window[1]
+
+
+def _window(index: int) -> Any:
+    from core.windows import Window
+
+    return Window(ORIGIN + index * SIZE, ORIGIN + (index + 1) * SIZE)
+
+
+def test_enqueue_runs_exactly_the_range_and_force_replaces_instead_of_duplicating(
+    deployment: tuple[Deployment, str, dict[int, int]],
+) -> None:
+    dep, data_url, per_window = deployment
+    dep.start_stage_workers(concurrency=2)
+    start, end = format_instant(ORIGIN + 4 * SIZE), format_instant(ORIGIN + 10 * SIZE)
+    result = dep.cli("enqueue", "events", "--start", start, "--end", end, "--wait", "--timeout", "120")
+    assert "6 window(s) in range" in result.stdout
+    store = dep.store()
+    records = store.list_records("events")
+    assert [r.window_start for r in records] == [ORIGIN + i * SIZE for i in range(4, 10)]
+    assert all(r.kind == WindowKind.MANUAL for r in records)
+    loaded_before = sum(target_ids(data_url).values())
+    assert loaded_before == sum(per_window[i] for i in range(4, 10))
+
+    # The source changes for window 5; a forced re-run replaces the window's rows.
+    engine = sa.create_engine(data_url)
+    with engine.begin() as conn:
+        removed = conn.execute(
+            sa.text("DELETE FROM events WHERE created_at >= :a AND created_at < :b"),
+            {"a": ORIGIN + 5 * SIZE + timedelta(seconds=1), "b": ORIGIN + 6 * SIZE},
+        ).rowcount
+    engine.dispose()
+    assert removed > 0
+    dep.cli("enqueue", "events", "--start", start, "--end", end, "--force", "--wait",
+            "--timeout", "120")
+    records = store.list_records("events")
+    assert statuses(records) == {"succeeded": 6} or all(
+        r.status in (WindowStatus.SUCCEEDED, WindowStatus.SKIPPED) for r in records
+    )
+    assert sum(target_ids(data_url).values()) == loaded_before - removed
+    assert target_ids(data_url) == Counter(
+        i for i in source_ids(data_url) if _in_windows(data_url, i, 4, 10)
+    )
+
+
+def _in_windows(url: str, doc_id: str, first: int, last: int) -> bool:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        at = conn.execute(sa.text("SELECT created_at FROM events WHERE id = :i"), {"i": int(doc_id)}).scalar_one()
+    engine.dispose()
+    return ORIGIN + first * SIZE <= at < ORIGIN + last * SIZE
+
+
+def test_holder_whose_lock_expired_cannot_overwrite_the_new_owners_result(
+    tmp_path: Path, pg_schema_url: str, redis_db: str
+) -> None:
+    seed_events(pg_schema_url, windows=3)
+    dep = make_deployment(tmp_path, pg_schema_url, f"sqlite:///{tmp_path}/state.db", redis_db)
+    config = load_config(dep.config_path)
+    store = StateStore(config.settings.state_url)
+    store.migrate()
+    client = redis.Redis.from_url(redis_db)
+    start = ORIGIN + SIZE
+    store.create_windows("events", [_window(1)])
+    store.queue("events", start, expect=[WindowStatus.PENDING])
+
+    # Worker A takes the window and is then paused past its lock's TTL (no renewal).
+    lock_a = WindowLock(client, "events", start, ttl_seconds=0.5)
+    assert lock_a.acquire()
+    fence_a = store.bump_fence("events", start)
+    store.transition("events", start, WindowStatus.RUNNING, fence=fence_a, stage=Stage.PRECHECK)
+    time.sleep(0.8)
+    assert not client.exists(lock_a.key)
+
+    # Worker B finds the lock gone, takes over and runs precheck for real.
+    store.transition("events", start, WindowStatus.QUEUED, expect=[WindowStatus.RUNNING])
+    runtime = Runtime(config, store, client, connector_for)
+    result_b = run_stage(runtime, Stage.PRECHECK, "events", start)
+    assert result_b.outcome == Outcome.DONE
+    after_b = store.get("events", start)
+    assert after_b is not None and after_b.fence > fence_a and after_b.source_count == 2
+
+    # A wakes up and tries to commit a (wrong) result with its old fence: refused.
+    with pytest.raises(LostOwnershipError):
+        store.transition(
+            "events", start, WindowStatus.SKIPPED, expect=[WindowStatus.QUEUED, WindowStatus.RUNNING],
+            fence=fence_a, source_count=0,
+        )
+    assert not lock_a.renew() or client.get(lock_a.key) != lock_a.token.encode()
+    final = store.get("events", start)
+    assert final is not None
+    assert final.status == WindowStatus.QUEUED and final.stage == Stage.EXTRACT
+    assert final.source_count == 2
+    store.dispose()
+
+
+def test_only_one_of_two_beats_schedules(
+    tmp_path: Path, pg_schema_url: str, redis_db: str
+) -> None:
+    seed_events(pg_schema_url, windows=2)
+    dep = make_deployment(
+        tmp_path, pg_schema_url, f"sqlite:///{tmp_path}/state.db", redis_db, cleanup_every="2s"
+    )
+    try:
+        dep.start_beat("beat-a")
+        dep.start_beat("beat-b")
+        time.sleep(14)
+        sent = {
+            name: dep.log_path(name).read_text(errors="replace").count("Sending due task")
+            for name in ("beat-a", "beat-b")
+        }
+    finally:
+        dep.stop_all()
+    assert sorted(sent.values())[0] == 0, sent
+    assert sorted(sent.values())[1] >= 3, sent

@@ -1,0 +1,103 @@
+"""The Celery app: one queue per stage plus `control`, settings from the windowpipe config.
+
+    celery -A workers worker -Q precheck -c 4      (and extract, load, audit, control)
+    celery -A workers beat
+    celery -A workers flower
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from core.config import Config, load_config
+from core.errors import ConfigError
+from core.logs import configure_logging
+from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
+from core.records import STAGE_ORDER
+
+CONTROL_QUEUE = "control"
+"""Generation, dispatch and stale-lock cleanup run here."""
+
+QUEUES = (*(stage.value for stage in STAGE_ORDER), CONTROL_QUEUE)
+"""Every queue a windowpipe deployment needs a worker pool for."""
+
+
+def _load() -> Config:
+    try:
+        return load_config()
+    except ConfigError as error:
+        # Workers, beat and Flower import this module first: fail in one line, exit 2.
+        print(f"windowpipe: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+config = _load()
+settings = config.settings
+visibility = int(settings.visibility_timeout.total_seconds())
+
+app = Celery("windowpipe")
+app.conf.update(
+    broker_url=settings.broker_url or settings.redis_url,
+    result_backend=settings.result_backend_url or settings.redis_url,
+    broker_transport_options={"visibility_timeout": visibility},
+    result_backend_transport_options={"visibility_timeout": visibility},
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    # At-least-once: a task is acked after it ran, and re-queued if its worker process dies.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_track_started=True,
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    result_expires=24 * 3600,
+    result_extended=True,
+    worker_hijack_root_logger=False,
+    task_default_queue=CONTROL_QUEUE,
+    task_routes={
+        **{f"windowpipe.{stage.value}": {"queue": stage.value} for stage in STAGE_ORDER},
+        "windowpipe.generate": {"queue": CONTROL_QUEUE},
+        "windowpipe.dispatch": {"queue": CONTROL_QUEUE},
+        "windowpipe.cleanup": {"queue": CONTROL_QUEUE},
+    },
+    task_annotations={
+        **{
+            f"windowpipe.{stage.value}": {
+                "soft_time_limit": STAGE_POLICIES[stage].soft_time_limit,
+                "time_limit": STAGE_POLICIES[stage].time_limit,
+            }
+            for stage in STAGE_ORDER
+        },
+        **{
+            f"windowpipe.{name}": {"time_limit": CONTROL_TIME_LIMIT}
+            for name in ("generate", "dispatch", "cleanup")
+        },
+    },
+    # Beat: celery-redbeat keeps the schedule in Redis and holds a Redis lock, so a second
+    # beat started by mistake waits instead of scheduling every job twice.
+    beat_scheduler="redbeat.RedBeatScheduler",
+    redbeat_redis_url=settings.redis_url,
+    redbeat_key_prefix="windowpipe:redbeat:",
+    redbeat_lock_key="windowpipe:redbeat:lock",
+    redbeat_lock_timeout=60,
+    beat_max_loop_interval=5,
+)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging(settings.log_level, json=settings.log_json)
+
+
+def _beat_schedule() -> dict[str, Any]:
+    from beat_schedule import build_schedule
+
+    return build_schedule(config)
+
+
+app.conf.beat_schedule = _beat_schedule()

@@ -1,0 +1,49 @@
+"""Control tasks: generation (beat, per pipeline), dispatch, and the stale-lock cleanup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.dispatch import dispatch as dispatch_windows
+from core.dispatch import generation_tick
+from core.instants import utc_now
+from core.recovery import cleanup as cleanup_stale
+from workers.celery_app import app, config
+from workers.runtime import runtime, send_chain
+
+
+@app.task(name="windowpipe.generate")
+def generate(pipeline: str) -> dict[str, Any]:
+    """Create the pipeline's due windows, validate its chain, enqueue runnable windows."""
+    rt = runtime()
+    report = generation_tick(
+        rt.store,
+        rt.redis,
+        config.pipeline(pipeline),
+        send_chain,
+        utc_now(),
+        failed_retry_base=config.settings.failed_retry_base,
+    )
+    return report.summary()
+
+
+@app.task(name="windowpipe.dispatch")
+def dispatch(pipeline: str) -> dict[str, Any]:
+    """Enqueue the pipeline's runnable windows up to its caps (after a window finished)."""
+    rt = runtime()
+    queued, dead = dispatch_windows(
+        rt.store,
+        rt.redis,
+        config.pipeline(pipeline),
+        send_chain,
+        utc_now(),
+        failed_retry_base=config.settings.failed_retry_base,
+    )
+    return {"pipeline": pipeline, "queued": len(queued), "dead": dead}
+
+
+@app.task(name="windowpipe.cleanup")
+def cleanup() -> dict[str, Any]:
+    """Release locks of dead owners and requeue windows nobody is working on."""
+    rt = runtime()
+    return cleanup_stale(rt.store, rt.redis, config, send_chain, utc_now()).summary()
