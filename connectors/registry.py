@@ -6,6 +6,7 @@ the processes that use them. A connector class takes its validated config model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from typing import Any, Literal
@@ -74,10 +75,8 @@ def close_all() -> None:
     """Close every cached connector (worker shutdown, tests)."""
     with _instances_lock:
         for instance in _instances.values():
-            try:
+            with contextlib.suppress(Exception):  # closing is best effort at shutdown
                 instance.close()
-            except Exception:  # closing is best effort at shutdown
-                pass
         _instances.clear()
 
 

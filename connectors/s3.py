@@ -14,6 +14,7 @@ SDK errors become `TransientError` (throttling, 5xx, connection trouble, timeout
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -163,12 +164,11 @@ class _MultipartSink:
         if self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None
-        try:
+        # Best effort: a bucket lifecycle rule reclaims whatever this leaves behind.
+        with contextlib.suppress(Exception):
             self._client.abort_multipart_upload(
                 Bucket=self._bucket, Key=self._key, UploadId=upload_id
             )
-        except Exception:  # best effort: a lifecycle rule reclaims what this leaves
-            pass
 
 
 class S3Stage(ObjectStage):

@@ -40,10 +40,12 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _translate(error: sa.exc.SQLAlchemyError, action: str) -> WindowpipeError:
+def _translate(
+    error: sa.exc.SQLAlchemyError, action: str, role: str = "sql source"
+) -> WindowpipeError:
     """TransientError for a lost or refused connection, TerminalError for everything else."""
     detail = str(error.orig) if isinstance(error, sa.exc.DBAPIError) else str(error)
-    message = _one_line(f"sql source: {action} failed: {type(error).__name__}: {detail}")
+    message = _one_line(f"{role}: {action} failed: {type(error).__name__}: {detail}")
     if isinstance(error, sa.exc.DBAPIError):
         sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
         if sqlstate.startswith(_TERMINAL_SQLSTATE_PREFIXES):

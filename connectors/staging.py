@@ -21,6 +21,7 @@ prefix):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import re
@@ -63,6 +64,16 @@ def part_path(directory: str, run: str, index: int) -> str:
 def manifest_path(directory: str, run: str) -> str:
     """The relative path of `run`'s manifest in a window's directory."""
     return f"{directory}/manifest-{run}.json"
+
+
+def _run_of(path: str) -> str | None:
+    """The run a staged file belongs to, from its name; None for a file of unknown shape."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("manifest-") and name.endswith(".json"):
+        return name[len("manifest-") : -len(".json")]
+    if "-part-" in name:
+        return name.split("-part-", 1)[0]
+    return None
 
 
 def check_run(run: str) -> str:
@@ -135,10 +146,9 @@ class _OpenPart:
         )
 
     def abort(self) -> None:
-        try:
+        # The sink may be what failed: aborting is best effort.
+        with contextlib.suppress(Exception):
             self._gzip.close()
-        except Exception:  # the sink may be what failed; aborting is best effort
-            pass
         self._digest.sink.abort()
 
 
@@ -251,9 +261,11 @@ class ObjectStage(ABC):
     def _sweep(self, directory: str, max_age: float) -> None:
         """Remove a crashed writer's leftovers under `directory/` (temporaries, not files) that
         are at least `max_age` seconds old. Nothing to do for stores without temporaries."""
+        return
 
     def close(self) -> None:
         """Release the storage client, if any."""
+        return
 
     # --- the Stage protocol --------------------------------------------------------------------
 
@@ -289,7 +301,13 @@ class ObjectStage(ABC):
         )
         self._put(manifest.path, manifest.to_json())
         keep = {f.path for f in files} | {manifest.path}
-        stale = sorted(p for p in self._list(directory) if p not in keep)
+        # Only older runs go: a late writer that lost the window (a lower run) must not delete
+        # the files of the run that replaced it. Run names sort by fencing token.
+        stale = sorted(
+            p
+            for p in self._list(directory)
+            if p not in keep and (_run_of(p) is None or str(_run_of(p)) <= run)
+        )
         if stale:
             self._delete(stale)
         self._sweep(directory, STALE_TEMP_SECONDS)
@@ -334,7 +352,6 @@ class ObjectStage(ABC):
         """Best-effort delete while another error is already on its way up."""
         if not paths:
             return
-        try:
+        # The original error matters more; the next run cleans up anyway.
+        with contextlib.suppress(Exception):
             self._delete(paths)
-        except Exception:  # the original error matters more; the next run cleans up anyway
-            pass

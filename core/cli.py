@@ -118,9 +118,6 @@ def check(config_path: ConfigOption = None) -> None:
 def _reach_everything(config: Config) -> list[str]:
     import redis
 
-    from connectors.registry import build
-    from core.windows import Window
-
     problems = []
     try:
         redis.Redis.from_url(config.settings.redis_url, socket_timeout=5).ping()
@@ -132,20 +129,30 @@ def _reach_everything(config: Config) -> list[str]:
     except Exception as error:
         problems.append(f"state store: {type(error).__name__}: {error}")
     for name, pipeline in config.pipelines.items():
-        probe = Window(pipeline.start, pipeline.start + pipeline.window)
-        for role, call in (
-            ("source", lambda c: c.count(probe)),
-            ("stage", lambda c: c.list_files(name, probe)),
-            ("target", lambda c: c.count_window(name, probe)),
-        ):
+        problems += _reach_pipeline(name, pipeline)
+    return problems
+
+
+def _reach_pipeline(name: str, pipeline: PipelineConfig) -> list[str]:
+    from connectors.registry import build
+    from core.windows import Window
+
+    probe = Window(pipeline.start, pipeline.start + pipeline.window)
+    calls: dict[str, Callable[[Any], object]] = {
+        "source": lambda c: c.count(probe),
+        "stage": lambda c: c.list_files(name, probe),
+        "target": lambda c: c.count_window(name, probe),
+    }
+    problems = []
+    for role, call in calls.items():
+        try:
+            connector = build(role, pipeline)  # type: ignore[arg-type]
             try:
-                connector = build(role, pipeline)  # type: ignore[arg-type]
-                try:
-                    call(connector)
-                finally:
-                    connector.close()
-            except Exception as error:
-                problems.append(f"{name}.{role}: {error}")
+                call(connector)
+            finally:
+                connector.close()
+        except Exception as error:
+            problems.append(f"{name}.{role}: {error}")
     return problems
 
 
@@ -166,15 +173,18 @@ def plan(
     settings = guarded(lambda: config.pipeline(pipeline))
     at = _instant(now, "--now") if now else utc_now()
     store = _store(config, create=False)
-    last_end = store.last_window_end(pipeline, kind=WindowKind.SCHEDULED) if store else None
-    windows = due_windows(
-        origin=settings.start,
-        size=settings.window,
-        lag=settings.lag,
-        max_windows=settings.max_windows_per_tick,
-        now=at,
-        last_end=last_end,
-    )
+    if store is None:
+        windows = due_windows(
+            origin=settings.start,
+            size=settings.window,
+            lag=settings.lag,
+            max_windows=settings.max_windows_per_tick,
+            now=at,
+        )
+    else:
+        from core.dispatch import planned_windows
+
+        windows = planned_windows(store, settings, at)
     rows = [
         {
             "pipeline": pipeline,
@@ -252,7 +262,11 @@ def _dispatch_now(config: Config, settings: PipelineConfig, store: Any) -> int:
 
     client = redis.Redis.from_url(config.settings.redis_url)
     queued, _ = dispatch(
-        store, client, settings, send_chain, utc_now(),
+        store,
+        client,
+        settings,
+        send_chain,
+        utc_now(),
         failed_retry_base=config.settings.failed_retry_base,
     )
     return len(queued)
@@ -297,8 +311,15 @@ def status(
 
 def _print_status_table(records: list[WindowRecord]) -> None:
     table = Table(
-        "pipeline", "window_start", "status", "stage", "attempts", "source", "staged",
-        "target", "error",
+        "pipeline",
+        "window_start",
+        "status",
+        "stage",
+        "attempts",
+        "source",
+        "staged",
+        "target",
+        "error",
     )
     for r in records:
         table.add_row(
@@ -394,12 +415,14 @@ def locks(
 
         store = _store(config)
         report = run_cleanup(store, client, config, send_chain, utc_now())
-        for line in report.summary()["released"]:  # type: ignore[union-attr]
-            print(f"released: {line}")
-        for line in report.summary()["requeued"]:  # type: ignore[union-attr]
-            print(f"requeued: {line}")
-        for line in report.summary()["failed"]:  # type: ignore[union-attr]
-            print(f"failed (attempts exhausted): {line}")
+        summary = report.summary()
+        for label, key in (
+            ("released", "released"),
+            ("requeued", "requeued"),
+            ("failed (attempts exhausted)", "failed"),
+        ):
+            for line in summary[key]:
+                print(f"{label}: {line}")
         total = len(report.released) + len(report.requeued) + len(report.failed)
         print(f"cleanup: {total} change(s)")
 

@@ -257,9 +257,7 @@ class Settings(BaseSettings):
     def _broker_scheme(cls, value: str | None) -> str | None:
         schemes = ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
         if value is not None and not value.startswith(schemes):
-            raise ValueError(
-                f"expected a redis://, rediss:// or amqp:// URL, got {_safe(value)!r}"
-            )
+            raise ValueError(f"expected a redis://, rediss:// or amqp:// URL, got {_safe(value)!r}")
         return value
 
     @field_validator("state_url")
@@ -349,10 +347,16 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     # users wrote source.index, so drop tags that are connector types.
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, str) and item in _CONNECTOR_TAGS and parts and parts[-1] in (
-            "source",
-            "stage",
-            "target",
+        if (
+            isinstance(item, str)
+            and item in _CONNECTOR_TAGS
+            and parts
+            and parts[-1]
+            in (
+                "source",
+                "stage",
+                "target",
+            )
         ):
             continue
         if item == "schema_":

@@ -8,6 +8,7 @@ Scheduled and manual (backfill) windows have separate caps per pipeline, so a ba
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -49,17 +50,41 @@ class TickReport:
         }
 
 
-def create_due_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:
-    """Store the windows that are due at `now` (idempotent); returns the ones created."""
+def generation_frontier(store: StateStore, pipeline: PipelineConfig) -> datetime | None:
+    """Where the next scheduled window starts: the end of the last scheduled window, moved past
+    windows that already exist there (a backfill or a forced re-run may have created them as
+    manual windows); None on the first run.
+
+    Manual windows further ahead, after a hole, do not move it: the schedule never skips a
+    window because a backfill ran beyond it.
+    """
     last_end = store.last_window_end(pipeline.name, kind=WindowKind.SCHEDULED)
-    due = due_windows(
+    cursor = last_end or pipeline.start
+    ahead = store.list_records(pipeline.name, start=cursor, limit=pipeline.max_windows_per_tick)
+    for record in ahead:
+        if record.window_start != cursor:
+            break
+        cursor = record.window_end
+    if last_end is None and cursor == pipeline.start:
+        return None
+    return cursor
+
+
+def planned_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:
+    """The windows a generation tick at `now` creates (what `windowpipe plan` prints)."""
+    return due_windows(
         origin=pipeline.start,
         size=pipeline.window,
         lag=pipeline.lag,
         max_windows=pipeline.max_windows_per_tick,
         now=now,
-        last_end=last_end,
+        last_end=generation_frontier(store, pipeline),
     )
+
+
+def create_due_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:
+    """Store the windows that are due at `now` (idempotent); returns the ones created."""
+    due = planned_windows(store, pipeline, now)
     return store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED) if due else []
 
 
@@ -126,10 +151,8 @@ def dispatch(
             log.info("dispatched", queued=len(queued), dead=dead)
         return queued, dead
     finally:
-        try:
+        with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
-        except redis.exceptions.LockError:
-            pass
 
 
 def generation_tick(

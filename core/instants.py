@@ -39,7 +39,9 @@ def parse_instant(text: str) -> datetime:
         value = text
     else:
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"expected an ISO 8601 instant like 2026-11-01T00:00:00Z, got {text!r}")
+            raise ValueError(
+                f"expected an ISO 8601 instant like 2026-11-01T00:00:00Z, got {text!r}"
+            )
         try:
             value = datetime.fromisoformat(text.strip().replace("z", "Z"))
         except ValueError:

@@ -20,7 +20,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -84,9 +84,7 @@ class WindowLock:
         self.ttl_seconds = ttl_seconds
         self.token = owner_token()
         self._client = client
-        self._lock = client.lock(
-            self.key, timeout=ttl_seconds, blocking=False, thread_local=False
-        )
+        self._lock = client.lock(self.key, timeout=ttl_seconds, blocking=False, thread_local=False)
         self._lost = threading.Event()
 
     def acquire(self) -> bool:
@@ -134,10 +132,8 @@ class WindowLock:
 
     def release(self) -> None:
         """Release the lock if this process still owns it; a no-op otherwise."""
-        try:
+        with suppress(LockError, redis.RedisError):
             self._lock.release()
-        except (LockError, redis.RedisError):
-            pass
 
 
 def held_locks(client: redis.Redis) -> list[HeldLock]:

@@ -1,8 +1,8 @@
 """Window record states, the transitions between them, and the record as plain data.
 
-    pending -> queued -> running -> succeeded
-                           |   \\-> skipped        (precheck found 0 documents)
-                           \\-> failed -> (retried: queued) ... -> dead (attempts exhausted)
+pending -> queued -> running -> succeeded
+                       |   \\-> skipped        (precheck found 0 documents)
+                       \\-> failed -> (retried: queued) ... -> dead (attempts exhausted)
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class CleanupReport:
     requeued: list[tuple[WindowRecord, str]] = field(default_factory=list)
     failed: list[tuple[WindowRecord, str]] = field(default_factory=list)
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, list[str]]:
         return {
             "released": [f"{h.pipeline} {format_instant(h.window_start)}" for h in self.released],
             "requeued": [

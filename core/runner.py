@@ -24,7 +24,12 @@ from typing import Any
 import redis
 
 from core.config import Config, PipelineConfig
-from core.errors import LostOwnershipError, TerminalError, TransientError
+from core.errors import (
+    InvalidTransitionError,
+    LostOwnershipError,
+    TerminalError,
+    TransientError,
+)
 from core.instants import format_instant
 from core.locks import WindowLock
 from core.logs import get_logger
@@ -33,7 +38,7 @@ from core.retry import STAGE_POLICIES, StagePolicy, backoff_seconds, call_with_r
 from core.store import StateStore
 from core.windows import Window
 
-ConnectorFactory = Callable[[str, PipelineConfig], Any]
+ConnectorFactory = Callable[[Any, PipelineConfig], Any]
 """(role, pipeline) -> the process-wide connector; `connectors.registry.connector_for`."""
 
 
@@ -152,7 +157,11 @@ def run_stage(
             return result(*early)
         assert record is not None
         record = runtime.store.transition(
-            pipeline_name, window_start, WindowStatus.RUNNING, expect=ACTIVE, fence=fence,
+            pipeline_name,
+            window_start,
+            WindowStatus.RUNNING,
+            expect=ACTIVE,
+            fence=fence,
             stage=stage,
         )
         step = _Step(runtime, pipeline, record, fence, STAGE_POLICIES[stage])
@@ -161,13 +170,14 @@ def run_stage(
             return _run_guarded(step, stage, retry, result)
     except LostOwnershipError as error:
         return result(Outcome.STOPPED, f"lost the window to a newer owner: {error}")
+    except InvalidTransitionError as error:
+        # The record moved under us (a rebuild deleted or reset it): not ours to run.
+        return result(Outcome.STOPPED, f"window changed meanwhile: {error}")
     finally:
         lock.release()
 
 
-def _not_for_this_stage(
-    record: WindowRecord | None, stage: Stage
-) -> tuple[Outcome, str] | None:
+def _not_for_this_stage(record: WindowRecord | None, stage: Stage) -> tuple[Outcome, str] | None:
     """Why this stage must not run now (as an outcome and a reason), or None if it may."""
     if record is None:
         return Outcome.STOPPED, "no such window record"
@@ -187,7 +197,9 @@ def _run_guarded(
         record = STAGE_STEPS[stage](step)
     except TransientError as error:
         if retry < step.policy.task_retries:
-            wait = backoff_seconds(retry, base=step.policy.backoff_base, cap=step.policy.backoff_cap)
+            wait = backoff_seconds(
+                retry, base=step.policy.backoff_base, cap=step.policy.backoff_cap
+            )
             step.commit(
                 WindowStatus.QUEUED,
                 error=f"{stage.value}: {error} (retry {retry + 1} of {step.policy.task_retries})",
@@ -201,7 +213,7 @@ def _run_guarded(
     except TerminalError as error:
         record = step.commit(WindowStatus.FAILED, error=f"{stage.value}: {error}")
         return result(Outcome.FINISHED, str(error), status=record.status)
-    except LostOwnershipError:
+    except (LostOwnershipError, InvalidTransitionError):
         raise
     except Exception as error:  # a bug or an unclassified SDK error: fail the attempt, visibly
         message = f"{stage.value}: unexpected {type(error).__name__}: {error}"
@@ -219,9 +231,7 @@ def _precheck(step: _Step) -> WindowRecord:
         return step.commit(
             WindowStatus.SKIPPED, source_count=0, staged_count=0, target_count=0, error=None
         )
-    return step.commit(
-        WindowStatus.QUEUED, stage=Stage.EXTRACT, source_count=count, error=None
-    )
+    return step.commit(WindowStatus.QUEUED, stage=Stage.EXTRACT, source_count=count, error=None)
 
 
 def _extract(step: _Step) -> WindowRecord:

@@ -474,6 +474,7 @@ class StateStore:
         windows are left alone (they run anyway). Returns how many records were reset.
         """
         rerunnable = _values(FINISHED | {WindowStatus.DEAD})
+        values = {**_pending_values(utc_now()), "kind": WindowKind(kind).value}
         reset = 0
         with self._writing() as conn:
             for chunk in _chunks(sorted(set(starts)), INSERT_CHUNK_ROWS):
@@ -484,7 +485,7 @@ class StateStore:
                         WINDOWS.c.window_start.in_(chunk),
                         WINDOWS.c.status.in_(rerunnable),
                     )
-                    .values(**_pending_values(utc_now()), kind=WindowKind(kind).value)
+                    .values(**values)
                 )
                 reset += conn.execute(statement).rowcount
         return reset
@@ -713,9 +714,14 @@ def _new_row(pipeline: str, window: Window, kind: WindowKind, now: datetime) -> 
 
 
 def _pending_values(now: datetime) -> dict[str, Any]:
-    """A record put back to pending by an administrative reset: its chain starts over."""
+    """A record put back to pending by an administrative reset: its chain starts over.
+
+    The fence moves on too, so a worker still holding the window gets `LostOwnershipError` at
+    its next guarded commit instead of writing into the reset record.
+    """
     return {
         "status": WindowStatus.PENDING.value,
+        "fence": WINDOWS.c.fence + 1,
         "stage": None,
         "attempts": 0,
         "error": None,

@@ -50,7 +50,9 @@ def toml_value(value: Any) -> str:
     return f'"{text}"'
 
 
-def write_config(path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]) -> Path:
+def write_config(
+    path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
+) -> Path:
     """Write a windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
     lines = ["[windowpipe]"]
     lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
@@ -112,9 +114,24 @@ class Deployment:
         name = name or f"{queue}-{len(self.processes)}"
         log = self.log_path(name)
         command = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker",
-            "-Q", queue, "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h",
-            "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers",
+            "worker",
+            "-Q",
+            queue,
+            "-c",
+            str(concurrency),
+            "-P",
+            pool,
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
         ]
         process = subprocess.Popen(
             command,
@@ -137,9 +154,22 @@ class Deployment:
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         log = self.log_path(name)
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "beat", "--loglevel", "INFO",
-             "-s", str(self.workdir / f"{name}-schedule")],
-            cwd=REPO, env=self.env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(self.workdir / f"{name}-schedule"),
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.processes.append((name, process))
@@ -173,10 +203,16 @@ class Deployment:
             self.stop(process)
         self.processes.clear()
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "core.cli", *args],
-            cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout,
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -201,8 +237,12 @@ class Deployment:
         app = Celery(broker=settings.broker_url or settings.redis_url)
         chain(
             *(
-                app.signature(f"windowpipe.{q}", (pipeline, window_start), immutable=True,
-                              options={"queue": q})
+                app.signature(
+                    f"windowpipe.{q}",
+                    (pipeline, window_start),
+                    immutable=True,
+                    options={"queue": q},
+                )
                 for q in STAGE_QUEUES
             )
         ).apply_async()
@@ -235,9 +275,7 @@ class Deployment:
             store.dispose()
 
     def logs(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log"))
-        )
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("*.log")))
 
 
 def statuses(records: Iterable[WindowRecord]) -> dict[str, int]:

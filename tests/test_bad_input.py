@@ -38,7 +38,9 @@ GOOD_PIPELINE: dict[str, Any] = {
 
 def _with(path: str, value: Any) -> dict[str, Any]:
     """GOOD_PIPELINE with `path` (dotted) set to value; value None deletes the key."""
-    body: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in GOOD_PIPELINE.items()}
+    body: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in GOOD_PIPELINE.items()
+    }
     node = body
     keys = path.split(".")
     for key in keys[:-1]:
@@ -57,27 +59,107 @@ CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
     ("source-missing", _with("source", None), {}, "pipelines.orders.source: missing required key"),
     ("unknown-pipeline-key", _with("windw", "15m"), {}, "pipelines.orders.windw: unknown key"),
     ("unknown-settings-key", GOOD_PIPELINE, {"redis": "x"}, "windowpipe.redis: unknown key"),
-    ("unknown-source-key", _with("source.tabel", "x"), {}, "pipelines.orders.source.tabel: unknown key"),
+    (
+        "unknown-source-key",
+        _with("source.tabel", "x"),
+        {},
+        "pipelines.orders.source.tabel: unknown key",
+    ),
     ("unknown-source-type", _with("source.type", "kafka"), {}, "unknown connector type 'kafka'"),
-    ("unknown-stage-type", _with("stage.type", "gcs"), {}, "pipelines.orders.stage: unknown connector type 'gcs'"),
-    ("unknown-target-type", _with("target.type", "bigquery"), {}, "unknown connector type 'bigquery'"),
-    ("source-type-missing", _with("source.type", None), {}, "pipelines.orders.source: missing required key 'type'"),
+    (
+        "unknown-stage-type",
+        _with("stage.type", "gcs"),
+        {},
+        "pipelines.orders.stage: unknown connector type 'gcs'",
+    ),
+    (
+        "unknown-target-type",
+        _with("target.type", "bigquery"),
+        {},
+        "unknown connector type 'bigquery'",
+    ),
+    (
+        "source-type-missing",
+        _with("source.type", None),
+        {},
+        "pipelines.orders.source: missing required key 'type'",
+    ),
     ("bad-duration", _with("window", "15x"), {}, "pipelines.orders.window: expected a duration"),
-    ("zero-window", _with("window", "0m"), {}, "pipelines.orders.window: window must be longer than zero"),
+    (
+        "zero-window",
+        _with("window", "0m"),
+        {},
+        "pipelines.orders.window: window must be longer than zero",
+    ),
     ("negative-lag", _with("lag", "-5m"), {}, "pipelines.orders.lag: expected a duration"),
-    ("zero-every", _with("every", "0s"), {}, "pipelines.orders.every: every must be longer than zero"),
+    (
+        "zero-every",
+        _with("every", "0s"),
+        {},
+        "pipelines.orders.every: every must be longer than zero",
+    ),
     ("duration-number", _with("window", 15), {}, "pipelines.orders.window: expected a duration"),
     ("naive-start", _with("start", "2026-11-01T00:00:00"), {}, "has no UTC offset"),
-    ("unparseable-start", _with("start", "yesterday"), {}, "pipelines.orders.start: expected an ISO 8601 instant"),
-    ("zero-cap", _with("max_windows_per_tick", 0), {}, "pipelines.orders.max_windows_per_tick: Input should be greater than or equal to 1"),
-    ("undefined-secret", _with("target.password_env", "WP_TEST_UNSET_SECRET"), {}, "environment variable WP_TEST_UNSET_SECRET is not set"),
-    ("empty-table", _with("target.table", ""), {}, "pipelines.orders.target.table: String should have at least 1 character"),
-    ("bad-lock-ttl", GOOD_PIPELINE, {"lock_ttl": "0s"}, "windowpipe.lock_ttl: must be longer than zero"),
-    ("short-visibility", GOOD_PIPELINE, {"visibility_timeout": "10m"}, "windowpipe.visibility_timeout: visibility_timeout must exceed"),
-    ("bad-redis-url", GOOD_PIPELINE, {"redis_url": "http://127.0.0.1"}, "windowpipe.redis_url: expected a redis://"),
-    ("bad-broker-url", GOOD_PIPELINE, {"broker_url": "kafka://u:canary-pw@h"}, "windowpipe.broker_url: expected a redis://, rediss:// or amqp:// URL, got 'kafka://u:***@h'"),
-    ("bad-state-url", GOOD_PIPELINE, {"state_url": "not a url"}, "windowpipe.state_url: not a SQLAlchemy URL"),
-    ("bad-page-size", _with("source.page_size", 0), {}, "pipelines.orders.source.page_size: Input should be greater than or equal to 1"),
+    (
+        "unparseable-start",
+        _with("start", "yesterday"),
+        {},
+        "pipelines.orders.start: expected an ISO 8601 instant",
+    ),
+    (
+        "zero-cap",
+        _with("max_windows_per_tick", 0),
+        {},
+        "pipelines.orders.max_windows_per_tick: Input should be greater than or equal to 1",
+    ),
+    (
+        "undefined-secret",
+        _with("target.password_env", "WP_TEST_UNSET_SECRET"),
+        {},
+        "environment variable WP_TEST_UNSET_SECRET is not set",
+    ),
+    (
+        "empty-table",
+        _with("target.table", ""),
+        {},
+        "pipelines.orders.target.table: String should have at least 1 character",
+    ),
+    (
+        "bad-lock-ttl",
+        GOOD_PIPELINE,
+        {"lock_ttl": "0s"},
+        "windowpipe.lock_ttl: must be longer than zero",
+    ),
+    (
+        "short-visibility",
+        GOOD_PIPELINE,
+        {"visibility_timeout": "10m"},
+        "windowpipe.visibility_timeout: visibility_timeout must exceed",
+    ),
+    (
+        "bad-redis-url",
+        GOOD_PIPELINE,
+        {"redis_url": "http://127.0.0.1"},
+        "windowpipe.redis_url: expected a redis://",
+    ),
+    (
+        "bad-broker-url",
+        GOOD_PIPELINE,
+        {"broker_url": "kafka://u:canary-pw@h"},
+        "windowpipe.broker_url: expected a redis://, rediss:// or amqp:// URL, got 'kafka://u:***@h'",
+    ),
+    (
+        "bad-state-url",
+        GOOD_PIPELINE,
+        {"state_url": "not a url"},
+        "windowpipe.state_url: not a SQLAlchemy URL",
+    ),
+    (
+        "bad-page-size",
+        _with("source.page_size", 0),
+        {},
+        "pipelines.orders.source.page_size: Input should be greater than or equal to 1",
+    ),
 ]
 
 
@@ -105,8 +187,11 @@ def assert_refused(result: Any, fragment: str, tmp_path: Path) -> None:
     assert not (tmp_path / "stage").exists()
 
 
-@pytest.mark.parametrize(("pipeline", "settings", "fragment"),
-                         [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+@pytest.mark.parametrize(
+    ("pipeline", "settings", "fragment"),
+    [c[1:] for c in CONFIG_CASES],
+    ids=[c[0] for c in CONFIG_CASES],
+)
 def test_bad_config_is_refused_in_one_line_with_status_2(
     tmp_path: Path, pipeline: Any, settings: dict[str, Any], fragment: str
 ) -> None:
@@ -122,14 +207,19 @@ def test_bad_config_is_refused_in_one_line_with_status_2(
 
 RAW_FILE_CASES = [
     ("not-toml", b"[windowpipe\nredis_url = 1", "not valid TOML"),
-    ("not-utf8", b"[windowpipe]\nredis_url = \"\xff\xfe\"\n", "config file is not UTF-8 text"),
-    ("unknown-table", b"[pipelinez.orders]\nwindow = \"15m\"\n", "pipelinez: unknown top-level table"),
-    ("bad-pipeline-name", b"[pipelines.\"a b\"]\nwindow = \"15m\"\n", "pipeline names may use"),
+    ("not-utf8", b'[windowpipe]\nredis_url = "\xff\xfe"\n', "config file is not UTF-8 text"),
+    (
+        "unknown-table",
+        b'[pipelinez.orders]\nwindow = "15m"\n',
+        "pipelinez: unknown top-level table",
+    ),
+    ("bad-pipeline-name", b'[pipelines."a b"]\nwindow = "15m"\n', "pipeline names may use"),
 ]
 
 
-@pytest.mark.parametrize(("raw", "fragment"), [c[1:] for c in RAW_FILE_CASES],
-                         ids=[c[0] for c in RAW_FILE_CASES])
+@pytest.mark.parametrize(
+    ("raw", "fragment"), [c[1:] for c in RAW_FILE_CASES], ids=[c[0] for c in RAW_FILE_CASES]
+)
 def test_unreadable_config_file_is_refused(tmp_path: Path, raw: bytes, fragment: str) -> None:
     (tmp_path / "windowpipe.toml").write_bytes(raw)
     assert_refused(run_cli(tmp_path, "status"), fragment, tmp_path)
@@ -145,41 +235,91 @@ def test_config_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_bad_environment_override_is_refused(tmp_path: Path) -> None:
-    write_config(tmp_path / "windowpipe.toml", {"state_url": f"sqlite:///{tmp_path}/state.db"},
-                 {"orders": GOOD_PIPELINE})
+    write_config(
+        tmp_path / "windowpipe.toml",
+        {"state_url": f"sqlite:///{tmp_path}/state.db"},
+        {"orders": GOOD_PIPELINE},
+    )
     result = run_cli(tmp_path, "status", env={"WINDOWPIPE_LOCK_TTL": "soon"})
     assert_refused(result, "windowpipe.lock_ttl: expected a duration", tmp_path)
 
 
 CLI_CASES = [
     ("plan-unknown-pipeline", ["plan", "nope"], "unknown pipeline 'nope' (configured: orders)"),
-    ("plan-naive-now", ["plan", "orders", "--now", "2026-11-01T02:07:00"], "--now: instant 2026-11-01T02:07:00 has no UTC offset"),
-    ("plan-garbage-now", ["plan", "orders", "--now", "tomorrow"], "--now: expected an ISO 8601 instant"),
-    ("enqueue-end-before-start", ["enqueue", "orders", "--start", "2026-11-01T01:00:00Z", "--end", "2026-11-01T00:00:00Z"], "must be after --start"),
-    ("enqueue-misaligned", ["enqueue", "orders", "--start", "2026-11-01T00:07:00Z", "--end", "2026-11-01T01:00:00Z"], "start 2026-11-01T00:07:00Z is not on a window boundary"),
-    ("enqueue-before-origin", ["enqueue", "orders", "--start", "2026-10-31T23:00:00Z", "--end", "2026-11-01T01:00:00Z"], "is before the pipeline start"),
-    ("enqueue-future", ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z", "--end", "2099-01-01T00:00:00Z"], "is not complete yet"),
-    ("enqueue-bad-start", ["enqueue", "orders", "--start", "soon", "--end", "2026-11-01T01:00:00Z"], "--start: expected an ISO 8601 instant"),
-    ("enqueue-unknown-pipeline", ["enqueue", "nope", "--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"], "unknown pipeline 'nope'"),
+    (
+        "plan-naive-now",
+        ["plan", "orders", "--now", "2026-11-01T02:07:00"],
+        "--now: instant 2026-11-01T02:07:00 has no UTC offset",
+    ),
+    (
+        "plan-garbage-now",
+        ["plan", "orders", "--now", "tomorrow"],
+        "--now: expected an ISO 8601 instant",
+    ),
+    (
+        "enqueue-end-before-start",
+        ["enqueue", "orders", "--start", "2026-11-01T01:00:00Z", "--end", "2026-11-01T00:00:00Z"],
+        "must be after --start",
+    ),
+    (
+        "enqueue-misaligned",
+        ["enqueue", "orders", "--start", "2026-11-01T00:07:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "start 2026-11-01T00:07:00Z is not on a window boundary",
+    ),
+    (
+        "enqueue-before-origin",
+        ["enqueue", "orders", "--start", "2026-10-31T23:00:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "is before the pipeline start",
+    ),
+    (
+        "enqueue-future",
+        ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z", "--end", "2099-01-01T00:00:00Z"],
+        "is not complete yet",
+    ),
+    (
+        "enqueue-bad-start",
+        ["enqueue", "orders", "--start", "soon", "--end", "2026-11-01T01:00:00Z"],
+        "--start: expected an ISO 8601 instant",
+    ),
+    (
+        "enqueue-unknown-pipeline",
+        ["enqueue", "nope", "--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "unknown pipeline 'nope'",
+    ),
     ("status-unknown-pipeline", ["status", "nope"], "unknown pipeline 'nope'"),
     ("validate-unknown-pipeline", ["validate", "nope"], "unknown pipeline 'nope'"),
 ]
 
 
-@pytest.mark.parametrize(("args", "fragment"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+@pytest.mark.parametrize(
+    ("args", "fragment"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
+)
 def test_bad_cli_arguments_are_refused_in_one_line_with_status_2(
     tmp_path: Path, args: list[str], fragment: str
 ) -> None:
-    write_config(tmp_path / "windowpipe.toml", {"state_url": f"sqlite:///{tmp_path}/state.db"},
-                 {"orders": GOOD_PIPELINE})
+    write_config(
+        tmp_path / "windowpipe.toml",
+        {"state_url": f"sqlite:///{tmp_path}/state.db"},
+        {"orders": GOOD_PIPELINE},
+    )
     assert_refused(run_cli(tmp_path, *args), fragment, tmp_path)
 
 
 def test_console_script_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     write_config(tmp_path / "windowpipe.toml", {}, {"orders": _with("window", "15x")})
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "plan", "orders", "--config", str(tmp_path / "windowpipe.toml")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "core.cli",
+            "plan",
+            "orders",
+            "--config",
+            str(tmp_path / "windowpipe.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -189,8 +329,11 @@ def test_console_script_reports_bad_config_in_one_line(tmp_path: Path) -> None:
 
 
 def test_plan_prints_the_design_example_windows(tmp_path: Path) -> None:
-    write_config(tmp_path / "windowpipe.toml", {"state_url": f"sqlite:///{tmp_path}/state.db"},
-                 {"orders": GOOD_PIPELINE})
+    write_config(
+        tmp_path / "windowpipe.toml",
+        {"state_url": f"sqlite:///{tmp_path}/state.db"},
+        {"orders": GOOD_PIPELINE},
+    )
     result = run_cli(tmp_path, "plan", "orders", "--now", "2026-11-01T02:07:00Z", "--json")
     assert result.exit_code == 0, result.output
     import json

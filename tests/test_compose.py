@@ -46,11 +46,20 @@ def test_every_queue_has_its_own_worker_service(compose: dict[str, Any]) -> None
 
 
 def test_the_app_declares_the_same_queues() -> None:
-    env = {**os.environ, "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
-           "SF_PASSWORD": "x", "S3_ACCESS_KEY_ID": "x", "S3_SECRET_ACCESS_KEY": "x"}
+    env = {
+        **os.environ,
+        "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
+        "SF_PASSWORD": "x",
+        "S3_ACCESS_KEY_ID": "x",
+        "S3_SECRET_ACCESS_KEY": "x",
+    }
     out = subprocess.run(
         [sys.executable, "-c", "import workers; print(' '.join(workers.QUEUES))"],
-        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert sorted(out) == sorted(QUEUES)
 
@@ -76,19 +85,38 @@ def test_worker_services_can_be_scaled(compose: dict[str, Any]) -> None:
             assert "container_name" not in body and "ports" not in body, name
 
 
-@pytest.mark.parametrize("service", ["worker-precheck", "worker-extract", "worker-load",
-                                     "worker-audit", "worker-control", "beat", "flower"])
+@pytest.mark.parametrize(
+    "service",
+    [
+        "worker-precheck",
+        "worker-extract",
+        "worker-load",
+        "worker-audit",
+        "worker-control",
+        "beat",
+        "flower",
+    ],
+)
 def test_celery_accepts_each_service_command(compose: dict[str, Any], service: str) -> None:
     command = [
         part.replace("${FLOWER_USER}", "u").replace("${FLOWER_PASSWORD}", "p")
         for part in compose["services"][service]["command"]
     ]
-    env = {**os.environ, "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
-           "SF_PASSWORD": "x", "S3_ACCESS_KEY_ID": "x", "S3_SECRET_ACCESS_KEY": "x"}
+    env = {
+        **os.environ,
+        "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
+        "SF_PASSWORD": "x",
+        "S3_ACCESS_KEY_ID": "x",
+        "S3_SECRET_ACCESS_KEY": "x",
+    }
     # click parses every option before it acts on --help: an unknown option fails here.
     result = subprocess.run(
-        [sys.executable, "-m", *command, "--help"], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", *command, "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Usage:" in result.stdout

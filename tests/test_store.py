@@ -324,15 +324,18 @@ def test_apply_rebuild_deletes_resets_creates_and_keeps_finished_work(store: Sta
     store.create_windows(PIPELINE, windows(4))
     drive(store, 0, S.QUEUED, S.RUNNING, S.SUCCEEDED)
     drive(store, 1, S.QUEUED, S.RUNNING, S.FAILED)
+    owner = store.bump_fence(PIPELINE, start(2))
     plan = RebuildPlan(
-        delete_starts=[start(3)], reset_starts=[start(1)], create=windows(2, first=4)
+        delete_starts=[start(3)], reset_starts=[start(1), start(2)], create=windows(2, first=4)
     )
-    assert store.apply_rebuild(PIPELINE, plan) == RebuildCounts(deleted=1, reset=1, created=2)
+    assert store.apply_rebuild(PIPELINE, plan) == RebuildCounts(deleted=1, reset=2, created=2)
     by_start = {r.window_start: r for r in store.list_records(PIPELINE)}
     assert sorted(by_start) == [start(i) for i in (0, 1, 2, 4, 5)]
     assert by_start[start(0)].status == S.SUCCEEDED
     reset = by_start[start(1)]
     assert (reset.status, reset.stage, reset.error, reset.attempts) == (S.PENDING, None, None, 0)
+    with pytest.raises(LostOwnershipError):  # an owner of a reset window cannot write into it
+        store.update_fields(PIPELINE, start(2), fence=owner, staged_count=1)
 
 
 def test_apply_rebuild_refuses_to_delete_succeeded_work(store: StateStore) -> None:

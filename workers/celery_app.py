@@ -1,8 +1,8 @@
 """The Celery app: one queue per stage plus `control`, settings from the windowpipe config.
 
-    celery -A workers worker -Q precheck -c 4      (and extract, load, audit, control)
-    celery -A workers beat
-    celery -A workers flower
+celery -A workers worker -Q precheck -c 4      (and extract, load, audit, control)
+celery -A workers beat
+celery -A workers flower
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from celery import Celery, signals
 from core.config import Config, load_config
 from core.errors import ConfigError
 from core.logs import configure_logging
-from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
 from core.records import STAGE_ORDER
+from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
 
 CONTROL_QUEUE = "control"
 """Generation, dispatch and stale-lock cleanup run here."""

@@ -54,8 +54,9 @@ def send_chain(
     signatures = []
     for index, stage in enumerate(stages):
         kwargs = {"retry": retry} if index == 0 and retry else {}
-        signatures.append(app.signature(f"windowpipe.{stage.value}", (pipeline, start), kwargs,
-                                         immutable=True))
+        signatures.append(
+            app.signature(f"windowpipe.{stage.value}", (pipeline, start), kwargs, immutable=True)
+        )
     result = chain(*signatures).apply_async(countdown=countdown)
     return str(result.id)
 
