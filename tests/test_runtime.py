@@ -313,3 +313,92 @@ def test_only_one_of_two_beats_schedules(tmp_path: Path, pg_schema_url: str, red
         dep.stop_all()
     assert sorted(sent.values())[0] == 0, sent
     assert sorted(sent.values())[1] >= 3, sent
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost for the test (RabbitMQ runs on this machine)."""
+    import subprocess
+    import uuid
+
+    vhost = f"wp_test_{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+
+
+def test_windows_run_with_rabbitmq_as_the_broker(
+    tmp_path: Path, pg_schema_url: str, redis_db: str, rabbitmq_url: str
+) -> None:
+    per_window = seed_events(pg_schema_url, windows=12)
+    dep = make_deployment(
+        tmp_path,
+        pg_schema_url,
+        f"sqlite:///{tmp_path}/state.db",
+        redis_db,
+        broker_url=rabbitmq_url,
+    )
+    try:
+        dep.start_stage_workers(concurrency=2)
+        start, end = format_instant(ORIGIN), format_instant(ORIGIN + 12 * SIZE)
+        dep.cli("enqueue", "events", "--start", start, "--end", end, "--wait", "--timeout", "120")
+        records = dep.store().list_records("events")
+    finally:
+        dep.stop_all()
+    assert len(records) == 12
+    for index, record in enumerate(records):
+        expected = WindowStatus.SKIPPED if per_window[index] == 0 else WindowStatus.SUCCEEDED
+        assert record.status == expected
+        assert record.target_count == per_window[index]
+    assert target_ids(pg_schema_url) == source_ids(pg_schema_url)
+    # Nothing went through Redis as a broker: its DB holds no kombu queues.
+    client = redis.Redis.from_url(redis_db)
+    assert not [k for k in client.keys("*") if k in (b"precheck", b"extract", b"load", b"audit")]
+
+
+def test_a_backfill_never_starves_the_scheduled_windows(
+    tmp_path: Path, pg_schema_url: str, redis_db: str
+) -> None:
+    seed_events(pg_schema_url, windows=WINDOWS)
+    dep = make_deployment(tmp_path, pg_schema_url, f"sqlite:///{tmp_path}/state.db", redis_db)
+    try:
+        # A 40-window backfill is enqueued first, then beat's tick creates the live windows
+        # after it (max_windows_per_tick of them: windows 40 to 100, the last 40 empty).
+        dep.cli(
+            "enqueue",
+            "events",
+            "--start",
+            format_instant(ORIGIN),
+            "--end",
+            format_instant(ORIGIN + 40 * SIZE),
+        )
+        dep.start_stage_workers(concurrency=2)
+        dep.send("windowpipe.generate", "events")
+        store = dep.store()
+        deadline = time.monotonic() + 180
+        while True:
+            scheduled = store.list_records("events", kind=WindowKind.SCHEDULED)
+            if len(scheduled) == WINDOWS and all(
+                r.status in (WindowStatus.SUCCEEDED, WindowStatus.SKIPPED) for r in scheduled
+            ):
+                break
+            assert time.monotonic() < deadline, statuses(scheduled)
+            time.sleep(0.2)
+        manual = store.list_records("events", kind=WindowKind.MANUAL)
+        manual_done = [
+            r for r in manual if r.status in (WindowStatus.SUCCEEDED, WindowStatus.SKIPPED)
+        ]
+        # The live windows did not wait for the backfill to drain...
+        assert len(manual_done) < 40
+        # ...and the backfill still completes, max_backfill_windows at a time.
+        records = dep.wait_finished("events", 40 + WINDOWS, timeout=240)
+    finally:
+        dep.stop_all()
+    assert len(records) == 40 + WINDOWS
+    assert statuses(records).keys() <= {"succeeded", "skipped"}
+    assert target_ids(pg_schema_url) == source_ids(pg_schema_url)

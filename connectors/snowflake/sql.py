@@ -1,0 +1,164 @@
+"""Every statement the Snowflake target runs, built by pure functions (tested offline).
+
+A window is loaded in three steps on one session:
+
+1. `COPY INTO` a temporary landing table, at most `MAX_FILES_PER_COPY` files per statement
+   (Snowflake's limit for `FILES=`), with `ON_ERROR=ABORT_STATEMENT` so a bad line fails the
+   load instead of being skipped, and `FORCE=TRUE` because the landing table is new each time
+   and idempotency is ours (below), not Snowflake's 64-day load history. The COPY keeps each
+   row's lineage: `METADATA$FILENAME` and `METADATA$FILE_ROW_NUMBER`.
+2. `BEGIN; DELETE` the window's rows; `INSERT ... SELECT` from the landing table; `COMMIT`:
+   a retried, duplicated or forced load replaces the window, never adds to it.
+3. Drop the landing table.
+
+Identifiers come from the config: each must be a plain Snowflake name (letters, digits, `_`,
+`$`), which is upper-cased and quoted, so it means what the same name unquoted means in
+Snowflake and nothing else can reach the SQL. Values are bound (`?`, qmark paramstyle).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from core.errors import TerminalError
+
+MAX_FILES_PER_COPY = 1000
+"""Snowflake accepts at most 1,000 names in one `COPY ... FILES=(...)`."""
+
+COLUMNS = (
+    "doc_id",
+    "doc",
+    "window_start",
+    "window_end",
+    "pipeline",
+    "loaded_at",
+    "source_file",
+    "file_row",
+)
+"""The target table's columns, in the order `insert_window_sql` fills them."""
+
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,254}")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def quote_identifier(name: str, role: str = "identifier") -> str:
+    """`name` upper-cased and double-quoted; TerminalError unless it is a plain name."""
+    if not _IDENTIFIER.fullmatch(name):
+        raise TerminalError(
+            f"snowflake target: unsafe {role} {name!r} "
+            "(letters, digits, '_' and '$' only, not starting with a digit)"
+        )
+    return f'"{name.upper()}"'
+
+
+def check_path(path: str) -> str:
+    """A stage-relative path fit for a location or a string literal: segments of letters,
+    digits, `_`, `.`, `-` (no quotes, no `=`, no `..`)."""
+    segments = path.split("/")
+    if not all(_PATH_SEGMENT.fullmatch(segment) for segment in segments):
+        raise TerminalError(f"snowflake target: unsafe staged path {path!r}")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The quoted, fully qualified names of the target table and the Snowflake stage."""
+
+    table: str
+    stage: str
+
+    @classmethod
+    def of(cls, database: str, schema: str, table: str, stage: str) -> Names:
+        prefix = f"{quote_identifier(database, 'database')}.{quote_identifier(schema, 'schema')}."
+        return cls(
+            table=prefix + quote_identifier(table, "table"),
+            stage=prefix + quote_identifier(stage, "stage"),
+        )
+
+
+def create_table_sql(table: str) -> str:
+    """The target table, created if missing. Timestamps are TIMESTAMP_NTZ holding UTC."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} ("
+        "doc_id STRING NOT NULL, "
+        "doc VARIANT NOT NULL, "
+        "window_start TIMESTAMP_NTZ NOT NULL, "
+        "window_end TIMESTAMP_NTZ NOT NULL, "
+        "pipeline STRING NOT NULL, "
+        "loaded_at TIMESTAMP_NTZ NOT NULL, "
+        "source_file STRING, "
+        "file_row NUMBER)"
+    )
+
+
+def create_landing_sql(landing: str) -> str:
+    """A session's temporary landing table (unqualified: it lives in the session's schema)."""
+    return (
+        f"CREATE OR REPLACE TEMPORARY TABLE {landing} "
+        "(v VARIANT, source_file STRING, file_row NUMBER)"
+    )
+
+
+def drop_landing_sql(landing: str) -> str:
+    return f"DROP TABLE IF EXISTS {landing}"
+
+
+def copy_sql(landing: str, stage: str, directory: str, files: Sequence[str]) -> str:
+    """One `COPY INTO` of `files` (names relative to `directory`) into the landing table."""
+    if not 0 < len(files) <= MAX_FILES_PER_COPY:
+        raise ValueError(f"a COPY takes 1 to {MAX_FILES_PER_COPY} files, not {len(files)}")
+    location = f"{stage}/{check_path(directory)}/" if directory else f"{stage}/"
+    names = ", ".join(f"'{check_path(name)}'" for name in files)
+    return (
+        f"COPY INTO {landing} (v, source_file, file_row) "
+        f"FROM (SELECT $1, METADATA$FILENAME, METADATA$FILE_ROW_NUMBER FROM {location}) "
+        f"FILES = ({names}) "
+        "FILE_FORMAT = (TYPE = JSON) "
+        "ON_ERROR = ABORT_STATEMENT "
+        "FORCE = TRUE"
+    )
+
+
+def copy_statements(landing: str, stage: str, paths: Sequence[str]) -> list[str]:
+    """The COPY statements loading every stage-relative path in `paths`: grouped by
+    directory (a COPY reads one location), at most `MAX_FILES_PER_COPY` files each."""
+    by_directory: dict[str, list[str]] = {}
+    for path in paths:
+        directory, _, name = check_path(path).rpartition("/")
+        by_directory.setdefault(directory, []).append(name)
+    return [
+        copy_sql(landing, stage, directory, chunk)
+        for directory, names in by_directory.items()
+        for chunk in _chunks(names, MAX_FILES_PER_COPY)
+    ]
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def delete_window_sql(table: str) -> str:
+    """Delete a window's rows; binds (pipeline, window_start)."""
+    return f"DELETE FROM {table} WHERE pipeline = ? AND window_start = ?"
+
+
+def insert_window_sql(table: str, landing: str) -> str:
+    """Insert the landing table's rows as the window's; binds
+    (window_start, window_end, pipeline, loaded_at)."""
+    return (
+        f"INSERT INTO {table} ({', '.join(COLUMNS)}) "
+        "SELECT v:id::STRING, v:doc, ?, ?, ?, ?, source_file, file_row "
+        f"FROM {landing}"
+    )
+
+
+def count_window_sql(table: str) -> str:
+    """Count a window's rows; binds (pipeline, window_start)."""
+    return f"SELECT COUNT(*) FROM {table} WHERE pipeline = ? AND window_start = ?"

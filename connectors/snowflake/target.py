@@ -1,0 +1,162 @@
+"""The Snowflake target: `COPY INTO` from a Snowflake stage over the windowpipe stage.
+
+The Snowflake stage (`config.stage`, external over the S3 bucket + prefix, or over a `local`
+stage directory) sees the same relative paths as the manifest, so the target loads exactly the
+manifest's files by name, never whatever else lies in the window's directory. See
+`connectors.snowflake.sql` for the statements and why they are idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from connectors.base import Manifest, Stage
+from connectors.snowflake import sql
+from connectors.snowflake.client import connect, translate
+from core.config import SnowflakeTargetConfig
+from core.errors import TerminalError, TransientError, WindowpipeError
+from core.instants import utc_now
+from core.windows import Window
+
+
+def _ntz(value: datetime) -> datetime:
+    """The naive UTC instant a TIMESTAMP_NTZ column holds."""
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+class SnowflakeTarget:
+    """Loads windows into a Snowflake table, idempotently per window.
+
+    One session per instance (one per worker process through the registry), opened on first
+    use; a lock serializes its use, since a session has one transaction at a time. After a
+    transient failure the session is dropped and the next call opens a new one.
+    """
+
+    def __init__(self, config: SnowflakeTargetConfig) -> None:
+        self.config = config
+        self.names = sql.Names.of(config.database, config.schema_, config.table, config.stage)
+        self._connection: Any = None
+        self._lock = threading.Lock()
+
+    # -- session --
+
+    def _session(self) -> Any:
+        """The open session, connected and the table ensured on first use. Call with the lock."""
+        if self._connection is None:
+            connection = connect(self.config)
+            try:
+                connection.cursor().execute(sql.create_table_sql(self.names.table))
+            except Exception as error:
+                connection.close()
+                raise translate(error, "create table") from None
+            self._connection = connection
+        return self._connection
+
+    def _drop_session(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # the session is gone either way
+                connection.close()
+
+    # -- the Target contract --
+
+    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage) -> int:
+        """Replace the window's rows with the manifest's files, in one transaction.
+
+        Raises TerminalError if Snowflake loaded a different number of rows than the manifest
+        says the files hold (nothing is committed then).
+        """
+        del stage  # Snowflake reads the files itself, through its own stage
+        with self._lock:
+            try:
+                return self._load(pipeline, manifest)
+            except WindowpipeError as error:
+                if isinstance(error, TransientError):
+                    self._drop_session()
+                raise
+            except Exception as error:
+                translated = translate(error, "load window")
+                if isinstance(translated, TransientError):
+                    self._drop_session()
+                raise translated from None
+
+    def _load(self, pipeline: str, manifest: Manifest) -> int:
+        connection = self._session()
+        cursor = connection.cursor()
+        landing = sql.quote_identifier(f"WINDOWPIPE_LANDING_{uuid.uuid4().hex[:16]}")
+        start, end = _ntz(manifest.window_start), _ntz(manifest.window_end)
+        cursor.execute(sql.create_landing_sql(landing))
+        try:
+            landed = 0
+            paths = [staged.path for staged in manifest.files]
+            for statement in sql.copy_statements(landing, self.names.stage, paths):
+                landed += _rows_loaded(cursor.execute(statement))
+            if landed != manifest.rows:
+                raise TerminalError(
+                    f"snowflake target: COPY loaded {landed} rows but the manifest of run "
+                    f"{manifest.run} lists {manifest.rows}"
+                )
+            cursor.execute(sql.BEGIN)
+            try:
+                cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
+                cursor.execute(
+                    sql.insert_window_sql(self.names.table, landing),
+                    (start, end, pipeline, _ntz(utc_now())),
+                )
+                inserted = _first_int(cursor.fetchone())
+                cursor.execute(sql.COMMIT)
+            except BaseException:
+                _rollback(cursor)
+                raise
+        finally:
+            _drop_quietly(cursor, landing)
+        return inserted if inserted is not None else landed
+
+    def count_window(self, pipeline: str, window: Window) -> int:
+        """Rows the table holds for the window."""
+        with self._lock:
+            try:
+                cursor = self._session().cursor()
+                cursor.execute(
+                    sql.count_window_sql(self.names.table), (pipeline, _ntz(window.start))
+                )
+                return _first_int(cursor.fetchone()) or 0
+            except WindowpipeError:
+                raise
+            except Exception as error:
+                translated = translate(error, "count window")
+                if isinstance(translated, TransientError):
+                    self._drop_session()
+                raise translated from None
+
+    def close(self) -> None:
+        """Close the session (a new one opens on next use)."""
+        with self._lock:
+            self._drop_session()
+
+
+def _rows_loaded(cursor: Any) -> int:
+    """The sum of `rows_loaded` over a COPY's result (one row per file)."""
+    names = [column[0].lower() for column in cursor.description or ()]
+    if "rows_loaded" not in names:
+        return 0
+    at = names.index("rows_loaded")
+    return sum(int(row[at] or 0) for row in cursor.fetchall())
+
+
+def _first_int(row: Any) -> int | None:
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def _rollback(cursor: Any) -> None:
+    with contextlib.suppress(Exception):  # the original error matters; a dead session rolls back
+        cursor.execute(sql.ROLLBACK)
+
+
+def _drop_quietly(cursor: Any, landing: str) -> None:
+    with contextlib.suppress(Exception):  # temporary: it goes with the session anyway
+        cursor.execute(sql.drop_landing_sql(landing))
