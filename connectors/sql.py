@@ -35,6 +35,14 @@ _TERMINAL_SQLSTATE_PREFIXES = ("28", "3D")
 (class 28) and a database that does not exist (3D000)."""
 
 
+_TERMINAL_LOGIN_FAILURE = re.compile(
+    r'FATAL:\s+(database "[^"]*" does not exist|role "[^"]*" does not exist'
+    r"|password authentication failed|no pg_hba\.conf entry)"
+)
+"""PostgreSQL refusing a login: psycopg raises these at connect time without a SQLSTATE, so
+they are recognized by the server's message (terminal, like SQLSTATE classes 28 and 3D)."""
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = _URL_CREDENTIALS.sub("***@", " ".join(str(text).split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -48,7 +56,8 @@ def _translate(
     message = _one_line(f"{role}: {action} failed: {type(error).__name__}: {detail}")
     if isinstance(error, sa.exc.DBAPIError):
         sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
-        if sqlstate.startswith(_TERMINAL_SQLSTATE_PREFIXES):
+        refused_login = _TERMINAL_LOGIN_FAILURE.search(detail) is not None
+        if sqlstate.startswith(_TERMINAL_SQLSTATE_PREFIXES) or refused_login:
             return TerminalError(message)
         if error.connection_invalidated or isinstance(
             error, sa.exc.OperationalError | sa.exc.InterfaceError

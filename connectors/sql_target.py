@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from connectors.base import Manifest, Stage, decode_line
 from connectors.sql import _one_line, _translate
 from core.config import SqlTargetConfig, resolve_secret
-from core.errors import TerminalError
+from core.errors import TerminalError, TransientError, WindowpipeError
 from core.instants import utc_now
 from core.windows import Window
 
@@ -43,6 +43,20 @@ def target_table(name: str, metadata: sa.MetaData) -> sa.Table:
         sa.Index(f"ix_{table}_window", "pipeline", "window_start"),
         schema=schema or None,
     )
+
+
+def _translate_target(error: sa.exc.SQLAlchemyError, action: str) -> WindowpipeError:
+    """Like the source's translation, except that SQLite reports a missing table or column as
+    an OperationalError, which retrying cannot fix."""
+    translated = _translate(error, action, "sql target")
+    detail = str(getattr(error, "orig", error))
+    if isinstance(translated, TransientError) and detail.startswith(_SQLITE_MISSING):
+        return TerminalError(str(translated))
+    return translated
+
+
+_SQLITE_MISSING = ("no such table", "no such column")
+"""SQLite's messages for a missing object (OperationalError, but terminal)."""
 
 
 class SqlTarget:
@@ -99,7 +113,10 @@ class SqlTarget:
         return value
 
     def load_window(self, pipeline: str, manifest: Manifest, stage: Stage) -> int:
-        """Replace the window's rows with the manifest's documents in one transaction."""
+        """Replace the window's rows with the manifest's documents in one transaction.
+
+        Raises TerminalError, committing nothing, if the staged files hold a different number
+        of documents than the manifest lists."""
         engine, table = self._connect()
         start = self._instant(engine, manifest.window_start)
         end = self._instant(engine, manifest.window_end)
@@ -115,8 +132,14 @@ class SqlTarget:
                 for rows in self._row_batches(manifest, stage, pipeline, start, end, loaded_at):
                     conn.execute(sa.insert(table), rows)
                     loaded += len(rows)
+                if loaded != manifest.rows:
+                    # Raised inside the transaction: nothing of this load is committed.
+                    raise TerminalError(
+                        f"sql target: the staged files of run {manifest.run} hold {loaded} "
+                        f"rows but the manifest lists {manifest.rows}"
+                    )
         except sa.exc.SQLAlchemyError as error:
-            raise _translate(error, "load window", "sql target") from None
+            raise _translate_target(error, "load window") from None
         return loaded
 
     def _row_batches(
@@ -166,7 +189,7 @@ class SqlTarget:
                     ).scalar_one()
                 )
         except sa.exc.SQLAlchemyError as error:
-            raise _translate(error, "count window", "sql target") from None
+            raise _translate_target(error, "count window") from None
 
     def close(self) -> None:
         with self._lock:

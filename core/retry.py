@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tenacity import (
+    RetryCallState,
     retry,
     retry_if_exception_type,
     stop_after_attempt,
@@ -22,6 +23,7 @@ from tenacity import (
 )
 
 from core.errors import TransientError
+from core.logs import get_logger
 from core.records import Stage
 
 T = TypeVar("T")
@@ -80,11 +82,24 @@ def backoff_seconds(
 
 
 def call_with_retries(policy: StagePolicy, function: Callable[[], T]) -> T:
-    """Call `function`, retrying TransientError a few times with short jittered waits."""
+    """Call `function`, retrying TransientError a few times with short jittered waits; each
+    retry is logged (a window that succeeds in the end shows no error on its record)."""
     retrying = retry(
         retry=retry_if_exception_type(TransientError),
         stop=stop_after_attempt(policy.step_attempts),
         wait=wait_exponential_jitter(initial=0.2, max=policy.step_wait_max),
+        before_sleep=_log_retry,
         reraise=True,
     )
     return retrying(function)()
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else None
+    get_logger("windowpipe.retry").warning(
+        "transient error, retrying",
+        attempt=state.attempt_number,
+        wait=round(wait, 2) if wait is not None else None,
+        error=str(error),
+    )

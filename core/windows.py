@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from core.instants import format_instant
+from core.instants import format_duration, format_instant
 
 
 @dataclass(frozen=True, order=True)
@@ -23,8 +23,10 @@ class Window:
     end: datetime
 
     def __post_init__(self) -> None:
-        _require_aware(self.start, "window start")
-        _require_aware(self.end, "window end")
+        # Stored in UTC: `end - start` between two instants of one zone with DST (ZoneInfo) is
+        # wall-clock arithmetic, so a window across a DST change would get the wrong size.
+        object.__setattr__(self, "start", _utc(self.start, "window start"))
+        object.__setattr__(self, "end", _utc(self.end, "window end"))
         if self.end <= self.start:
             raise ValueError(
                 f"window end {format_instant(self.end)} is not after its start "
@@ -50,25 +52,41 @@ def _require_aware(value: datetime, what: str) -> None:
         raise ValueError(f"{what} {value.isoformat()} is naive; windowpipe needs UTC instants")
 
 
+def _utc(value: datetime, what: str) -> datetime:
+    """`value` as UTC; naive datetimes are refused.
+
+    Arithmetic on aware datetimes sharing one DST zone is wall-clock arithmetic, so everything
+    here is converted to UTC before adding or subtracting sizes.
+    """
+    _require_aware(value, what)
+    return value.astimezone(UTC)
+
+
 def _require_positive(size: timedelta, what: str = "window size") -> None:
+    if not isinstance(size, timedelta):
+        raise TypeError(f"{what} must be a timedelta, got {type(size).__name__}")
     if size <= timedelta(0):
         raise ValueError(f"{what} must be longer than zero, got {size}")
 
 
+def _describe_size(size: timedelta) -> str:
+    """`15m` for whole seconds, else the timedelta as Python prints it."""
+    if size % timedelta(seconds=1):
+        return str(size)
+    return format_duration(size)
+
+
 def is_aligned(instant: datetime, origin: datetime, size: timedelta) -> bool:
     """True when `instant` is `origin + k * size` for some whole k (k may be negative)."""
-    _require_aware(instant, "instant")
-    _require_aware(origin, "origin")
     _require_positive(size)
-    return (instant - origin) % size == timedelta(0)
+    return (_utc(instant, "instant") - _utc(origin, "origin")) % size == timedelta(0)
 
 
 def align_down(instant: datetime, origin: datetime, size: timedelta) -> datetime:
-    """The last boundary `origin + k * size` at or before `instant`."""
-    _require_aware(instant, "instant")
-    _require_aware(origin, "origin")
+    """The last boundary `origin + k * size` at or before `instant` (in UTC)."""
     _require_positive(size)
-    return instant - (instant - origin) % size
+    instant = _utc(instant, "instant")
+    return instant - (instant - _utc(origin, "origin")) % size
 
 
 def due_windows(
@@ -86,21 +104,21 @@ def due_windows(
     - `last_end`: the end of the last stored window, or None on the first run.
     - A window is due when `window.end + lag <= now`; at most `max_windows` are returned.
     """
-    _require_aware(origin, "pipeline start")
-    _require_aware(now, "now")
+    origin = _utc(origin, "pipeline start")
+    now = _utc(now, "now")
     _require_positive(size)
     if lag < timedelta(0):
         raise ValueError(f"lag must not be negative, got {lag}")
-    if max_windows < 1:
-        raise ValueError(f"max_windows_per_tick must be at least 1, got {max_windows}")
+    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+        raise ValueError(f"max_windows_per_tick must be a whole number >= 1, got {max_windows!r}")
     if last_end is None:
         cursor = origin
     else:
-        _require_aware(last_end, "last window end")
+        last_end = _utc(last_end, "last window end")
         if not is_aligned(last_end, origin, size):
             raise ValueError(
                 f"last window end {format_instant(last_end)} is not aligned to "
-                f"{format_instant(origin)} + k * {size}"
+                f"{format_instant(origin)} + k * {_describe_size(size)}"
             )
         cursor = max(last_end, origin)
     horizon = now - lag
@@ -120,8 +138,9 @@ def windows_in_range(
     `start` and `end` must be window boundaries, so a backfill never creates a partial window
     that would overlap a scheduled one.
     """
-    _require_aware(start, "start")
-    _require_aware(end, "end")
+    origin = _utc(origin, "pipeline start")
+    start = _utc(start, "start")
+    end = _utc(end, "end")
     _require_positive(size)
     if end <= start:
         raise ValueError(f"end {format_instant(end)} must be after start {format_instant(start)}")
@@ -130,8 +149,8 @@ def windows_in_range(
             before = align_down(instant, origin, size)
             raise ValueError(
                 f"{name} {format_instant(instant)} is not on a window boundary "
-                f"(windows of {size} from {format_instant(origin)}; nearest earlier "
-                f"boundary {format_instant(before)})"
+                f"(windows of {_describe_size(size)} from {format_instant(origin)}; the nearest "
+                f"boundaries are {format_instant(before)} and {format_instant(before + size)})"
             )
     if start < origin:
         raise ValueError(

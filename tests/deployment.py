@@ -145,6 +145,42 @@ class Deployment:
         self._wait_ready(name, process)
         return process
 
+    def spawn_worker(
+        self, queue: str, concurrency: int = 2, name: str | None = None, pool: str = "prefork"
+    ) -> subprocess.Popen[bytes]:
+        """Start `celery -A workers worker -Q queue` without waiting until it is ready."""
+        name = name or f"{queue}-{len(self.processes)}"
+        command = [
+            *(sys.executable, "-m", "celery", "-A", "workers", "worker"),
+            *("-Q", queue, "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h"),
+            *("--without-gossip", "--without-mingle", "--loglevel", "INFO"),
+        ]
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log_path(name).open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append((name, process))
+        return process
+
+    def start_workers(
+        self, queues: Iterable[str], concurrency: int = 2
+    ) -> dict[str, subprocess.Popen[bytes]]:
+        """Start one worker per queue, all at once (faster on few cores), and wait until every
+        one is ready; returns them by queue."""
+        started = {queue: self.spawn_worker(queue, concurrency) for queue in queues}
+        names = {process.pid: name for name, process in self.processes}
+        for process in started.values():
+            self._wait_ready(names[process.pid], process)
+        return started
+
+    def name_of(self, process: subprocess.Popen[bytes]) -> str:
+        """The name (and log file stem) a worker process was started with."""
+        return next(name for name, started in self.processes if started is process)
+
     def start_stage_workers(self, concurrency: int = 2, control: bool = True) -> None:
         for queue in STAGE_QUEUES:
             self.start_worker(queue, concurrency)

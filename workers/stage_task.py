@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from celery import Task
 
 from core.instants import parse_instant
@@ -20,7 +21,11 @@ def execute_stage(task: Task, stage: Stage, pipeline: str, window_start: str, re
     the window is, and the new chain starts there.
     """
     start = parse_instant(window_start)
-    result = run_stage(runtime(), stage, pipeline, start, retry)
+    # Every line logged during the stage (connector retries too) names the window.
+    with structlog.contextvars.bound_contextvars(
+        pipeline=pipeline, window=window_start, stage=stage.value
+    ):
+        result = run_stage(runtime(), stage, pipeline, start, retry)
     if not result.continues_chain:
         task.request.chain = None
     if result.outcome == Outcome.RETRY:

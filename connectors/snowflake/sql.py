@@ -113,7 +113,7 @@ def copy_sql(landing: str, stage: str, directory: str, files: Sequence[str]) -> 
     """One `COPY INTO` of `files` (names relative to `directory`) into the landing table."""
     if not 0 < len(files) <= MAX_FILES_PER_COPY:
         raise ValueError(f"a COPY takes 1 to {MAX_FILES_PER_COPY} files, not {len(files)}")
-    location = f"{stage}/{check_path(directory)}/" if directory else f"{stage}/"
+    location = f"@{stage}/{check_path(directory)}/" if directory else f"@{stage}/"
     names = ", ".join(f"'{check_path(name)}'" for name in files)
     return (
         f"COPY INTO {landing} (v, source_file, file_row) "

@@ -1,0 +1,244 @@
+"""What every benchmark shares: a private Redis DB and PostgreSQL database, a config file,
+Celery worker subprocesses, and medians.
+
+Nothing here imports from `tests/`; the worker harness follows the same recipe as
+`tests/deployment.py` (real `celery worker` subprocesses, ready when the log says so).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parent.parent
+"""The repository root (workers import `core`, `connectors`, `workers` and `bench` from it)."""
+
+REDIS_BASE_URL = os.environ.get("WINDOWPIPE_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+"""The shared Redis server; the bench claims one DB number on it and flushes only that DB."""
+
+PG_ADMIN_URL = os.environ.get(
+    "WINDOWPIPE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+"""A PostgreSQL URL allowed to create and drop databases; the bench makes its own."""
+
+DB_CLAIM_KEY = "windowpipe-test:db:{number}"
+"""Same claim keys as the test suite's, so a test run and a bench run never share a DB."""
+
+STAGE_QUEUES = ("precheck", "extract", "load", "audit")
+"""The four stage queues, in chain order."""
+
+NOOP_DONE_KEY = "bench:noop:done"
+"""How many no-op chains finished (INCR by the baseline's last task)."""
+
+NOOP_LAST_KEY = "bench:noop:last"
+"""`time.time()` when the last no-op chain finished."""
+
+
+# --- services -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def redis_db() -> Iterator[str]:
+    """A Redis URL on a DB number nobody else holds, flushed before and after."""
+    admin = redis.Redis.from_url(f"{REDIS_BASE_URL}/0")
+    number = next(
+        (
+            n
+            for n in range(15, 1, -1)
+            if admin.set(DB_CLAIM_KEY.format(number=n), f"bench:{os.getpid()}", nx=True, ex=3600)
+        ),
+        None,
+    )
+    if number is None:
+        raise RuntimeError("no free Redis DB between 2 and 15")
+    url = f"{REDIS_BASE_URL}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        admin.delete(DB_CLAIM_KEY.format(number=number))
+        client.close()
+        admin.close()
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this bench run, dropped at the end."""
+    name = f"wp_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def schema_url(database_url: str, schema: str) -> str:
+    """`database_url` with `schema` (created if missing) as the default search path."""
+    engine = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    engine.dispose()
+    return f"{database_url}?options=-csearch_path%3D{schema}"
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_config(
+    path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
+) -> Path:
+    """A windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
+    lines = ["[windowpipe]", *(f"{k} = {_toml_value(v)}" for k, v in settings.items())]
+    for name, body in pipelines.items():
+        lines.append(f"\n[pipelines.{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if not isinstance(v, dict)]
+        for key, table in body.items():
+            if isinstance(table, dict):
+                lines.append(f"\n[pipelines.{name}.{key}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workers:
+    """`celery worker` subprocesses of one app, each started in its own process group."""
+
+    app: str
+    """`-A` argument: `workers` (windowpipe) or a bench module."""
+    workdir: Path
+    env: dict[str, str]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, queues: Sequence[str], concurrency: int = 2, pool: str = "prefork") -> None:
+        """Start one worker per queue at once, then wait until every one is ready."""
+        started = []
+        for queue in queues:
+            name = f"{queue}-c{concurrency}-{len(self.processes)}"
+            log = self.workdir / f"{self.app.replace('.', '_')}-{name}.log"
+            command = [
+                *(sys.executable, "-m", "celery", "-A", self.app, "worker"),
+                *("-Q", queue, "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h"),
+                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+                *("--loglevel", "INFO"),
+            ]
+            process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env={**os.environ, **self.env, "PYTHONPATH": str(REPO)},
+                stdout=log.open("ab"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.processes.append(process)
+            started.append((process, log))
+        for process, log in started:
+            _wait_ready(process, log)
+
+    def stop(self) -> None:
+        """Stop every worker this object started (its process group only), warm then cold."""
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        self.processes.clear()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited: {log.read_text(errors='replace')[-3000:]}")
+        if log.exists() and "ready." in log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"worker not ready after {timeout}s: {log.read_text()[-3000:]}")
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The `fraction` quantile by linear interpolation (0.5 is the median)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    benchmark: str
+    metric: str
+    windowpipe: float
+    baseline: float | None
+    ratio: float | None
+    target: str
+    met: bool | None
+    runs: list[float] = field(default_factory=list)
+    """Every windowpipe measurement (the median of which is `windowpipe`)."""
+    baseline_runs: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the table goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,290 @@
+"""1. Orchestration overhead: tiny windows (one document each) through the four-stage chain on
+real `celery worker` subprocesses, against a bare chain of four no-op tasks on the same queues,
+the same worker layout (one worker per stage queue plus control) and the same Redis.
+
+Throughput is windows (chains) per second from the first send to the last finish, as recorded
+by the finishing process (`finished_at` of the record, or the no-op audit's timestamp), so the
+bench's polling interval does not count. Latency is one window alone on idle workers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import redis
+import sqlalchemy as sa
+from celery import Celery, chain
+
+from bench.common import (
+    NOOP_DONE_KEY,
+    NOOP_LAST_KEY,
+    STAGE_QUEUES,
+    Row,
+    Workers,
+    log,
+    median,
+    percentile,
+    schema_url,
+    write_config,
+)
+from core.config import load_config
+from core.instants import format_instant
+from core.records import WindowKind, WindowStatus
+from core.store import StateStore
+from core.windows import Window
+
+ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
+SIZE = timedelta(minutes=15)
+PIPELINE = "tiny"
+TARGET_RATIO = 0.5
+CONCURRENCY = 2
+"""Pool size of each stage worker (prefork), for windowpipe and the baseline alike."""
+
+
+@dataclass
+class Plan:
+    windows: int
+    """Windows (chains) per throughput run."""
+    runs: int
+    latency_samples: int
+    warmup: int = 8
+
+
+PLANS = {"full": Plan(windows=200, runs=3, latency_samples=30), "quick": Plan(60, 2, 10)}
+
+
+def _seed(url: str, count: int) -> None:
+    """One document per window, 1 minute into it, for `count` windows."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events (id BIGINT PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL, "
+                "payload TEXT)"
+            )
+        )
+        conn.execute(sa.text("CREATE INDEX ix_events_ts_id ON events (created_at, id)"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO events SELECT n, :origin + (n * interval '15 minutes') "
+                "+ interval '1 minute', 'tiny document ' || n FROM generate_series(0, :last) n"
+            ),
+            {"origin": ORIGIN, "last": count - 1},
+        )
+    engine.dispose()
+
+
+class _Sender:
+    """Sends chains the way windowpipe does: immutable signatures, arguments are identifiers."""
+
+    def __init__(self, broker_url: str, task_prefix: str) -> None:
+        self.app = Celery(broker=broker_url, backend=broker_url)
+        self.prefix = task_prefix
+
+    def send(self, window_start: datetime) -> None:
+        start = format_instant(window_start)
+        chain(
+            *(
+                self.app.signature(
+                    f"{self.prefix}.{queue}",
+                    (PIPELINE, start),
+                    immutable=True,
+                    options={"queue": queue},
+                )
+                for queue in STAGE_QUEUES
+            )
+        ).apply_async()
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class _Windowpipe:
+    """Chains of real windows; a window is done when its record says succeeded."""
+
+    def __init__(self, store: StateStore, sender: _Sender) -> None:
+        self.store = store
+        self.sender = sender
+        self.next_index = 0
+
+    def _take(self, count: int) -> list[Window]:
+        windows = [
+            Window(ORIGIN + i * SIZE, ORIGIN + (i + 1) * SIZE)
+            for i in range(self.next_index, self.next_index + count)
+        ]
+        self.next_index += count
+        # Created and queued up front, so a control-queue dispatch finds nothing to start.
+        self.store.create_windows(PIPELINE, windows, kind=WindowKind.MANUAL)
+        for window in windows:
+            self.store.queue(PIPELINE, window.start, expect=[WindowStatus.PENDING])
+        return windows
+
+    def throughput(self, count: int) -> float:
+        windows = self._take(count)
+        began = time.time()
+        for window in windows:
+            self.sender.send(window.start)
+        records = self._wait(windows, timeout=600)
+        finished = max(r.finished_at for r in records if r.finished_at is not None)
+        return count / (finished.timestamp() - began)
+
+    def latency(self) -> float:
+        (window,) = self._take(1)
+        began = time.time()
+        self.sender.send(window.start)
+        (record,) = self._wait([window], timeout=60, poll=0.005)
+        assert record.finished_at is not None
+        return record.finished_at.timestamp() - began
+
+    def _wait(self, windows: list[Window], timeout: float, poll: float = 0.1) -> list:
+        deadline = time.monotonic() + timeout
+        start, end = windows[0].start, windows[-1].end
+        while True:
+            records = self.store.list_records(PIPELINE, start=start, end=end)
+            if all(r.status == WindowStatus.SUCCEEDED for r in records):
+                return records
+            failed = [r for r in records if r.status in (WindowStatus.FAILED, WindowStatus.DEAD)]
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"windows did not succeed: {failed[:3] or records[:3]}")
+            time.sleep(poll)
+
+
+class _Noop:
+    """Chains of four no-op tasks; the last one counts and timestamps itself in Redis."""
+
+    def __init__(self, redis_url: str, sender: _Sender) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.sender = sender
+        self.next_index = 0
+
+    def _done(self) -> int:
+        return int(self.redis.get(NOOP_DONE_KEY) or 0)
+
+    def throughput(self, count: int) -> float:
+        goal = self._done() + count
+        began = time.time()
+        for i in range(self.next_index, self.next_index + count):
+            self.sender.send(ORIGIN + i * SIZE)
+        self.next_index += count
+        self._wait(goal, timeout=600, poll=0.1)
+        return count / (float(self.redis.get(NOOP_LAST_KEY) or 0) - began)
+
+    def latency(self) -> float:
+        goal = self._done() + 1
+        began = time.time()
+        self.sender.send(ORIGIN + self.next_index * SIZE)
+        self.next_index += 1
+        self._wait(goal, timeout=60, poll=0.005)
+        return float(self.redis.get(NOOP_LAST_KEY) or 0) - began
+
+    def _wait(self, goal: int, timeout: float, poll: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._done() < goal:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no-op chains did not finish: {self._done()} of {goal}")
+            time.sleep(poll)
+
+
+def _measure(runner: _Windowpipe | _Noop, plan: Plan, name: str) -> tuple[list[float], list[float]]:
+    runner.throughput(plan.warmup)  # every pool process imports and connects once
+    rates = []
+    for run in range(plan.runs):
+        rates.append(runner.throughput(plan.windows))
+        log(f"orchestration {name} run {run + 1}: {rates[-1]:.1f} windows/s")
+    latencies = []
+    for _ in range(plan.latency_samples):
+        latencies.append(runner.latency())
+        time.sleep(0.05)
+    log(
+        f"orchestration {name} latency p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+        f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms"
+    )
+    return rates, latencies
+
+
+def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[Row]:
+    plan = PLANS["quick" if quick else "full"]
+    data_url = schema_url(database_url, "orchestration")
+    state_url = schema_url(database_url, "orchestration_state")
+    total = plan.warmup + plan.runs * plan.windows + plan.latency_samples
+    _seed(data_url, total)
+    config_path = write_config(
+        workdir / "orchestration.toml",
+        {"redis_url": redis_url, "state_url": state_url, "log_level": "INFO"},
+        {
+            PIPELINE: {
+                "window": "15m",
+                "start": format_instant(ORIGIN),
+                "lag": "0s",
+                "every": "1h",
+                "source": {
+                    "type": "sql",
+                    "url": data_url,
+                    "table": "events",
+                    "timestamp_column": "created_at",
+                    "id_column": "id",
+                },
+                "stage": {"type": "local", "path": str(workdir / "orchestration-stage")},
+                "target": {"type": "sql", "url": data_url, "table": "events_loaded"},
+            }
+        },
+    )
+    env = {"WINDOWPIPE_CONFIG": str(config_path)}
+    config = load_config(config_path)
+    store = StateStore(config.settings.state_url)
+    store.migrate()
+    layout = [*STAGE_QUEUES, "control"]
+
+    log("orchestration: bare Celery chain of four no-op tasks")
+    sender = _Sender(redis_url, "bench.noop")
+    with Workers("bench.noop_app", workdir, env) as workers:
+        workers.start(layout, CONCURRENCY)
+        base_rates, base_latencies = _measure(_Noop(redis_url, sender), plan, "no-op")
+    sender.close()
+
+    log("orchestration: windowpipe, four stages")
+    sender = _Sender(redis_url, "windowpipe")
+    with Workers("workers", workdir, env) as workers:
+        workers.start(layout, CONCURRENCY)
+        rates, latencies = _measure(_Windowpipe(store, sender), plan, "windowpipe")
+    sender.close()
+    store.dispose()
+
+    ratio = median(rates) / median(base_rates)
+    note = (
+        f"{plan.windows} windows per run, {plan.runs} runs; one worker per stage queue + "
+        f"control, prefork -c {CONCURRENCY}"
+    )
+    rows = [
+        Row(
+            "1. orchestration",
+            "windows/s (full chain)",
+            median(rates),
+            median(base_rates),
+            ratio,
+            f">= {TARGET_RATIO}x",
+            ratio >= TARGET_RATIO,
+            rates,
+            base_rates,
+            note,
+        )
+    ]
+    for name, fraction in (("p50", 0.5), ("p95", 0.95)):
+        ours = percentile(latencies, fraction) * 1000
+        theirs = percentile(base_latencies, fraction) * 1000
+        rows.append(
+            Row(
+                "1. orchestration",
+                f"idle latency {name} (ms)",
+                ours,
+                theirs,
+                ours / theirs,
+                "report",
+                None,
+                note=f"{plan.latency_samples} single windows on idle workers",
+            )
+        )
+    return rows

@@ -1,0 +1,165 @@
+"""`python -m bench.run [--quick] [--only N ...]`: run the benchmarks, print the table and write
+docs/BENCHMARKS.md. Needs Redis and PostgreSQL (`make services`); takes its own Redis DB and
+PostgreSQL database and removes both at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import bulk, generation, memory, orchestration, scaling, throughput
+from bench.common import REPO, Row, log, pg_database, redis_db
+from core.logs import configure_logging
+
+LARGE = 1_000_000
+SMALL = 100_000
+QUICK_LARGE = 200_000
+QUICK_SMALL = 20_000
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory_gib = f", {int(line.split()[1]) / 1024 / 1024:.1f} GiB RAM"
+    except OSError:
+        pass
+    import os
+
+    return (
+        f"{os.cpu_count()} cores ({cpu}){memory_gib}; {platform.platform()}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def _table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| benchmark | metric | windowpipe | baseline | ratio | target | met |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        met = "-" if row.met is None else ("yes" if row.met else "**no**")
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+        lines.append(
+            f"| {row.benchmark} | {row.metric} | {_number(row.windowpipe)} | "
+            f"{_number(row.baseline)} | {ratio} | {row.target} | {met} |"
+        )
+    return lines
+
+
+def _runs(rows: list[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row.runs or row.note:
+            runs = ", ".join(_number(v) for v in row.runs)
+            base = ", ".join(_number(v) for v in row.baseline_runs)
+            detail = f"windowpipe [{runs}], baseline [{base}]; " if row.runs else ""
+            lines.append(f"- {row.benchmark}, {row.metric}: {detail}{row.note}")
+    return lines
+
+
+def _report(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
+    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    if args.only:
+        command += " --only " + " ".join(str(n) for n in args.only)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m bench.run`); `--quick` for a short run. Machines",
+        "here are shared and noisy, so each number is a median of several runs and is read as a",
+        "ratio against a baseline measured by the same script at the same time.",
+        "",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {_machine()}",
+        f"- command: `{command}` ({'quick' if args.quick else 'full'} run, {seconds / 60:.1f} min)",
+        "- services: Redis 127.0.0.1:6379 (a private DB number), PostgreSQL 127.0.0.1:5432",
+        "  (a private database), `celery worker` subprocesses",
+        "",
+        "## Results",
+        "",
+        *_table(rows),
+        "",
+        "Ratio is windowpipe / baseline (for latency, memory and generation time lower is",
+        "better; for the rest higher is better).",
+        "",
+        "## Runs and setup",
+        "",
+        *_runs(rows),
+        "",
+        (Path(__file__).with_name("FINDINGS.md")).read_text().strip(),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (~3 min)")
+    parser.add_argument(
+        "--only", type=int, nargs="+", choices=range(1, 6), help="run only these benchmarks"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=REPO / "docs" / "BENCHMARKS.md",
+        help="where to write the report (default docs/BENCHMARKS.md)",
+    )
+    args = parser.parse_args(argv)
+    selected = set(args.only or range(1, 6))
+    large, small = (QUICK_LARGE, QUICK_SMALL) if args.quick else (LARGE, SMALL)
+    configure_logging("WARNING")
+    began = time.monotonic()
+    rows: list[Row] = []
+    workdir = Path(tempfile.mkdtemp(prefix="windowpipe-bench-"))
+    try:
+        with pg_database() as database_url, redis_db() as redis_url:
+            if 5 in selected:
+                rows += generation.run(args.quick, database_url, workdir)
+            if 1 in selected:
+                rows += orchestration.run(args.quick, database_url, redis_url, workdir)
+            if 4 in selected:
+                rows += scaling.run(args.quick, database_url, redis_url, workdir)
+            if selected & {2, 3}:
+                log(f"seeding windows of {large:,} and {small:,} documents")
+                data = bulk.seed(database_url, redis_url, workdir, [large, small])
+                if 2 in selected:
+                    rows += throughput.run(args.quick, data, large)
+                if 3 in selected:
+                    rows += memory.run(args.quick, data, small, large)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows.sort(key=lambda row: row.benchmark)
+    seconds = time.monotonic() - began
+    print("\n".join(_table(rows)))
+    print(f"\n{seconds / 60:.1f} min; report written to {args.output}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(_report(rows, args, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""One contract suite for every target: `SnowflakeTarget` on fakesnow's server (the real
+snowflake-connector over HTTP, an external `file://` Snowflake stage over a `LocalStage`
+directory) and `SqlTarget` on PostgreSQL and SQLite; then the Snowflake SQL builders offline.
+
+fakesnow 0.12 cannot run a transforming COPY (`COPY INTO t FROM (SELECT $1, METADATA$FILENAME,
+METADATA$FILE_ROW_NUMBER FROM @stage/...)`), which the target uses to keep each row's lineage.
+`_teach_fakesnow_metadata_copy` extends its COPY translation for exactly that select list
+(the file's JSON value, its path relative to the stage, its 1-based line number); everything
+else (stage resolution, FILES=, gzip JSON parsing, ON_ERROR, transactions, VARIANT paths,
+binding) is fakesnow's own.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import fakesnow
+import fakesnow.copy_into
+import pytest
+import snowflake.connector
+import sqlalchemy as sa
+import sqlglot
+from snowflake.connector import errors as sf_errors
+from sqlglot import exp
+
+from connectors.base import Batch, Document, Manifest, Stage, Target
+from connectors.local import LocalStage
+from connectors.snowflake import SnowflakeTarget, sql
+from connectors.snowflake.client import translate
+from connectors.sql_target import SqlTarget, target_table
+from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
+from core.errors import TerminalError, TransientError
+from core.windows import Window
+
+PIPELINE = "orders"
+WINDOW = Window(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 1, 0, 15, tzinfo=UTC))
+NEXT_WINDOW = Window(WINDOW.end, WINDOW.end + timedelta(minutes=15))
+SF_PASSWORD_ENV = "WP_TEST_SF_PASSWORD"
+
+
+# --- fakesnow ---------------------------------------------------------------------------------
+
+_STAGE_ROOTS: list[Path] = []
+"""Directories behind the tests' Snowflake stages, to name a file relative to its stage."""
+
+
+def _relative_to_stage(url: str) -> str:
+    path = Path(unquote(urlparse(url).path))
+    for root in _STAGE_ROOTS:
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return path.as_posix()
+
+
+def _teach_fakesnow_metadata_copy() -> None:
+    """Let fakesnow run `COPY INTO t (a, b, c) FROM (SELECT $1, METADATA$FILENAME,
+    METADATA$FILE_ROW_NUMBER FROM @stage/dir/) ...` for JSON files; other COPYs are
+    untouched."""
+    original = fakesnow.copy_into._inserts
+    if getattr(original, "_windowpipe", False):
+        return
+
+    def inserts(expr: exp.Copy, params: Any, urls: list[str], parquet_info: Any = None) -> Any:
+        source = expr.args["files"][0]
+        if isinstance(source, exp.Subquery) and isinstance(source.this, exp.Select):
+            columns = [e.sql(dialect="snowflake").upper() for e in source.this.expressions]
+            if columns == ["$1", "METADATA$FILENAME", "METADATA$FILE_ROW_NUMBER"]:
+                return [
+                    exp.Insert(
+                        this=expr.this,
+                        expression=sqlglot.parse_one(
+                            f"SELECT json, '{_relative_to_stage(url)}', ROW_NUMBER() OVER () "
+                            f"FROM read_json_objects('{url}')",
+                            read="duckdb",
+                        ),
+                    )
+                    for url in urls
+                ]
+        return original(expr, params, urls, parquet_info)
+
+    inserts._windowpipe = True  # type: ignore[attr-defined]
+    fakesnow.copy_into._inserts = inserts
+
+
+@pytest.fixture(scope="module")
+def fakesnow_server() -> Iterator[dict[str, Any]]:
+    """fakesnow's HTTP server; yields the connect kwargs it returns: user, password, account,
+    host, port, protocol ("http"), session_parameters, network_timeout."""
+    _teach_fakesnow_metadata_copy()
+    with fakesnow.server(port=None, host="127.0.0.1") as kwargs:
+        yield kwargs
+
+
+def snowflake_config(
+    kwargs: dict[str, Any], database: str, **overrides: Any
+) -> SnowflakeTargetConfig:
+    values: dict[str, Any] = {
+        "type": "snowflake",
+        "account": kwargs["account"],
+        "user": kwargs["user"],
+        "password_env": SF_PASSWORD_ENV,
+        "database": database,
+        "schema": "EVENTS",
+        "table": "ORDERS_LOADED",
+        "stage": "ORDERS_STAGE",
+        "host": kwargs["host"],
+        "port": kwargs["port"],
+        "protocol": kwargs["protocol"],
+        "login_timeout": 5,
+    }
+    return SnowflakeTargetConfig(**(values | overrides))
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """A target under test, the stage it loads from, and a way to look at its table."""
+
+    name: str
+    stage: LocalStage
+    make: Callable[..., Target]
+    """A new target over the same table (keyword overrides of its config)."""
+    rows: Callable[[Window], list[dict[str, Any]]]
+    """The window's rows: doc_id, doc (parsed), window_end (aware UTC), source_file, file_row."""
+    drop_table: Callable[[], None]
+
+
+def _snowflake_backend(
+    kwargs: dict[str, Any], stage: LocalStage, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    monkeypatch.setenv(SF_PASSWORD_ENV, kwargs["password"])
+    database = f"WP_{uuid.uuid4().hex[:8].upper()}"
+    plain = {k: v for k, v in kwargs.items() if k != "session_parameters"}
+    admin = snowflake.connector.connect(**plain, database=database, schema="EVENTS")
+    admin.cursor().execute(
+        f'CREATE STAGE "{database}"."EVENTS"."ORDERS_STAGE" URL=\'file://{stage.root}/\''
+    )
+    _STAGE_ROOTS.append(stage.root)
+    table = f'"{database}"."EVENTS"."ORDERS_LOADED"'
+    targets: list[SnowflakeTarget] = []
+
+    def make(**overrides: Any) -> Target:
+        target = SnowflakeTarget(snowflake_config(kwargs, database, **overrides))
+        targets.append(target)
+        return target
+
+    def rows(window: Window) -> list[dict[str, Any]]:
+        cursor = admin.cursor()
+        cursor.execute(
+            "SELECT doc_id, TO_JSON(doc), window_end, source_file, file_row "
+            f"FROM {table} WHERE pipeline = %s AND window_start = %s",
+            (PIPELINE, window.start.replace(tzinfo=None)),
+        )
+        return [
+            {
+                "doc_id": doc_id,
+                "doc": json.loads(doc),
+                "window_end": end.replace(tzinfo=UTC),
+                "source_file": source_file,
+                "file_row": int(file_row),
+            }
+            for doc_id, doc, end, source_file, file_row in cursor.fetchall()
+        ]
+
+    def drop_table() -> None:
+        admin.cursor().execute(f"DROP TABLE {table}")
+
+    yield Backend("snowflake", stage, make, rows, drop_table)
+    for target in targets:
+        target.close()
+    admin.close()
+    _STAGE_ROOTS.remove(stage.root)
+
+
+def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:
+    engine = sa.create_engine(url)
+    targets: list[SqlTarget] = []
+
+    def make(**overrides: Any) -> Target:
+        values: dict[str, Any] = {"type": "sql", "url": url, "table": "events_loaded"}
+        target = SqlTarget(SqlTargetConfig(**(values | {"batch_size": 7} | overrides)))
+        targets.append(target)
+        return target
+
+    def rows(window: Window) -> list[dict[str, Any]]:
+        table = target_table("events_loaded", sa.MetaData())
+        start = window.start if name == "postgresql" else window.start.replace(tzinfo=None)
+        query = sa.select(
+            table.c.doc_id, table.c.doc, table.c.window_end, table.c.source_file, table.c.file_row
+        ).where(table.c.pipeline == PIPELINE, table.c.window_start == start)
+        with engine.connect() as conn:
+            return [
+                {
+                    "doc_id": doc_id,
+                    "doc": doc,
+                    "window_end": _aware(end),
+                    "source_file": source_file,
+                    "file_row": file_row,
+                }
+                for doc_id, doc, end, source_file, file_row in conn.execute(query)
+            ]
+
+    def drop_table() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE events_loaded"))
+
+    yield Backend(name, stage, make, rows, drop_table)
+    for target in targets:
+        target.close()
+    engine.dispose()
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@pytest.fixture(params=["snowflake", "postgresql", "sqlite"])
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    # Small parts, so that a window spans several files and lineage is exercised.
+    stage = LocalStage(
+        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
+    )
+    if request.param == "snowflake":
+        yield from _snowflake_backend(
+            request.getfixturevalue("fakesnow_server"), stage, monkeypatch
+        )
+    elif request.param == "postgresql":
+        yield from _sql_backend("postgresql", request.getfixturevalue("pg_schema_url"), stage)
+    else:
+        yield from _sql_backend("sqlite", request.getfixturevalue("sqlite_url"), stage)
+
+
+# --- documents --------------------------------------------------------------------------------
+
+
+def documents(window: Window, count: int, tag: str = "a") -> list[Document]:
+    return [
+        Document(
+            id=f"{tag}-{index}",
+            timestamp=window.start + timedelta(seconds=index % 900),
+            body={"id": f"{tag}-{index}", "n": index, "tag": tag, "nested": {"list": [1, 2.5]}},
+        )
+        for index in range(count)
+    ]
+
+
+def stage_window(stage: Stage, window: Window, docs: list[Document], run: str) -> Manifest:
+    return stage.write_window(PIPELINE, window, run, [Batch(documents=docs)])
+
+
+def staged_lines(stage: LocalStage, manifest: Manifest) -> dict[tuple[str, int], dict[str, Any]]:
+    """(file, 1-based line) -> the staged object, for checking lineage."""
+    lines = {}
+    for staged in manifest.files:
+        for number, line in enumerate(stage.iter_lines(staged.path), start=1):
+            lines[(staged.path, number)] = json.loads(line)
+    return lines
+
+
+# --- the contract -----------------------------------------------------------------------------
+
+
+def test_loading_a_window_stores_each_document_once_with_its_lineage(backend: Backend) -> None:
+    target = backend.make()
+    docs = documents(WINDOW, 40)
+    manifest = stage_window(backend.stage, WINDOW, docs, "run1")
+    assert len(manifest.files) > 1
+
+    assert target.load_window(PIPELINE, manifest, backend.stage) == 40
+    assert target.count_window(PIPELINE, WINDOW) == 40
+    rows = backend.rows(WINDOW)
+    assert sorted(row["doc_id"] for row in rows) == sorted(doc.id for doc in docs)
+    assert {row["doc_id"]: row["doc"] for row in rows} == {doc.id: doc.body for doc in docs}
+    assert {row["window_end"] for row in rows} == {WINDOW.end}
+    lines = staged_lines(backend.stage, manifest)
+    assert {(row["source_file"], row["file_row"]) for row in rows} == set(lines)
+    for row in rows:
+        assert lines[(row["source_file"], row["file_row"])]["id"] == row["doc_id"]
+
+
+def test_loading_the_same_manifest_again_does_not_duplicate(backend: Backend) -> None:
+    target = backend.make()
+    manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 25), "run1")
+    target.load_window(PIPELINE, manifest, backend.stage)
+
+    assert target.load_window(PIPELINE, manifest, backend.stage) == 25
+    assert backend.make().load_window(PIPELINE, manifest, backend.stage) == 25  # another worker
+    assert target.count_window(PIPELINE, WINDOW) == 25
+    assert len({row["doc_id"] for row in backend.rows(WINDOW)}) == 25
+
+
+def test_loading_a_re_extracted_window_replaces_its_rows(backend: Backend) -> None:
+    target = backend.make()
+    first = stage_window(backend.stage, WINDOW, documents(WINDOW, 30, "old"), "run1")
+    target.load_window(PIPELINE, first, backend.stage)
+
+    second = stage_window(backend.stage, WINDOW, documents(WINDOW, 12, "new"), "run2")
+    assert target.load_window(PIPELINE, second, backend.stage) == 12
+
+    assert target.count_window(PIPELINE, WINDOW) == 12
+    assert {row["doc"]["tag"] for row in backend.rows(WINDOW)} == {"new"}
+
+
+def test_reloading_a_window_leaves_the_next_window_untouched(backend: Backend) -> None:
+    target = backend.make()
+    target.load_window(
+        PIPELINE,
+        stage_window(backend.stage, NEXT_WINDOW, documents(NEXT_WINDOW, 9, "b"), "r1"),
+        backend.stage,
+    )
+    manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 5), "r1")
+    target.load_window(PIPELINE, manifest, backend.stage)
+    target.load_window(PIPELINE, manifest, backend.stage)
+
+    assert target.count_window(PIPELINE, WINDOW) == 5
+    assert target.count_window(PIPELINE, NEXT_WINDOW) == 9
+    assert {row["doc"]["tag"] for row in backend.rows(NEXT_WINDOW)} == {"b"}
+
+
+def test_an_empty_manifest_empties_the_window(backend: Backend) -> None:
+    target = backend.make()
+    assert target.count_window(PIPELINE, WINDOW) == 0
+    target.load_window(
+        PIPELINE, stage_window(backend.stage, WINDOW, documents(WINDOW, 3), "r1"), backend.stage
+    )
+
+    empty = stage_window(backend.stage, WINDOW, [], "r2")
+    assert empty.rows == 0
+    assert target.load_window(PIPELINE, empty, backend.stage) == 0
+    assert target.count_window(PIPELINE, WINDOW) == 0
+
+
+def test_unicode_and_large_documents_round_trip(backend: Backend) -> None:
+    target = backend.make()
+    bodies: list[dict[str, Any]] = [
+        {"text": "Grüße, 東京, emoji 🧪, rtl שלום", "quote": 'it\'s "quoted" \\ back'},
+        {
+            "big": "x" * 300_000,
+            "values": list(range(2000)),
+            "deep": {"a": {"b": {"c": [None, True]}}},
+        },
+        {"numbers": [0, -1, 1.5, 1e-7, 12345678901234], "empty": {}, "none": None, "list": []},
+    ]
+    docs = [
+        Document(id=f"ü-{index}", timestamp=WINDOW.start, body=body)
+        for index, body in enumerate(bodies)
+    ]
+    manifest = stage_window(backend.stage, WINDOW, docs, "r1")
+
+    assert target.load_window(PIPELINE, manifest, backend.stage) == 3
+    assert {row["doc_id"]: row["doc"] for row in backend.rows(WINDOW)} == {
+        doc.id: doc.body for doc in docs
+    }
+
+
+def test_a_manifest_that_disagrees_with_its_files_is_refused_and_nothing_changes(
+    backend: Backend,
+) -> None:
+    target = backend.make()
+    manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 6), "r1")
+    target.load_window(PIPELINE, manifest, backend.stage)
+    replacement = stage_window(backend.stage, WINDOW, documents(WINDOW, 4, "new"), "r2")
+    replacement.rows = 5  # the files hold 4
+
+    with pytest.raises(TerminalError, match="manifest"):
+        target.load_window(PIPELINE, replacement, backend.stage)
+    assert target.count_window(PIPELINE, WINDOW) == 6
+
+
+def test_counting_a_dropped_table_is_terminal(backend: Backend) -> None:
+    target = backend.make()
+    assert target.count_window(PIPELINE, WINDOW) == 0  # creates the table
+    backend.drop_table()
+
+    with pytest.raises(TerminalError):
+        target.count_window(PIPELINE, WINDOW)
+
+
+# --- Snowflake only ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def snowflake_backend(
+    fakesnow_server: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    stage = LocalStage(
+        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=1024)
+    )
+    yield from _snowflake_backend(fakesnow_server, stage, monkeypatch)
+
+
+def test_snowflake_loads_more_than_1000_files_in_several_copies(snowflake_backend: Backend) -> None:
+    # Each ~900-byte document fills a 1 KiB part on its own: 1,005 documents, 1,005 files.
+    docs = [
+        Document(id=str(index), timestamp=WINDOW.start, body={"pad": "p" * 900, "n": index})
+        for index in range(1005)
+    ]
+    manifest = stage_window(snowflake_backend.stage, WINDOW, docs, "r1")
+    assert len(manifest.files) == 1005
+    statements = sql.copy_statements('"L"', '"S"', [f.path for f in manifest.files])
+    assert [statement.count(".ndjson.gz'") for statement in statements] == [1000, 5]
+
+    target = snowflake_backend.make()
+    assert target.load_window(PIPELINE, manifest, snowflake_backend.stage) == 1005
+    assert target.count_window(PIPELINE, WINDOW) == 1005
+
+
+def test_snowflake_missing_stage_is_terminal_and_keeps_the_window(
+    snowflake_backend: Backend,
+) -> None:
+    manifest = stage_window(snowflake_backend.stage, WINDOW, documents(WINDOW, 4), "r1")
+    snowflake_backend.make().load_window(PIPELINE, manifest, snowflake_backend.stage)
+
+    with pytest.raises(TerminalError, match="does not exist") as caught:
+        snowflake_backend.make(stage="NO_SUCH_STAGE").load_window(
+            PIPELINE, manifest, snowflake_backend.stage
+        )
+    assert "\n" not in str(caught.value)
+    assert snowflake_backend.make().count_window(PIPELINE, WINDOW) == 4
+
+
+def test_snowflake_unreachable_host_is_transient(
+    fakesnow_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SF_PASSWORD_ENV, "secret-password")
+    config = snowflake_config(fakesnow_server, "RAW", port=1, login_timeout=1)
+
+    with pytest.raises(TransientError) as caught:
+        SnowflakeTarget(config).count_window(PIPELINE, WINDOW)
+    assert "secret-password" not in str(caught.value)
+
+
+# --- SQL only ---------------------------------------------------------------------------------
+
+
+def test_sql_target_unreachable_host_is_transient() -> None:
+    target = SqlTarget(
+        SqlTargetConfig(type="sql", url="postgresql+psycopg://postgres:pw@127.0.0.1:1/x", table="t")
+    )
+    with pytest.raises(TransientError) as caught:
+        target.count_window(PIPELINE, WINDOW)
+    assert ":pw@" not in str(caught.value)
+
+
+# --- Snowflake SQL, offline -------------------------------------------------------------------
+
+NAMES = sql.Names.of("raw", "Events", "ORDERS", "orders_stage")
+LANDING = sql.quote_identifier("WINDOWPIPE_LANDING_0123")
+
+
+def every_statement(paths: list[str]) -> list[str]:
+    return [
+        sql.create_table_sql(NAMES.table),
+        sql.create_landing_sql(LANDING),
+        *sql.copy_statements(LANDING, NAMES.stage, paths),
+        sql.BEGIN,
+        sql.delete_window_sql(NAMES.table),
+        sql.insert_window_sql(NAMES.table, LANDING),
+        sql.COMMIT,
+        sql.ROLLBACK,
+        sql.count_window_sql(NAMES.table),
+        sql.drop_landing_sql(LANDING),
+    ]
+
+
+def test_every_statement_parses_as_snowflake_sql() -> None:
+    paths = [f"orders/2026/11/01/w/r1-part-{index:05d}.ndjson.gz" for index in range(3)]
+    for statement in every_statement(paths):
+        assert sqlglot.parse_one(statement, read="snowflake") is not None, statement
+
+
+def test_identifiers_are_upper_cased_and_quoted() -> None:
+    assert NAMES.table == '"RAW"."EVENTS"."ORDERS"'
+    assert NAMES.stage == '"RAW"."EVENTS"."ORDERS_STAGE"'
+    copy = sql.copy_sql(LANDING, NAMES.stage, "orders/2026/11/01/w", ["a.ndjson.gz"])
+    assert 'FROM @"RAW"."EVENTS"."ORDERS_STAGE"/orders/2026/11/01/w/)' in copy
+    parsed = sqlglot.parse_one(sql.delete_window_sql(NAMES.table), read="snowflake")
+    table = parsed.find(exp.Table)
+    assert table is not None and table.name == "ORDERS" and table.this.quoted
+
+
+@pytest.mark.parametrize(
+    "name", ["a;drop", 'x"y', "orders table", "1abc", "", "a.b", "ö", "a" * 256, "t--"]
+)
+def test_unsafe_identifiers_are_refused(name: str) -> None:
+    with pytest.raises(TerminalError, match="unsafe"):
+        sql.Names.of("RAW", "EVENTS", name, "STAGE")
+
+
+@pytest.mark.parametrize(
+    "path", ["a/b'c.gz", "a/../b.gz", "a//b.gz", "k=v/x.gz", "/abs.gz", "a/b c.gz", "a\\b.gz"]
+)
+def test_unsafe_staged_paths_are_refused(path: str) -> None:
+    with pytest.raises(TerminalError, match="unsafe staged path"):
+        sql.copy_statements(LANDING, NAMES.stage, [path])
+
+
+def test_copy_splits_files_at_1000_and_by_directory() -> None:
+    paths = [f"p/w1/r-part-{index:05d}.ndjson.gz" for index in range(2001)] + ["p/w2/x.ndjson.gz"]
+    statements = sql.copy_statements(LANDING, NAMES.stage, paths)
+
+    assert [statement.count(".ndjson.gz'") for statement in statements] == [1000, 1000, 1, 1]
+    assert "/p/w2/)" in statements[-1] and "FILES = ('x.ndjson.gz')" in statements[-1]
+    for statement in statements:
+        copy = sqlglot.parse_one(statement, read="snowflake")
+        assert isinstance(copy, exp.Copy)
+        assert "ON_ERROR = ABORT_STATEMENT" in statement and "FORCE = TRUE" in statement
+    assert sql.copy_statements(LANDING, NAMES.stage, []) == []
+    with pytest.raises(ValueError):
+        sql.copy_sql(LANDING, NAMES.stage, "p", ["f"] * 1001)
+
+
+def test_window_statements_bind_their_values() -> None:
+    assert sql.delete_window_sql(NAMES.table).count("?") == 2
+    assert sql.count_window_sql(NAMES.table).count("?") == 2
+    insert = sql.insert_window_sql(NAMES.table, LANDING)
+    assert insert.count("?") == 4 and "v:id::STRING, v:doc" in insert
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (sf_errors.OperationalError(msg="Could not connect", errno=250001), TransientError),
+        (sf_errors.OperationalError(msg="connection closed", errno=250002), TransientError),
+        (sf_errors.ServiceUnavailableError(msg="503"), TransientError),
+        (sf_errors.TooManyRequests(msg="429"), TransientError),
+        (sf_errors.GatewayTimeoutError(msg="504"), TransientError),
+        (
+            sf_errors.ProgrammingError(msg="Statement reached its timeout", errno=630),
+            TransientError,
+        ),
+        (
+            sf_errors.DatabaseError(msg="Incorrect username or password", errno=390100),
+            TerminalError,
+        ),
+        (sf_errors.OperationalError(msg="user locked", errno=390101), TerminalError),
+        (sf_errors.ProgrammingError(msg="Object does not exist", errno=2003), TerminalError),
+        (sf_errors.ProgrammingError(msg="Insufficient privileges", errno=3001), TerminalError),
+        (sf_errors.ProgrammingError(msg="Error parsing JSON", errno=100069), TerminalError),
+    ],
+)
+def test_snowflake_errors_are_classified(error: Exception, kind: type[Exception]) -> None:
+    translated = translate(error, "load window")
+    assert type(translated) is kind
+    assert str(translated).startswith("snowflake target: load window failed")
+
+
+def test_snowflake_error_messages_are_one_line_without_the_secret() -> None:
+    error = sf_errors.ProgrammingError(msg="bad\nthing with hunter2 inside", errno=2003)
+    message = str(translate(error, "connect", secret="hunter2"))
+    assert "\n" not in message and "hunter2" not in message
