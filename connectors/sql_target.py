@@ -59,6 +59,52 @@ _SQLITE_MISSING = ("no such table", "no such column")
 """SQLite's messages for a missing object (OperationalError, but terminal)."""
 
 
+_COPY_COLUMNS = (
+    "pipeline",
+    "window_start",
+    "window_end",
+    "doc_id",
+    "doc",
+    "source_file",
+    "file_row",
+    "loaded_at",
+)
+
+
+def _copy_into_postgresql(
+    conn: sa.Connection, table: sa.Table, batches: Iterator[list[dict[str, Any]]]
+) -> int:
+    """Stream rows with `COPY ... FROM STDIN` on the transaction's own connection.
+
+    An INSERT per row (what executemany does on psycopg) spent most of a load's time in round
+    trips; COPY streams them. Same transaction as the DELETE before it, so still atomic.
+    """
+    import psycopg
+
+    preparer = conn.dialect.identifier_preparer
+    columns = ", ".join(preparer.quote(name) for name in _COPY_COLUMNS)
+    statement = f"COPY {preparer.format_table(table)} ({columns}) FROM STDIN"
+    raw = conn.connection.driver_connection
+    assert raw is not None, "a connection inside a transaction has a driver connection"
+    loaded = 0
+    try:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:
+            for rows in batches:
+                for row in rows:
+                    copy.write_row(
+                        tuple(
+                            orjson.dumps(row[name]).decode() if name == "doc" else row[name]
+                            for name in _COPY_COLUMNS
+                        )
+                    )
+                loaded += len(rows)
+    except psycopg.OperationalError as error:
+        raise TransientError(_one_line(f"sql target: load window failed: {error}")) from None
+    except psycopg.Error as error:
+        raise TerminalError(_one_line(f"sql target: load window failed: {error}")) from None
+    return loaded
+
+
 class SqlTarget:
     """Loads windows into a SQL table, idempotently per window."""
 
@@ -129,9 +175,13 @@ class SqlTarget:
                         table.c.pipeline == pipeline, table.c.window_start == start
                     )
                 )
-                for rows in self._row_batches(manifest, stage, pipeline, start, end, loaded_at):
-                    conn.execute(sa.insert(table), rows)
-                    loaded += len(rows)
+                batches = self._row_batches(manifest, stage, pipeline, start, end, loaded_at)
+                if engine.dialect.name == "postgresql":
+                    loaded = _copy_into_postgresql(conn, table, batches)
+                else:
+                    for rows in batches:
+                        conn.execute(sa.insert(table), rows)
+                        loaded += len(rows)
                 if loaded != manifest.rows:
                     # Raised inside the transaction: nothing of this load is committed.
                     raise TerminalError(

@@ -184,7 +184,7 @@ def plan(
     else:
         from core.dispatch import planned_windows
 
-        windows = planned_windows(store, settings, at)
+        windows = guarded(lambda: planned_windows(store, settings, at))
     rows = [
         {
             "pipeline": pipeline,

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 import redis
 
 from core.config import PipelineConfig
+from core.errors import BadInputError
 from core.instants import format_instant
 from core.logs import get_logger
 from core.records import Stage, WindowKind, WindowRecord, WindowStatus
@@ -72,14 +73,22 @@ def generation_frontier(store: StateStore, pipeline: PipelineConfig) -> datetime
 
 def planned_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:
     """The windows a generation tick at `now` creates (what `windowpipe plan` prints)."""
-    return due_windows(
-        origin=pipeline.start,
-        size=pipeline.window,
-        lag=pipeline.lag,
-        max_windows=pipeline.max_windows_per_tick,
-        now=now,
-        last_end=generation_frontier(store, pipeline),
-    )
+    try:
+        return due_windows(
+            origin=pipeline.start,
+            size=pipeline.window,
+            lag=pipeline.lag,
+            max_windows=pipeline.max_windows_per_tick,
+            now=now,
+            last_end=generation_frontier(store, pipeline),
+        )
+    except ValueError as error:
+        # Stored windows no longer fit the config: `start` or `window` changed after windows
+        # were created. Refuse in one line rather than guess which windows are missing.
+        raise BadInputError(
+            f"pipeline {pipeline.name}: {error}; did `start` or `window` change after windows "
+            f"were created? See `windowpipe validate {pipeline.name}`"
+        ) from None
 
 
 def create_due_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:

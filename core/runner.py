@@ -150,20 +150,11 @@ def run_stage(
     if not lock.acquire():
         return result(Outcome.STOPPED, "window is locked by another worker")
     try:
-        fence = runtime.store.bump_fence(pipeline_name, window_start)
-        record = runtime.store.get(pipeline_name, window_start)
-        early = _not_for_this_stage(record, stage)
-        if early is not None:
-            return result(*early)
-        assert record is not None
-        record = runtime.store.transition(
-            pipeline_name,
-            window_start,
-            WindowStatus.RUNNING,
-            expect=ACTIVE,
-            fence=fence,
-            stage=stage,
-        )
+        record = runtime.store.claim_stage(pipeline_name, window_start, stage)
+        if record is None:
+            early = _not_for_this_stage(runtime.store.get(pipeline_name, window_start), stage)
+            return result(*(early or (Outcome.STOPPED, "window changed meanwhile")))
+        fence = record.fence
         step = _Step(runtime, pipeline, record, fence, STAGE_POLICIES[stage])
         log.info("stage started", fence=fence, attempt=record.attempts, retry=retry)
         with lock.renewing():

@@ -345,3 +345,28 @@ def test_plan_prints_the_design_example_windows(tmp_path: Path) -> None:
     assert rows[-1]["window_end"] == "2026-11-01T02:00:00Z"
     assert {r["pipeline"] for r in rows} == {"orders"}
     assert not (tmp_path / "state.db").exists()  # plan never writes
+
+
+def test_changing_the_window_grid_after_windows_exist_is_refused_by_plan(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from core.store import StateStore
+    from core.windows import Window
+
+    store = StateStore(f"sqlite:///{tmp_path}/state.db")
+    store.migrate()
+    first = datetime(2026, 11, 1, tzinfo=UTC)
+    store.create_windows("orders", [Window(first, first + timedelta(minutes=15))])
+    store.dispose()
+    write_config(
+        tmp_path / "windowpipe.toml",
+        {"state_url": f"sqlite:///{tmp_path}/state.db"},
+        {"orders": _with("window", "1h")},
+    )
+    result = run_cli(tmp_path, "plan", "orders", "--now", "2026-11-02T00:00:00Z")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "windowpipe: error: pipeline orders: last window end 2026-11-01T00:15:00Z is not aligned "
+        "to 2026-11-01T00:00:00Z + k * 1h; did `start` or `window` change after windows were "
+        "created? See `windowpipe validate orders`"
+    ]

@@ -243,6 +243,23 @@ def test_bump_fence_is_monotonic(store: StateStore) -> None:
     assert store.bump_fence(PIPELINE, start(1)) == 1
 
 
+def test_claiming_a_stage_takes_a_new_fence_and_marks_the_window_running(
+    store: StateStore,
+) -> None:
+    store.create_windows(PIPELINE, windows(1))
+    assert store.claim_stage(PIPELINE, start(0), Stage.PRECHECK) is None  # still pending
+    store.queue(PIPELINE, start(0), expect=[S.PENDING])
+    assert store.claim_stage(PIPELINE, start(0), Stage.EXTRACT) is None  # not at extract yet
+    claimed = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
+    assert claimed is not None
+    assert (claimed.status, claimed.stage, claimed.fence) == (S.RUNNING, Stage.PRECHECK, 1)
+    assert claimed.started_at is not None
+    again = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
+    assert again is not None and again.fence == 2  # a second claimant fences out the first
+    with pytest.raises(LostOwnershipError):
+        store.transition(PIPELINE, start(0), S.QUEUED, fence=1, stage=Stage.EXTRACT)
+
+
 # --- queueing -------------------------------------------------------------------------------
 
 
