@@ -26,6 +26,25 @@ from core.errors import TerminalError, TransientError, WindowpipeError
 from core.instants import format_instant
 from core.windows import Window
 
+
+def create_engine(raw_url: str, password_env: str | None, role: str, **options: Any) -> sa.Engine:
+    """An engine for a connector's URL, its password taken from `password_env` (never from the
+    file), with connect timeouts so an unreachable server fails fast and transiently."""
+    try:
+        url = sa.make_url(raw_url)
+        password = resolve_secret(password_env)
+        if password is not None:
+            url = url.set(password=password)
+        connect_args: dict[str, Any] = {}
+        if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = 10
+        elif url.get_backend_name() == "sqlite":
+            connect_args["timeout"] = 30
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **options)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
+        raise TerminalError(_one_line(f"{role}: bad url: {error}")) from None
+
+
 # --- source -------------------------------------------------------------------------------------
 
 _URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
@@ -131,17 +150,7 @@ class SqlSource:
             return self._engine, self._table
 
     def _create_engine(self) -> sa.Engine:
-        try:
-            url = sa.make_url(self.config.url)
-            password = resolve_secret(self.config.password_env)
-            if password is not None:
-                url = url.set(password=password)
-            connect_args: dict[str, Any] = {}
-            if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
-                connect_args["connect_timeout"] = 10
-            engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
-            raise TerminalError(_one_line(f"sql source: bad url: {error}")) from None
+        engine = create_engine(self.config.url, self.config.password_env, "sql source")
         if engine.dialect.name == "sqlite":
 
             @sa.event.listens_for(engine, "connect")

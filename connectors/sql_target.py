@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, Stage, decode_line
-from connectors.sql import _one_line, _translate
-from core.config import SqlTargetConfig, resolve_secret
+from connectors.sql import _one_line, _translate, create_engine
+from core.config import SqlTargetConfig
 from core.errors import TerminalError, TransientError, WindowpipeError
 from core.instants import utc_now
 from core.windows import Window
@@ -133,24 +133,12 @@ class SqlTarget:
             return self._engine, self._table
 
     def _create_engine(self) -> sa.Engine:
-        try:
-            url = sa.make_url(self.config.url)
-            password = resolve_secret(self.config.password_env)
-            if password is not None:
-                url = url.set(password=password)
-            connect_args: dict[str, Any] = {}
-            if url.get_backend_name() == "postgresql":
-                connect_args["connect_timeout"] = 10
-            elif url.get_backend_name() == "sqlite":
-                connect_args["timeout"] = 30
-            return sa.create_engine(
-                url,
-                pool_pre_ping=True,
-                connect_args=connect_args,
-                json_serializer=lambda value: orjson.dumps(value).decode(),
-            )
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
-            raise TerminalError(_one_line(f"sql target: bad url: {error}")) from None
+        return create_engine(
+            self.config.url,
+            self.config.password_env,
+            "sql target",
+            json_serializer=lambda value: orjson.dumps(value).decode(),
+        )
 
     def _instant(self, engine: sa.Engine, value: datetime) -> datetime:
         # SQLite keeps no zone: store and compare naive UTC there.

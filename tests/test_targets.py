@@ -4,9 +4,9 @@ directory) and `SqlTarget` on PostgreSQL and SQLite; then the Snowflake SQL buil
 
 fakesnow 0.12 cannot run a transforming COPY (`COPY INTO t FROM (SELECT $1, METADATA$FILENAME,
 METADATA$FILE_ROW_NUMBER FROM @stage/...)`), which the target uses to keep each row's lineage.
-`_teach_fakesnow_metadata_copy` extends its COPY translation for exactly that select list
-(the file's JSON value, its path relative to the stage, its 1-based line number); everything
-else (stage resolution, FILES=, gzip JSON parsing, ON_ERROR, transactions, VARIANT paths,
+`workers.demo.teach_fakesnow_metadata_copy` extends its COPY translation for exactly that
+select list (the file's JSON value, its path relative to the stage, its 1-based line number);
+everything else (stage resolution, FILES=, gzip JSON parsing, ON_ERROR, transactions, VARIANT paths,
 binding) is fakesnow's own.
 """
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import fakesnow
 import fakesnow.copy_into
@@ -38,6 +37,7 @@ from connectors.sql_target import SqlTarget, target_table
 from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import TerminalError, TransientError
 from core.windows import Window
+from workers.demo import teach_fakesnow_metadata_copy
 
 PIPELINE = "orders"
 WINDOW = Window(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 1, 0, 15, tzinfo=UTC))
@@ -47,53 +47,11 @@ SF_PASSWORD_ENV = "WP_TEST_SF_PASSWORD"
 
 # --- fakesnow ---------------------------------------------------------------------------------
 
-_STAGE_ROOTS: list[Path] = []
-"""Directories behind the tests' Snowflake stages, to name a file relative to its stage."""
-
-
-def _relative_to_stage(url: str) -> str:
-    path = Path(unquote(urlparse(url).path))
-    for root in _STAGE_ROOTS:
-        if path.is_relative_to(root):
-            return path.relative_to(root).as_posix()
-    return path.as_posix()
-
-
-def _teach_fakesnow_metadata_copy() -> None:
-    """Let fakesnow run `COPY INTO t (a, b, c) FROM (SELECT $1, METADATA$FILENAME,
-    METADATA$FILE_ROW_NUMBER FROM @stage/dir/) ...` for JSON files; other COPYs are
-    untouched."""
-    original = fakesnow.copy_into._inserts
-    if getattr(original, "_windowpipe", False):
-        return
-
-    def inserts(expr: exp.Copy, params: Any, urls: list[str], parquet_info: Any = None) -> Any:
-        source = expr.args["files"][0]
-        if isinstance(source, exp.Subquery) and isinstance(source.this, exp.Select):
-            columns = [e.sql(dialect="snowflake").upper() for e in source.this.expressions]
-            if columns == ["$1", "METADATA$FILENAME", "METADATA$FILE_ROW_NUMBER"]:
-                return [
-                    exp.Insert(
-                        this=expr.this,
-                        expression=sqlglot.parse_one(
-                            f"SELECT json, '{_relative_to_stage(url)}', ROW_NUMBER() OVER () "
-                            f"FROM read_json_objects('{url}')",
-                            read="duckdb",
-                        ),
-                    )
-                    for url in urls
-                ]
-        return original(expr, params, urls, parquet_info)
-
-    inserts._windowpipe = True  # type: ignore[attr-defined]
-    fakesnow.copy_into._inserts = inserts
-
 
 @pytest.fixture(scope="module")
 def fakesnow_server() -> Iterator[dict[str, Any]]:
     """fakesnow's HTTP server; yields the connect kwargs it returns: user, password, account,
     host, port, protocol ("http"), session_parameters, network_timeout."""
-    _teach_fakesnow_metadata_copy()
     with fakesnow.server(port=None, host="127.0.0.1") as kwargs:
         yield kwargs
 
@@ -144,7 +102,7 @@ def _snowflake_backend(
     admin.cursor().execute(
         f'CREATE STAGE "{database}"."EVENTS"."ORDERS_STAGE" URL=\'file://{stage.root}/\''
     )
-    _STAGE_ROOTS.append(stage.root)
+    teach_fakesnow_metadata_copy(stage.root)
     table = f'"{database}"."EVENTS"."ORDERS_LOADED"'
     targets: list[SnowflakeTarget] = []
 
@@ -178,7 +136,6 @@ def _snowflake_backend(
     for target in targets:
         target.close()
     admin.close()
-    _STAGE_ROOTS.remove(stage.root)
 
 
 def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:

@@ -615,6 +615,10 @@ def _one_line(error: BaseException) -> str:
 # --- fakesnow, taught the COPY the Snowflake target runs -------------------------------------
 
 
+FAKESNOW_STAGE_ROOTS: list[Path] = []
+"""Directories behind fakesnow `file://` stages, to name a staged file relative to its stage."""
+
+
 def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
     """Let fakesnow 0.12 run `COPY INTO t (v, source_file, file_row) FROM (SELECT $1,
     METADATA$FILENAME, METADATA$FILE_ROW_NUMBER FROM @stage/dir/) ...` for JSON files.
@@ -622,8 +626,8 @@ def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
     fakesnow cannot translate a transforming COPY; the Snowflake target uses this one select
     list to keep each row's lineage. Only that exact select list is rewritten (the file's JSON
     value, its path relative to the stage root, its 1-based line); every other part of the
-    COPY (stage resolution, FILES=, gzip JSON, transactions) is fakesnow's own. The same
-    rewrite is in tests/test_targets.py.
+    COPY (stage resolution, FILES=, gzip JSON, transactions) is fakesnow's own. The tests of
+    the Snowflake target use this too. Calling it again adds a stage root.
     """
     from urllib.parse import unquote, urlparse
 
@@ -631,12 +635,17 @@ def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
     import sqlglot
     from sqlglot import exp
 
+    FAKESNOW_STAGE_ROOTS.append(stage_root.resolve())
     original = fakesnow.copy_into._inserts
-    root = stage_root.resolve()
+    if getattr(original, "_windowpipe", False):
+        return
 
     def relative(url: str) -> str:
         path = Path(unquote(urlparse(url).path))
-        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+        for root in FAKESNOW_STAGE_ROOTS:
+            if path.is_relative_to(root):
+                return path.relative_to(root).as_posix()
+        return path.as_posix()
 
     def inserts(expr: exp.Copy, params: Any, urls: list[str], parquet_info: Any = None) -> Any:
         source = expr.args["files"][0]
@@ -656,6 +665,7 @@ def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
                 ]
         return original(expr, params, urls, parquet_info)
 
+    inserts._windowpipe = True  # type: ignore[attr-defined]
     fakesnow.copy_into._inserts = inserts
 
 
