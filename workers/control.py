@@ -9,7 +9,7 @@ from core.dispatch import generation_tick
 from core.instants import utc_now
 from core.recovery import cleanup as cleanup_stale
 from workers.celery_app import app, config
-from workers.runtime import runtime, send_chain
+from workers.runtime import dispatch_started, runtime, send_chain
 
 
 @app.task(name="windowpipe.generate")
@@ -30,6 +30,7 @@ def generate(pipeline: str) -> dict[str, Any]:
 @app.task(name="windowpipe.dispatch")
 def dispatch(pipeline: str) -> dict[str, Any]:
     """Enqueue the pipeline's runnable windows up to its caps (after a window finished)."""
+    dispatch_started(pipeline)
     rt = runtime()
     queued, dead = dispatch_windows(
         rt.store,

@@ -61,6 +61,22 @@ def send_chain(
     return str(result.id)
 
 
+DISPATCH_REQUESTED = "windowpipe:dispatch-requested:{pipeline}"
+"""Redis flag: a dispatch of the pipeline is queued and has not started yet."""
+
+
 def request_dispatch(pipeline: str) -> None:
-    """Ask the control queue to dispatch a pipeline's next windows (a window just finished)."""
-    app.send_task("windowpipe.dispatch", (pipeline,))
+    """Ask the control queue to dispatch a pipeline's next windows (a window just finished).
+
+    At most one request waits per pipeline: the flag is cleared when the dispatch starts, so a
+    window finishing after that asks again, and a burst of finishing windows asks once. The
+    flag expires, so a request lost with its message (a Redis restart) is asked again later.
+    """
+    key = DISPATCH_REQUESTED.format(pipeline=pipeline)
+    if runtime().redis.set(key, 1, nx=True, ex=60):
+        app.send_task("windowpipe.dispatch", (pipeline,))
+
+
+def dispatch_started(pipeline: str) -> None:
+    """Clear the pipeline's dispatch request: from now on a finishing window asks again."""
+    runtime().redis.delete(DISPATCH_REQUESTED.format(pipeline=pipeline))
