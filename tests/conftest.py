@@ -8,9 +8,16 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
+import fakesnow
 import pytest
 import sqlalchemy as sa
+
+# fakesnow's `server()` imports its submodule `fakesnow.server`, which then shadows the function
+# on the package: a second `fakesnow.server(...)` in the same process would call a module.
+# Bind the function once, at import, before anything runs it.
+start_fakesnow_server = fakesnow.server
 
 PG_ADMIN_URL = os.environ.get(
     "WINDOWPIPE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -19,6 +26,14 @@ PG_ADMIN_URL = os.environ.get(
 
 REDIS_TEST_URL = os.environ.get("WINDOWPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 """The Redis server the tests use; each test run takes its own DB number and flushes it."""
+
+
+@pytest.fixture(scope="session")
+def fakesnow_server() -> Iterator[dict[str, Any]]:
+    """fakesnow's HTTP server, one per test session; yields the connect kwargs it returns: user,
+    password, account, host, port, protocol ("http"), session_parameters, network_timeout."""
+    with start_fakesnow_server(port=None, host="127.0.0.1") as kwargs:
+        yield kwargs
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import fakesnow
 import pytest
 import redis
 import snowflake.connector
@@ -202,6 +201,7 @@ def test_elasticsearch_to_s3_to_postgresql(
 def test_opensearch_to_local_stage_to_snowflake(
     osmem_events: tuple[str, Counter[str]],
     redis_client: redis.Redis,
+    fakesnow_server: dict[str, Any],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -210,53 +210,51 @@ def test_opensearch_to_local_stage_to_snowflake(
     stage_dir.mkdir()
     teach_fakesnow_metadata_copy(stage_dir)
     database = f"WP_{uuid.uuid4().hex[:8].upper()}"
-    with fakesnow.server(port=None, host="127.0.0.1") as kwargs:
-        monkeypatch.setenv("WP_SF_PASSWORD", kwargs["password"])
-        plain = {k: v for k, v in kwargs.items() if k != "session_parameters"}
-        admin = snowflake.connector.connect(**plain, database=database, schema="EVENTS")
-        admin.cursor().execute(
-            f"CREATE STAGE {database}.EVENTS.EVENTS_STAGE URL='file://{stage_dir}/'"
-        )
-        config = config_from_dict(
-            {
-                "windowpipe": {"state_url": f"sqlite:///{tmp_path}/state.db"},
-                "pipelines": {
-                    "events": {
-                        "window": "1h",
-                        "start": format_instant(ORIGIN),
-                        "source": {
-                            "type": "opensearch",
-                            "hosts": [osmem_url],
-                            "index": "events",
-                            "page_size": 9,
-                        },
-                        "stage": {"type": "local", "path": str(stage_dir)},
-                        "target": {
-                            "type": "snowflake",
-                            "account": kwargs["account"],
-                            "user": kwargs["user"],
-                            "password_env": "WP_SF_PASSWORD",
-                            "database": database,
-                            "schema": "EVENTS",
-                            "table": "EVENTS",
-                            "stage": "EVENTS_STAGE",
-                            "host": kwargs["host"],
-                            "port": kwargs["port"],
-                            "protocol": kwargs["protocol"],
-                        },
-                    }
-                },
-            }
-        )
-        store = StateStore(config.settings.state_url)
-        store.migrate()
-        factory = connector_factory({})
-        run_all_windows(config, store, redis_client, factory)
-        assert_every_window_agrees(store)
-        cursor = admin.cursor()
-        cursor.execute(f"SELECT DOC_ID FROM {database}.EVENTS.EVENTS")
-        loaded = Counter(row[0] for row in cursor.fetchall())
-        factory("target", config.pipelines["events"]).close()
-        admin.close()
+    kwargs = fakesnow_server
+    monkeypatch.setenv("WP_SF_PASSWORD", kwargs["password"])
+    plain = {k: v for k, v in kwargs.items() if k != "session_parameters"}
+    admin = snowflake.connector.connect(**plain, database=database, schema="EVENTS")
+    admin.cursor().execute(f"CREATE STAGE {database}.EVENTS.EVENTS_STAGE URL='file://{stage_dir}/'")
+    config = config_from_dict(
+        {
+            "windowpipe": {"state_url": f"sqlite:///{tmp_path}/state.db"},
+            "pipelines": {
+                "events": {
+                    "window": "1h",
+                    "start": format_instant(ORIGIN),
+                    "source": {
+                        "type": "opensearch",
+                        "hosts": [osmem_url],
+                        "index": "events",
+                        "page_size": 9,
+                    },
+                    "stage": {"type": "local", "path": str(stage_dir)},
+                    "target": {
+                        "type": "snowflake",
+                        "account": kwargs["account"],
+                        "user": kwargs["user"],
+                        "password_env": "WP_SF_PASSWORD",
+                        "database": database,
+                        "schema": "EVENTS",
+                        "table": "EVENTS",
+                        "stage": "EVENTS_STAGE",
+                        "host": kwargs["host"],
+                        "port": kwargs["port"],
+                        "protocol": kwargs["protocol"],
+                    },
+                }
+            },
+        }
+    )
+    store = StateStore(config.settings.state_url)
+    store.migrate()
+    factory = connector_factory({})
+    run_all_windows(config, store, redis_client, factory)
+    assert_every_window_agrees(store)
+    cursor = admin.cursor()
+    cursor.execute(f"SELECT DOC_ID FROM {database}.EVENTS.EVENTS")
+    loaded = Counter(row[0] for row in cursor.fetchall())
+    factory("target", config.pipelines["events"]).close()
+    admin.close()
     assert loaded == source_ids
     store.dispose()

@@ -20,8 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import fakesnow
-import fakesnow.copy_into
 import pytest
 import snowflake.connector
 import sqlalchemy as sa
@@ -46,14 +44,6 @@ SF_PASSWORD_ENV = "WP_TEST_SF_PASSWORD"
 
 
 # --- fakesnow ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fakesnow_server() -> Iterator[dict[str, Any]]:
-    """fakesnow's HTTP server; yields the connect kwargs it returns: user, password, account,
-    host, port, protocol ("http"), session_parameters, network_timeout."""
-    with fakesnow.server(port=None, host="127.0.0.1") as kwargs:
-        yield kwargs
 
 
 def snowflake_config(
