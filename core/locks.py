@@ -9,8 +9,8 @@ disk). Timeline:
     t1  A is paused; its lock expires at t0 + ttl
     t2  B takes the lock, fence 8, extracts, commits stage results guarded by fence 8
     t3  A resumes and tries to commit: the record's fence is 8, not 7 -> refused
-The token is a counter on the window record (`StateStore.bump_fence`), so it survives a Redis
-restart, unlike anything kept in Redis.
+The token is a counter on the window record (`StateStore.claim_stage` takes the next one), so
+it survives a Redis restart, unlike anything kept in Redis.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -82,14 +83,21 @@ class WindowLock:
     ) -> None:
         self.key = lock_key(pipeline, window_start)
         self.ttl_seconds = ttl_seconds
+        self.renew_every = max(ttl_seconds / 3, 0.05)
         self.token = owner_token()
         self._client = client
         self._lock = client.lock(self.key, timeout=ttl_seconds, blocking=False, thread_local=False)
         self._lost = threading.Event()
+        # Serializes renew() and release(): a renewal racing a release must not take the
+        # key back after it was given up.
+        self._guard = threading.Lock()
+        self._held = False
 
     def acquire(self) -> bool:
         """Take the lock if it is free; never wait."""
-        return bool(self._lock.acquire(blocking=False, token=self.token))
+        with self._guard:
+            self._held = bool(self._lock.acquire(blocking=False, token=self.token))
+            return self._held
 
     @property
     def lost(self) -> bool:
@@ -98,42 +106,94 @@ class WindowLock:
 
     def renew(self) -> bool:
         """Reset the TTL. If Redis lost the key (a restart) take it back; if another owner has
-        it, mark the lock lost and return False."""
-        try:
-            self._lock.reacquire()
-            return True
-        except LockNotOwnedError:
-            if self._client.set(self.key, self.token, nx=True, px=int(self.ttl_seconds * 1000)):
+        it, mark the lock lost and return False. False too once released."""
+        with self._guard:
+            if not self._held:
+                return False
+            try:
+                self._lock.reacquire()
                 return True
-            self._lost.set()
-            return False
-        except redis.RedisError:
-            # Redis briefly away: keep trying; fencing protects the commit meanwhile.
-            return True
+            except LockNotOwnedError:
+                ttl_ms = int(self.ttl_seconds * 1000)
+                if self._client.set(self.key, self.token, nx=True, px=ttl_ms):
+                    return True
+                self._lost.set()
+                return False
+            except redis.RedisError:
+                # Redis briefly away: keep trying; fencing protects the commit meanwhile.
+                return True
 
     @contextmanager
     def renewing(self) -> Iterator[WindowLock]:
-        """Renew the lock every third of its TTL in a background thread while the block runs."""
-        stop = threading.Event()
-        interval = max(self.ttl_seconds / 3, 0.05)
-
-        def loop() -> None:
-            while not stop.wait(interval):
-                if not self.renew():
-                    return
-
-        thread = threading.Thread(target=loop, name=f"renew {self.key}", daemon=True)
-        thread.start()
+        """Renew the lock every third of its TTL while the block runs."""
+        renewer = _process_renewer()
+        renewer.add(self)
         try:
             yield self
         finally:
-            stop.set()
-            thread.join(timeout=5)
+            renewer.discard(self)
 
     def release(self) -> None:
         """Release the lock if this process still owns it; a no-op otherwise."""
-        with suppress(LockError, redis.RedisError):
-            self._lock.release()
+        with self._guard:
+            if not self._held:
+                return
+            self._held = False
+            with suppress(LockError, redis.RedisError):
+                self._lock.release()
+
+
+class _Renewer:
+    """One daemon thread per process that renews every lock inside a `renewing()` block.
+
+    A thread per stage would cost more than a small window's whole stage; one thread that
+    sleeps until the next renewal is due costs nothing while no lock needs it.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._due: dict[WindowLock, float] = {}
+        self._changed = threading.Condition()
+        thread = threading.Thread(target=self._run, name="windowpipe lock renewer", daemon=True)
+        thread.start()
+
+    def add(self, lock: WindowLock) -> None:
+        with self._changed:
+            self._due[lock] = time.monotonic() + lock.renew_every
+            self._changed.notify()
+
+    def discard(self, lock: WindowLock) -> None:
+        with self._changed:
+            self._due.pop(lock, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                ready = [lock for lock, at in self._due.items() if at <= now]
+                for lock in ready:
+                    self._due[lock] = now + lock.renew_every
+                if not ready:
+                    next_due = min(self._due.values(), default=now + 3600)
+                    self._changed.wait(next_due - now)
+                    continue
+            for lock in ready:  # outside the condition: a renewal is a Redis round trip
+                if not lock.renew():
+                    self.discard(lock)
+
+
+_renewer: _Renewer | None = None
+_renewer_guard = threading.Lock()
+
+
+def _process_renewer() -> _Renewer:
+    """This process's renewer, started on first use (again in a forked child: threads do not
+    survive a fork)."""
+    global _renewer
+    with _renewer_guard:
+        if _renewer is None or _renewer.pid != os.getpid():
+            _renewer = _Renewer()
+        return _renewer
 
 
 def held_locks(client: redis.Redis) -> list[HeldLock]:

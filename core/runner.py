@@ -1,14 +1,15 @@
 """Running one stage of one window: lock, fence, work, guarded commit.
 
 The window record is the truth, not the message that asked for the work. A stage task:
-1. reads the record; if the window is not waiting for this stage it passes (the stage is
-   already done: let the chain go on) or stops (an earlier stage is not done, or the window
-   is finished: someone else is on it);
-2. takes the window's Redis lock without waiting (taken: stop, someone else has it);
-3. bumps the fencing token and marks the record running;
-4. does the work while a thread renews the lock;
-5. commits its result guarded by the fence: an owner whose lock expired cannot overwrite the
+1. takes the window's Redis lock without waiting;
+2. claims the record in one guarded UPDATE: a new fencing token, status running, matched
+   only while the window waits for this stage;
+3. does the work while a thread renews the lock;
+4. commits its result guarded by the fence: an owner whose lock expired cannot overwrite the
    next owner's result.
+When the lock is taken or the claim matches nothing, the record is read to say why: the
+stage is already done (pass: let the chain go on), or an earlier stage is not done, the window
+is finished or someone else holds it (stop).
 Each stage is idempotent: extraction writes a run-specific set of files, loading replaces the
 window's rows in one transaction, so a redelivered or duplicated message changes nothing.
 """
@@ -138,9 +139,11 @@ def run_stage(
         log.info("stage result", outcome=outcome.value, detail=detail)
         return StageResult(outcome, stage, pipeline_name, window_start, detail=detail, **extra)
 
-    early = _not_for_this_stage(runtime.store.get(pipeline_name, window_start), stage)
-    if early is not None:
-        return result(*early)
+    def why_not(otherwise: str) -> StageResult:
+        # The record is read only when this stage cannot run: the common path is lock + claim.
+        early = _not_for_this_stage(runtime.store.get(pipeline_name, window_start), stage)
+        return result(*(early or (Outcome.STOPPED, otherwise)))
+
     lock = WindowLock(
         runtime.redis,
         pipeline_name,
@@ -148,12 +151,11 @@ def run_stage(
         runtime.config.settings.lock_ttl.total_seconds(),
     )
     if not lock.acquire():
-        return result(Outcome.STOPPED, "window is locked by another worker")
+        return why_not("window is locked by another worker")
     try:
         record = runtime.store.claim_stage(pipeline_name, window_start, stage)
         if record is None:
-            early = _not_for_this_stage(runtime.store.get(pipeline_name, window_start), stage)
-            return result(*(early or (Outcome.STOPPED, "window changed meanwhile")))
+            return why_not("window changed meanwhile")
         fence = record.fence
         step = _Step(runtime, pipeline, record, fence, STAGE_POLICIES[stage])
         log.info("stage started", fence=fence, attempt=record.attempts, retry=retry)

@@ -402,3 +402,48 @@ def test_a_backfill_never_starves_the_scheduled_windows(
     assert len(records) == 40 + WINDOWS
     assert statuses(records).keys() <= {"succeeded", "skipped"}
     assert target_ids(pg_schema_url) == source_ids(pg_schema_url)
+
+
+# --- window locks on the real Redis ----------------------------------------------------------
+
+
+def test_renewal_keeps_locks_alive_past_their_ttl_and_stops_at_release(redis_db: str) -> None:
+    client = redis.Redis.from_url(redis_db)
+    locks = [WindowLock(client, "events", _window(i).start, ttl_seconds=0.3) for i in range(3)]
+    assert all(lock.acquire() for lock in locks)
+    with locks[0].renewing(), locks[1].renewing(), locks[2].renewing():
+        time.sleep(1.2)  # four TTLs: only renewal keeps the keys
+        assert all(client.get(lock.key) == lock.token.encode() for lock in locks)
+        assert not any(lock.lost for lock in locks)
+        locks[1].release()
+        time.sleep(0.6)
+        # Released means gone, and no renewal racing the release took it back.
+        assert not client.exists(locks[1].key)
+        assert client.exists(locks[0].key) and client.exists(locks[2].key)
+    for lock in (locks[0], locks[2]):
+        lock.release()
+        assert not client.exists(lock.key)
+
+
+def test_renewal_marks_a_lock_taken_by_another_owner_as_lost(redis_db: str) -> None:
+    client = redis.Redis.from_url(redis_db)
+    mine = WindowLock(client, "events", ORIGIN, ttl_seconds=0.3)
+    assert mine.acquire()
+    with mine.renewing():
+        client.set(mine.key, "someone-else", px=5000)  # as if ours expired and B took it
+        time.sleep(0.5)
+        assert mine.lost
+        mine.release()  # releasing a lock we lost leaves the new owner's key alone
+        assert client.get(mine.key) == b"someone-else"
+
+
+def test_renewal_takes_the_key_back_after_redis_lost_it(redis_db: str) -> None:
+    client = redis.Redis.from_url(redis_db)
+    mine = WindowLock(client, "events", ORIGIN, ttl_seconds=0.3)
+    assert mine.acquire()
+    with mine.renewing():
+        client.delete(mine.key)  # a Redis restart without persistence
+        time.sleep(0.5)
+        assert client.get(mine.key) == mine.token.encode() and not mine.lost
+    mine.release()
+    assert not client.exists(mine.key)

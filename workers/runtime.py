@@ -64,19 +64,33 @@ def send_chain(
 DISPATCH_REQUESTED = "windowpipe:dispatch-requested:{pipeline}"
 """Redis flag: a dispatch of the pipeline is queued and has not started yet."""
 
+DISPATCH_RECENT = "windowpipe:dispatch-recent:{pipeline}"
+"""Redis key that lives `DISPATCH_SPACING_MS` after a dispatch of the pipeline started."""
+
+DISPATCH_SPACING_MS = 250
+"""Least time between two dispatches a pipeline's finishing windows ask for. When windows
+finish faster than this, one dispatch serves all of them instead of one each; a freed slot
+waits at most this long for its next window."""
+
 
 def request_dispatch(pipeline: str) -> None:
     """Ask the control queue to dispatch a pipeline's next windows (a window just finished).
 
     At most one request waits per pipeline: the flag is cleared when the dispatch starts, so a
-    window finishing after that asks again, and a burst of finishing windows asks once. The
-    flag expires, so a request lost with its message (a Redis restart) is asked again later.
+    window finishing after that asks again, and a burst of finishing windows asks once. A
+    request right after a dispatch started is delayed until `DISPATCH_SPACING_MS` have passed.
+    The flag expires, so a request lost with its message (a Redis restart) is asked again.
     """
-    key = DISPATCH_REQUESTED.format(pipeline=pipeline)
-    if runtime().redis.set(key, 1, nx=True, ex=60):
-        app.send_task("windowpipe.dispatch", (pipeline,))
+    client = runtime().redis
+    if client.set(DISPATCH_REQUESTED.format(pipeline=pipeline), 1, nx=True, ex=60):
+        wait_ms = client.pttl(DISPATCH_RECENT.format(pipeline=pipeline))
+        countdown = wait_ms / 1000 if wait_ms > 0 else None
+        app.send_task("windowpipe.dispatch", (pipeline,), countdown=countdown)
 
 
 def dispatch_started(pipeline: str) -> None:
     """Clear the pipeline's dispatch request: from now on a finishing window asks again."""
-    runtime().redis.delete(DISPATCH_REQUESTED.format(pipeline=pipeline))
+    pipe = runtime().redis.pipeline(transaction=False)
+    pipe.delete(DISPATCH_REQUESTED.format(pipeline=pipeline))
+    pipe.set(DISPATCH_RECENT.format(pipeline=pipeline), 1, px=DISPATCH_SPACING_MS)
+    pipe.execute()
