@@ -62,8 +62,8 @@ def guarded(function: Callable[[], T]) -> T:
         fail(str(error), 1)
 
 
-def _config(path: Path | None) -> Config:
-    config = guarded(lambda: load_config(path))
+def _config(path: Path | None, *, require_secrets: bool = True) -> Config:
+    config = guarded(lambda: load_config(path, require_secrets=require_secrets))
     # Workers and the Celery app find the same file through the environment.
     os.environ["WINDOWPIPE_CONFIG"] = config.path
     return config
@@ -169,7 +169,7 @@ def plan(
     config_path: ConfigOption = None,
 ) -> None:
     """The windows a generation tick would create now, without creating them."""
-    config = _config(config_path)
+    config = _config(config_path, require_secrets=False)
     settings = guarded(lambda: config.pipeline(pipeline))
     at = _instant(now, "--now") if now else utc_now()
     store = _store(config, create=False)
@@ -298,7 +298,7 @@ def status(
     config_path: ConfigOption = None,
 ) -> None:
     """Window records with status and counts."""
-    config = _config(config_path)
+    config = _config(config_path, require_secrets=False)
     if pipeline is not None:
         guarded(lambda: config.pipeline(pipeline))
     store = _store(config, create=False)
@@ -358,7 +358,7 @@ def validate(
     """Report (or repair) a pipeline's chain of window records."""
     from core.validation import plan_rebuild, validate_chain
 
-    config = _config(config_path)
+    config = _config(config_path, require_secrets=False)
     settings = guarded(lambda: config.pipeline(pipeline))
     store = _store(config, create=False)
     records = store.list_records(pipeline) if store else []
@@ -396,7 +396,8 @@ def locks(
 
     from core.locks import held_locks
 
-    config = _config(config_path)
+    # Listing needs no secrets; a cleanup may start chains, which need them.
+    config = _config(config_path, require_secrets=cleanup)
     client = redis.Redis.from_url(config.settings.redis_url)
     held = held_locks(client)
     table = Table("pipeline", "window_start", "owner", "ttl_s", "owner_alive")

@@ -399,8 +399,15 @@ def _secret_env_names(model: BaseModel) -> list[tuple[str, str]]:
     return names
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read, validate and return the config; raise ConfigError with one line on any problem."""
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, require_secrets: bool = True
+) -> Config:
+    """Read, validate and return the config; raise ConfigError with one line on any problem.
+
+    With `require_secrets` (what workers and every command that reaches a system use), each
+    secret's environment variable must be set; commands that only read the config and the
+    state store (`plan`, `status`, `validate`, `locks`) work without the secrets.
+    """
     file = config_path(path)
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -414,10 +421,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{file}: config file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{file}: not valid TOML: {error}") from None
-    return config_from_dict(raw, file)
+    return config_from_dict(raw, file, require_secrets=require_secrets)
 
 
-def config_from_dict(raw: dict[str, Any], file: str | os.PathLike[str] = "<config>") -> Config:
+def config_from_dict(
+    raw: dict[str, Any],
+    file: str | os.PathLike[str] = "<config>",
+    *,
+    require_secrets: bool = True,
+) -> Config:
     """Validate an already parsed config (the TOML file's tables) into a Config."""
     file = Path(file)
     unknown = sorted(set(raw) - {"windowpipe", "pipelines"})
@@ -447,7 +459,7 @@ def config_from_dict(raw: dict[str, Any], file: str | os.PathLike[str] = "<confi
             pipeline = PipelineConfig(name=name, **body)
         except ValidationError as error:
             raise ConfigError(_first_error_line(file, error, prefix)) from None
-        for role in ("source", "stage", "target"):
+        for role in ("source", "stage", "target") if require_secrets else ():
             for field_name, env_name in _secret_env_names(getattr(pipeline, role)):
                 if env_name not in os.environ:
                     raise ConfigError(

@@ -113,12 +113,6 @@ CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
         "pipelines.orders.max_windows_per_tick: Input should be greater than or equal to 1",
     ),
     (
-        "undefined-secret",
-        _with("target.password_env", "WP_TEST_UNSET_SECRET"),
-        {},
-        "environment variable WP_TEST_UNSET_SECRET is not set",
-    ),
-    (
         "empty-table",
         _with("target.table", ""),
         {},
@@ -326,6 +320,86 @@ def test_console_script_reports_bad_config_in_one_line(tmp_path: Path) -> None:
         f"windowpipe: error: {tmp_path / 'windowpipe.toml'}: pipelines.orders.window: "
         "expected a duration like '15m', '1h' or '1d', got '15x'"
     ]
+
+
+DESIGN_EXAMPLE = """
+[windowpipe]
+redis_url = "redis://127.0.0.1:6379/0"
+state_url = "sqlite:///windowpipe.db"
+
+[pipelines.orders]
+window = "15m"
+start = "2026-11-01T00:00:00Z"
+lag = "5m"
+max_windows_per_tick = 96
+every = "5m"
+
+[pipelines.orders.source]
+type = "elasticsearch"
+hosts = ["http://127.0.0.1:9200"]
+index = "orders-*"
+timestamp_field = "@timestamp"
+
+[pipelines.orders.stage]
+type = "s3"
+bucket = "pipeline-stage"
+prefix = "orders/"
+
+[pipelines.orders.target]
+type = "snowflake"
+account = "xy12345"
+user = "LOADER"
+password_env = "SF_PASSWORD"
+database = "RAW"
+schema = "EVENTS"
+table = "ORDERS"
+stage = "ORDERS_STAGE"
+"""
+"""The example config of the design, verbatim (comments aside)."""
+
+
+def test_plan_and_status_need_no_secrets_on_the_design_example(tmp_path: Path) -> None:
+    (tmp_path / "windowpipe.toml").write_text(DESIGN_EXAMPLE)
+    unset = {"SF_PASSWORD": None}
+    result = run_cli(
+        tmp_path, "plan", "orders", "--now", "2026-11-01T02:07:00Z", "--json", env=unset
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = json.loads(result.stdout)
+    assert [r["window_start"] for r in rows] == [
+        f"2026-11-01T{h:02d}:{m:02d}:00Z" for h in (0, 1) for m in (0, 15, 30, 45)
+    ]
+    assert rows[-1]["window_end"] == "2026-11-01T02:00:00Z"
+    status = run_cli(tmp_path, "status", "--json", env=unset)
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["check"],
+        ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"],
+    ],
+    ids=["check", "enqueue"],
+)
+def test_an_undefined_secret_is_refused_by_commands_that_reach_systems(
+    tmp_path: Path, command: list[str]
+) -> None:
+    write_config(
+        tmp_path / "windowpipe.toml",
+        {"state_url": f"sqlite:///{tmp_path}/state.db"},
+        {"orders": _with("target.password_env", "WP_TEST_UNSET_SECRET")},
+    )
+    result = run_cli(tmp_path, *command, env={"WP_TEST_UNSET_SECRET": None})
+    assert_refused(
+        result,
+        "pipelines.orders.target.password_env: environment variable WP_TEST_UNSET_SECRET "
+        "is not set",
+        tmp_path,
+    )
 
 
 def test_plan_prints_the_design_example_windows(tmp_path: Path) -> None:
