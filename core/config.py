@@ -206,6 +206,28 @@ class PipelineConfig(_Strict):
         return value
 
 
+def _tls_settled(url: str) -> str:
+    """A `rediss://` URL must say how to check the server's certificate: Celery refuses one
+    without `ssl_cert_reqs` when a worker starts; refuse it here, in one line, instead."""
+    if url.startswith("rediss://"):
+        from urllib.parse import parse_qs, urlsplit
+
+        reqs = parse_qs(urlsplit(url).query).get("ssl_cert_reqs", [""])[0]
+        if reqs.lower() not in {
+            "required",
+            "optional",
+            "none",
+            "cert_required",
+            "cert_optional",
+            "cert_none",
+        }:
+            raise ValueError(
+                "a rediss:// URL needs ?ssl_cert_reqs=required (or optional, none), e.g. "
+                "rediss://host:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem"
+            )
+    return url
+
+
 class Settings(BaseSettings):
     """The `[windowpipe]` table; every key can be overridden by `WINDOWPIPE_<KEY>`."""
 
@@ -250,7 +272,7 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {_safe(value)!r}")
-        return value
+        return _tls_settled(value)
 
     @field_validator("broker_url", "result_backend_url")
     @classmethod
@@ -258,7 +280,7 @@ class Settings(BaseSettings):
         schemes = ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
         if value is not None and not value.startswith(schemes):
             raise ValueError(f"expected a redis://, rediss:// or amqp:// URL, got {_safe(value)!r}")
-        return value
+        return _tls_settled(value) if value is not None else None
 
     @field_validator("state_url")
     @classmethod

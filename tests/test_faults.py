@@ -855,3 +855,36 @@ def test_secrets_never_leave_their_environment_variable_and_a_password_redis_wor
         assert canary not in status
         assert canary not in locks
         assert canary not in check.stdout + check.stderr
+
+
+def test_a_tls_redis_with_a_password_carries_the_broker_results_and_locks(
+    tmp_path: Path, pg_schema_url: str, stop_all: list[Deployment]
+) -> None:
+    seeded = seed_events(pg_schema_url, [2, 1, 3])
+    private = PrivateRedis(tmp_path, password=f"pw-{uuid.uuid4().hex}", tls=True)
+    private.start()  # TLS only: the server has no plain-text port
+    assert private.url.startswith("rediss://")
+    dep = deploy(
+        tmp_path,
+        private.url,
+        {
+            "events": pipeline(
+                sql_source(pg_schema_url),
+                {"type": "local", "path": str(tmp_path / "stage")},
+                sql_target(pg_schema_url),
+                3,
+            )
+        },
+    )
+    stop_all.append(dep)
+    try:
+        dep.start_workers(ALL_QUEUES, concurrency=1)
+        dep.send("windowpipe.generate", "events")
+        found = wait_all_finished(dep, {"events": 3})
+        assert statuses(found["events"]) == {"succeeded": 3}
+        assert loaded_ids(pg_schema_url) == seeded
+        assert "no window locks held" in dep.cli("locks").stdout
+        assert b"celery-task-meta-" in redis_dump(private.url)
+        dep.stop_all()
+    finally:
+        private.stop()
