@@ -182,6 +182,13 @@ def test_demo_processes_inherit_no_windowpipe_overrides(
 # --- whole runs -------------------------------------------------------------------------------
 
 
+def _like_a_terminal() -> None:
+    # A shell runs background jobs with SIGINT ignored, and children inherit that (Python then
+    # installs no KeyboardInterrupt handler). These tests play a user pressing Ctrl-C in a
+    # terminal, whatever started pytest.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _demo_env() -> dict[str, str]:
     # The embedded Redis, never the shared one; no config of the caller's.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WINDOWPIPE_")}
@@ -293,7 +300,12 @@ def test_interrupting_the_demo_stops_every_process(
     output = tmp_path / "output.txt"
     with output.open("w") as out:
         process = subprocess.Popen(
-            _command(workdir), cwd=tmp_path, env=_demo_env(), stdout=out, stderr=subprocess.STDOUT
+            _command(workdir),
+            cwd=tmp_path,
+            env=_demo_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_like_a_terminal,
         )
     try:
         _wait_for_output(process, output, when)
@@ -318,6 +330,7 @@ def test_keep_leaves_everything_up_until_ctrl_c_then_stops_it(tmp_path: Path) ->
             env=_demo_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=_like_a_terminal,
         )
     try:
         _wait_for_output(process, output, "Ctrl-C stops it", timeout=DEMO_TIMEOUT)
