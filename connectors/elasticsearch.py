@@ -289,7 +289,7 @@ def _opensearch_detail(error: Any) -> str:
 # --- the source --------------------------------------------------------------------------------
 
 
-class SearchEngineSource:
+class SearchEngineSource(ABC):
     """The paging logic shared by the Elasticsearch and OpenSearch sources.
 
     The client is built on first use, once per instance (so once per worker process, through
@@ -301,8 +301,9 @@ class SearchEngineSource:
         self._adapter: SearchClientAdapter | None = None
         self._lock = threading.Lock()
 
+    @abstractmethod
     def _build_adapter(self) -> SearchClientAdapter:
-        raise NotImplementedError
+        """The SDK's client, wrapped: one subclass per SDK (Elasticsearch, OpenSearch)."""
 
     @property
     def adapter(self) -> SearchClientAdapter:
