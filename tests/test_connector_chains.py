@@ -115,6 +115,26 @@ def assert_every_window_agrees(store: StateStore) -> None:
             assert record.source_count == record.staged_count == record.target_count == 40 + index
 
 
+def events_config(
+    tmp_path: Path, *, source: dict[str, Any], stage: dict[str, Any], target: dict[str, Any]
+) -> Config:
+    """The `events` pipeline of hourly windows from ORIGIN, with these connectors."""
+    return config_from_dict(
+        {
+            "windowpipe": {"state_url": f"sqlite:///{tmp_path}/state.db"},
+            "pipelines": {
+                "events": {
+                    "window": "1h",
+                    "start": format_instant(ORIGIN),
+                    "source": source,
+                    "stage": stage,
+                    "target": target,
+                }
+            },
+        }
+    )
+
+
 def connector_factory(overrides: dict[str, Any]) -> Any:
     cache: dict[str, Any] = {}
 
@@ -150,33 +170,25 @@ def test_elasticsearch_to_s3_to_postgresql(
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         ).create_bucket(Bucket="pipeline-stage")
-        config = config_from_dict(
-            {
-                "windowpipe": {"state_url": f"sqlite:///{tmp_path}/state.db"},
-                "pipelines": {
-                    "events": {
-                        "window": "1h",
-                        "start": format_instant(ORIGIN),
-                        "source": {
-                            "type": "elasticsearch",
-                            "hosts": [osmem_url],
-                            "index": "events",
-                            "page_size": 7,
-                        },
-                        "stage": {
-                            "type": "s3",
-                            "bucket": "pipeline-stage",
-                            "prefix": "raw/",
-                            "endpoint_url": endpoint,
-                            "region": "us-east-1",
-                            "access_key_id_env": "WP_S3_KEY",
-                            "secret_access_key_env": "WP_S3_SECRET",
-                            "max_file_bytes": 2048,
-                        },
-                        "target": {"type": "sql", "url": pg_schema_url, "table": "events_loaded"},
-                    }
-                },
-            }
+        config = events_config(
+            tmp_path,
+            source={
+                "type": "elasticsearch",
+                "hosts": [osmem_url],
+                "index": "events",
+                "page_size": 7,
+            },
+            stage={
+                "type": "s3",
+                "bucket": "pipeline-stage",
+                "prefix": "raw/",
+                "endpoint_url": endpoint,
+                "region": "us-east-1",
+                "access_key_id_env": "WP_S3_KEY",
+                "secret_access_key_env": "WP_S3_SECRET",
+                "max_file_bytes": 2048,
+            },
+            target={"type": "sql", "url": pg_schema_url, "table": "events_loaded"},
         )
         store = StateStore(config.settings.state_url)
         store.migrate()
@@ -215,36 +227,23 @@ def test_opensearch_to_local_stage_to_snowflake(
     plain = {k: v for k, v in kwargs.items() if k != "session_parameters"}
     admin = snowflake.connector.connect(**plain, database=database, schema="EVENTS")
     admin.cursor().execute(f"CREATE STAGE {database}.EVENTS.EVENTS_STAGE URL='file://{stage_dir}/'")
-    config = config_from_dict(
-        {
-            "windowpipe": {"state_url": f"sqlite:///{tmp_path}/state.db"},
-            "pipelines": {
-                "events": {
-                    "window": "1h",
-                    "start": format_instant(ORIGIN),
-                    "source": {
-                        "type": "opensearch",
-                        "hosts": [osmem_url],
-                        "index": "events",
-                        "page_size": 9,
-                    },
-                    "stage": {"type": "local", "path": str(stage_dir)},
-                    "target": {
-                        "type": "snowflake",
-                        "account": kwargs["account"],
-                        "user": kwargs["user"],
-                        "password_env": "WP_SF_PASSWORD",
-                        "database": database,
-                        "schema": "EVENTS",
-                        "table": "EVENTS",
-                        "stage": "EVENTS_STAGE",
-                        "host": kwargs["host"],
-                        "port": kwargs["port"],
-                        "protocol": kwargs["protocol"],
-                    },
-                }
-            },
-        }
+    config = events_config(
+        tmp_path,
+        source={"type": "opensearch", "hosts": [osmem_url], "index": "events", "page_size": 9},
+        stage={"type": "local", "path": str(stage_dir)},
+        target={
+            "type": "snowflake",
+            "account": kwargs["account"],
+            "user": kwargs["user"],
+            "password_env": "WP_SF_PASSWORD",
+            "database": database,
+            "schema": "EVENTS",
+            "table": "EVENTS",
+            "stage": "EVENTS_STAGE",
+            "host": kwargs["host"],
+            "port": kwargs["port"],
+            "protocol": kwargs["protocol"],
+        },
     )
     store = StateStore(config.settings.state_url)
     store.migrate()
