@@ -7,6 +7,7 @@ reason and fail the audit.)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -364,6 +365,17 @@ stage = "ORDERS_STAGE"
 """The example config of the design, verbatim (comments aside)."""
 
 
+def assert_design_example_windows(plan_json: str) -> None:
+    """`plan orders --now 2026-11-01T02:07:00Z --json` by the design's rules: eight 15m windows
+    from 00:00, the last ending at 02:00 (02:00-02:15 would cross now - lag = 02:02)."""
+    rows = json.loads(plan_json)
+    assert [r["window_start"] for r in rows] == [
+        f"2026-11-01T{h:02d}:{m:02d}:00Z" for h in (0, 1) for m in (0, 15, 30, 45)
+    ]
+    assert rows[-1]["window_end"] == "2026-11-01T02:00:00Z"
+    assert {r["pipeline"] for r in rows} == {"orders"}
+
+
 def test_plan_and_status_need_no_secrets_on_the_design_example(tmp_path: Path) -> None:
     (tmp_path / "windowpipe.toml").write_text(DESIGN_EXAMPLE)
     unset = {"SF_PASSWORD": None}
@@ -371,13 +383,7 @@ def test_plan_and_status_need_no_secrets_on_the_design_example(tmp_path: Path) -
         tmp_path, "plan", "orders", "--now", "2026-11-01T02:07:00Z", "--json", env=unset
     )
     assert result.exit_code == 0, result.output
-    import json
-
-    rows = json.loads(result.stdout)
-    assert [r["window_start"] for r in rows] == [
-        f"2026-11-01T{h:02d}:{m:02d}:00Z" for h in (0, 1) for m in (0, 15, 30, 45)
-    ]
-    assert rows[-1]["window_end"] == "2026-11-01T02:00:00Z"
+    assert_design_example_windows(result.stdout)
     status = run_cli(tmp_path, "status", "--json", env=unset)
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout) == []
@@ -416,14 +422,7 @@ def test_plan_prints_the_design_example_windows(tmp_path: Path) -> None:
     )
     result = run_cli(tmp_path, "plan", "orders", "--now", "2026-11-01T02:07:00Z", "--json")
     assert result.exit_code == 0, result.output
-    import json
-
-    rows = json.loads(result.stdout)
-    assert [r["window_start"] for r in rows] == [
-        f"2026-11-01T{h:02d}:{m:02d}:00Z" for h in (0, 1) for m in (0, 15, 30, 45)
-    ]
-    assert rows[-1]["window_end"] == "2026-11-01T02:00:00Z"
-    assert {r["pipeline"] for r in rows} == {"orders"}
+    assert_design_example_windows(result.stdout)
     assert not (tmp_path / "state.db").exists()  # plan never writes
 
 
