@@ -481,15 +481,21 @@ def config_from_dict(
             pipeline = PipelineConfig(name=name, **body)
         except ValidationError as error:
             raise ConfigError(_first_error_line(file, error, prefix)) from None
-        for role in ("source", "stage", "target") if require_secrets else ():
-            for field_name, env_name in _secret_env_names(getattr(pipeline, role)):
-                if env_name not in os.environ:
-                    raise ConfigError(
-                        f"{file}: {prefix}.{role}.{field_name}: environment variable "
-                        f"{env_name} is not set"
-                    )
+        if require_secrets:
+            _check_secrets_set(file, prefix, pipeline)
         pipelines[name] = pipeline
     return Config(path=str(file), settings=settings, pipelines=pipelines)
+
+
+def _check_secrets_set(file: Path, prefix: str, pipeline: PipelineConfig) -> None:
+    """Every secret environment variable the pipeline's connectors name must be set."""
+    for role in ("source", "stage", "target"):
+        for field_name, env_name in _secret_env_names(getattr(pipeline, role)):
+            if env_name not in os.environ:
+                raise ConfigError(
+                    f"{file}: {prefix}.{role}.{field_name}: environment variable "
+                    f"{env_name} is not set"
+                )
 
 
 def resolve_secret(env_name: str | None) -> str | None:
