@@ -194,8 +194,12 @@ class Stage(Protocol):
 class Target(Protocol):
     """Where documents end up; one row per source document."""
 
-    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage) -> int:
-        """Replace the window's rows with the manifest's files, atomically; rows loaded."""
+    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage, fence: int) -> int:
+        """Replace the window's rows with the manifest's files, atomically; rows loaded.
+
+        Fenced: the target keeps, per window, the newest fencing token that loaded it, updated
+        in the same transaction as the rows. A load whose `fence` is not newer than that is
+        refused with `StaleFenceError` and changes nothing."""
         ...
 
     def count_window(self, pipeline: str, window: Window) -> int:

@@ -254,7 +254,10 @@ def _load(step: _Step) -> WindowRecord:
         raise TerminalError("no manifest recorded for this window; extract must run first")
     manifest_path = step.record.manifest
     manifest = call_with_retries(step.policy, lambda: stage.read_manifest(manifest_path))
-    call_with_retries(step.policy, lambda: target.load_window(step.pipeline.name, manifest, stage))
+    call_with_retries(
+        step.policy,
+        lambda: target.load_window(step.pipeline.name, manifest, stage, fence=step.fence),
+    )
     count = call_with_retries(
         step.policy, lambda: target.count_window(step.pipeline.name, step.window)
     )
