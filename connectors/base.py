@@ -175,8 +175,9 @@ class Stage(Protocol):
         """The manifest at `path` (as returned in `Manifest.path`)."""
         ...
 
-    def iter_lines(self, path: str) -> Iterator[bytes]:
-        """The decompressed NDJSON lines of one staged file."""
+    def iter_lines(self, path: str, sha256: str | None = None) -> Iterator[bytes]:
+        """The decompressed NDJSON lines of one staged file. A missing or corrupt file, or one
+        whose bytes do not hash to `sha256` (when given), raises `StagedDataLostError`."""
         ...
 
     def list_files(self, pipeline: str, window: Window) -> list[str]:

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from connectors.staging import ObjectStage, PartSink, normalize_prefix
 from core.config import LocalStageConfig
-from core.errors import TerminalError, TransientError, WindowpipeError
+from core.errors import StagedDataLostError, TerminalError, TransientError, WindowpipeError
 
 _TRANSIENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ESTALE, errno.EDQUOT}
@@ -107,7 +107,10 @@ class LocalStage(ObjectStage):
     @contextmanager
     def _open_read_stream(self, path: str) -> Iterator[BinaryIO]:
         with _os_errors("read", path):
-            stream = self._file(path).open("rb")
+            try:
+                stream = self._file(path).open("rb")
+            except FileNotFoundError:
+                raise StagedDataLostError(f"local stage read {path} failed: no such file") from None
         with stream:
             yield stream
 

@@ -22,7 +22,13 @@ from typing import Any, BinaryIO, cast
 
 from connectors.staging import ObjectStage, PartSink, normalize_prefix
 from core.config import S3StageConfig, resolve_secret
-from core.errors import ConfigError, TerminalError, TransientError, WindowpipeError
+from core.errors import (
+    ConfigError,
+    StagedDataLostError,
+    TerminalError,
+    TransientError,
+    WindowpipeError,
+)
 
 TRANSIENT_ERROR_CODES = frozenset(
     {
@@ -249,7 +255,7 @@ class S3Stage(ObjectStage):
                 response = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
             except Exception as exc:
                 if _error_code(exc) in {"NoSuchKey", "404"}:
-                    raise TerminalError(f"S3 read {where} failed: no such object") from exc
+                    raise StagedDataLostError(f"S3 read {where} failed: no such object") from exc
                 raise
         body = response["Body"]
         try:

@@ -29,10 +29,10 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from connectors.base import Batch, Manifest, StagedFile, encode_line, window_dir
-from core.errors import TerminalError
+from core.errors import StagedDataLostError
 from core.windows import Window
 
 PART_SUFFIX = ".ndjson.gz"
@@ -320,21 +320,30 @@ class ObjectStage(ABC):
         try:
             return Manifest.from_json(raw)
         except (ValueError, KeyError, TypeError) as exc:
-            raise TerminalError(f"stage manifest {path} is not valid: {exc}") from None
+            raise StagedDataLostError(f"stage manifest {path} is not valid: {exc}") from None
 
-    def iter_lines(self, path: str) -> Iterator[bytes]:
+    def iter_lines(self, path: str, sha256: str | None = None) -> Iterator[bytes]:
         """The NDJSON lines of one staged file, decompressed as they stream in, each without its
-        trailing newline. A truncated or corrupt file raises `TerminalError`."""
+        trailing newline. A missing, truncated or corrupt file - or, given the manifest's
+        `sha256`, one whose bytes differ - raises `StagedDataLostError` (after the lines read so
+        far: a caller loading in a transaction rolls back)."""
         with (
-            self._open_read(path) as stream,
+            self._open_read(path) as raw,
             self._read_errors("read", path),
-            gzip.GzipFile(fileobj=stream, mode="rb") as lines,
         ):
+            stream = _HashingReader(raw)
             try:
-                for line in lines:
-                    yield line[:-1] if line.endswith(b"\n") else line
+                with gzip.GzipFile(fileobj=cast(BinaryIO, stream), mode="rb") as lines:
+                    for line in lines:
+                        yield line[:-1] if line.endswith(b"\n") else line
             except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-                raise TerminalError(f"staged file {path} is not valid gzip: {exc}") from None
+                raise StagedDataLostError(f"staged file {path} is not valid gzip: {exc}") from None
+            if sha256 is not None:
+                stream.read_rest()
+                if stream.digest.hexdigest() != sha256:
+                    raise StagedDataLostError(
+                        f"staged file {path} does not match its manifest (sha256 differs)"
+                    )
 
     def list_files(self, pipeline: str, window: Window) -> list[str]:
         """Every path under the window's directory, sorted."""
@@ -355,3 +364,21 @@ class ObjectStage(ABC):
         # The original error matters more; the next run cleans up anyway.
         with contextlib.suppress(Exception):
             self._delete(paths)
+
+
+class _HashingReader:
+    """A read-only stream that hashes the bytes read through it (the staged file's sha256)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def read_rest(self) -> None:
+        """Hash whatever gzip left unread (trailing bytes after the last member)."""
+        while self.read(1 << 16):
+            pass

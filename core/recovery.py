@@ -1,13 +1,19 @@
 """Stale-lock cleanup (the original `cleanup_stale_locks`): put lost windows back to run.
 
 A window is lost when its record says work is in flight but nobody is doing it:
-- `running` and its lock is gone (the worker died, or Redis restarted and the worker with it),
-  for longer than one lock TTL;
-- `queued` for longer than `stale_after` with no lock held (the message was lost, e.g. a
-  Redis restart emptied the broker).
+- `running` and its lock is gone, for longer than one lock TTL: the worker died inside the
+  stage. That attempt ran and failed, so it counts: the window is queued for a new attempt
+  (attempts + 1), or failed once it has none left.
+- `queued` for longer than `stale_after` with no lock held: its message may be lost (a Redis
+  restart emptied the broker, a worker died before it started the stage) or may simply be
+  waiting behind a backlog. Cleanup cannot tell the two apart on every broker, and need not:
+  it sends the message again WITHOUT using an attempt. A duplicate is harmless, since a stage
+  runs only after claiming the record (the second message finds the stage done or taken).
+  So waiting never kills a window, however long the backlog.
 Locks whose owner process is dead on this host are released first. Requeued windows resume
 from their recorded stage; every stage is idempotent, so a requeue that races a slow but live
-worker costs time, never correctness (fencing refuses the loser's commit).
+worker costs time, never correctness (fencing refuses the loser's commit, in the state store
+and in the target's ledger).
 """
 
 from __future__ import annotations
@@ -84,6 +90,16 @@ def cleanup(
     for record, reason in stale_windows(store, client, config, now):
         pipeline = config.pipelines[record.pipeline]
         context = {"pipeline": record.pipeline, "window": format_instant(record.window_start)}
+        if record.status == WindowStatus.QUEUED:
+            touched = store.touch_queued(
+                record.pipeline, record.window_start, fence=record.fence, stage=record.stage
+            )
+            if touched is None:
+                continue  # claimed meanwhile: its message was not lost after all
+            send(record.pipeline, record.window_start, record.stage or Stage.PRECHECK)
+            report.requeued.append((record, f"{reason}; message sent again, no attempt used"))
+            log.warning("sent a waiting window's message again", reason=reason, **context)
+            continue
         if record.attempts >= pipeline.max_attempts:
             try:
                 store.transition(
@@ -91,14 +107,20 @@ def cleanup(
                     record.window_start,
                     WindowStatus.FAILED,
                     expect=[record.status],
-                    error=f"lost {record.attempts} times ({reason})",
+                    fence=record.fence,
+                    error=(
+                        f"worker lost during attempt {record.attempts} of "
+                        f"{pipeline.max_attempts} ({reason})"
+                    ),
                 )
                 report.failed.append((record, reason))
                 log.warning("lost window failed: attempts exhausted", reason=reason, **context)
             except Exception as error:  # raced with a live worker: leave it to that worker
                 log.info("lost window changed meanwhile", error=str(error), **context)
             continue
-        requeued = store.queue(record.pipeline, record.window_start, expect=[record.status])
+        requeued = store.queue(
+            record.pipeline, record.window_start, expect=[record.status], fence=record.fence
+        )
         if requeued is None:
             continue
         send(record.pipeline, requeued.window_start, requeued.stage or Stage.PRECHECK)

@@ -26,8 +26,11 @@ import redis
 
 from core.config import Config, PipelineConfig
 from core.errors import (
+    TIME_LIMIT_ERRORS,
     InvalidTransitionError,
     LostOwnershipError,
+    StagedDataLostError,
+    StageTimeLimitError,
     TerminalError,
     TransientError,
 )
@@ -187,7 +190,14 @@ def _run_guarded(
     step: _Step, stage: Stage, retry: int, result: Callable[..., StageResult]
 ) -> StageResult:
     try:
-        record = STAGE_STEPS[stage](step)
+        try:
+            record = STAGE_STEPS[stage](step)
+        except TIME_LIMIT_ERRORS as error:
+            # The soft time limit interrupts this attempt; like any transient failure it is
+            # re-sent (the hard limit follows soon, so nothing retries inside the step).
+            raise StageTimeLimitError(
+                f"ran past its soft time limit ({step.policy.soft_time_limit:g}s)"
+            ) from error
     except TransientError as error:
         if retry < step.policy.task_retries:
             wait = backoff_seconds(
@@ -201,6 +211,16 @@ def _run_guarded(
         record = step.commit(
             WindowStatus.FAILED,
             error=f"{stage.value}: {error} (gave up after {retry + 1} tries)",
+        )
+        return result(Outcome.FINISHED, str(error), status=record.status)
+    except StagedDataLostError as error:
+        # The staged files are gone or corrupt: loading them again cannot succeed, so the
+        # window's next attempt starts at extract (dispatch resumes a failed window at its
+        # recorded stage).
+        record = step.commit(
+            WindowStatus.FAILED,
+            stage=Stage.EXTRACT,
+            error=f"{stage.value}: {error}; the next attempt extracts again"[:2000],
         )
         return result(Outcome.FINISHED, str(error), status=record.status)
     except TerminalError as error:
@@ -254,6 +274,14 @@ def _load(step: _Step) -> WindowRecord:
         raise TerminalError("no manifest recorded for this window; extract must run first")
     manifest_path = step.record.manifest
     manifest = call_with_retries(step.policy, lambda: stage.read_manifest(manifest_path))
+    staged = set(
+        call_with_retries(step.policy, lambda: stage.list_files(step.pipeline.name, step.window))
+    )
+    missing = [f.path for f in manifest.files if f.path not in staged]
+    if missing:
+        raise StagedDataLostError(
+            f"{len(missing)} staged file(s) of run {manifest.run} are gone, e.g. {missing[0]}"
+        )
     call_with_retries(
         step.policy,
         lambda: target.load_window(step.pipeline.name, manifest, stage, fence=step.fence),

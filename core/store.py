@@ -446,13 +446,16 @@ class StateStore:
         *,
         expect: Collection[WindowStatus],
         kind: WindowKind | None = None,
+        fence: int | None = None,
     ) -> WindowRecord | None:
         """Claim a window for a new attempt: status queued, attempts + 1, error cleared.
 
         From pending, succeeded, skipped or dead the chain starts over (stage precheck, results
         cleared); from failed, queued or running it resumes at its recorded stage. Returns None
         when the record is not in one of `expect`: someone else queued it first, which is how
-        concurrent enqueuers (beat, the CLI, cleanup) enqueue each window exactly once.
+        concurrent enqueuers (beat, the CLI, cleanup) enqueue each window exactly once. With
+        `fence`, it matches only while the record still carries that token (cleanup: nobody
+        claimed the window since it was found lost).
         """
         sources = _sources_for(WindowStatus.QUEUED, expect)
         values: dict[str, Any] = {
@@ -467,7 +470,28 @@ class StateStore:
         if kind is not None:
             values["kind"] = WindowKind(kind).value
         guards = [*_key(pipeline, window_start), WINDOWS.c.status.in_(_values(sources))]
+        if fence is not None:
+            guards.append(WINDOWS.c.fence == fence)
         return self._update_one(guards, values)
+
+    def touch_queued(
+        self, pipeline: str, window_start: datetime, *, fence: int, stage: Stage | None
+    ) -> WindowRecord | None:
+        """Note that a queued window's message is being sent again, without a new attempt.
+
+        Matches only while the window is still queued at `stage` with fencing token `fence`,
+        i.e. nobody claimed it since the caller read it; moves `updated_at` on so the next
+        cleanup waits another `stale_after`. Returns None when the window moved meanwhile.
+        Attempts are not touched: waiting in a queue, or a message lost with the broker, is not
+        work that ran and failed.
+        """
+        guards = [
+            *_key(pipeline, window_start),
+            WINDOWS.c.status == WindowStatus.QUEUED.value,
+            WINDOWS.c.fence == fence,
+            WINDOWS.c.stage.is_(None) if stage is None else WINDOWS.c.stage == Stage(stage).value,
+        ]
+        return self._update_one(guards, {"updated_at": utc_now()})
 
     def mark_dead_exhausted(self, pipeline: str, max_attempts: int) -> int:
         """Failed windows with `attempts >= max_attempts` become dead; returns how many."""
@@ -529,6 +553,17 @@ class StateStore:
         touched = [*plan.delete_starts, *plan.reset_starts]
         with self._writing() as conn:
             _refuse_finished(conn, pipeline, touched)
+            # Fences never go back for a (pipeline, window_start): a target's ledger refuses a
+            # load whose fence is not newer than the last one it took for that window, so a
+            # record re-created where one was deleted carries the old record's fence on.
+            fences: dict[datetime, int] = {}
+            for chunk in _chunks(sorted(set(plan.delete_starts)), INSERT_CHUNK_ROWS):
+                rows = conn.execute(
+                    sa.select(WINDOWS.c.window_start, WINDOWS.c.fence).where(
+                        WINDOWS.c.pipeline == pipeline, WINDOWS.c.window_start.in_(chunk)
+                    )
+                )
+                fences.update({start: int(fence) for start, fence in rows.tuples()})
             deleted = 0
             for chunk in _chunks(sorted(set(plan.delete_starts)), INSERT_CHUNK_ROWS):
                 deleted += conn.execute(
@@ -545,6 +580,13 @@ class StateStore:
                 ).rowcount
             windows = _unique_by_start(plan.create)
             created = len(self._insert_new(conn, pipeline, windows, WindowKind.SCHEDULED))
+            for window in windows:
+                if fences.get(window.start):
+                    conn.execute(
+                        sa.update(WINDOWS)
+                        .where(*_key(pipeline, window.start))
+                        .values(fence=fences[window.start])
+                    )
         return RebuildCounts(deleted=deleted, reset=reset, created=created)
 
     # --- internals ----------------------------------------------------------------------------

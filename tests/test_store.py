@@ -443,3 +443,49 @@ def test_racing_processes_create_and_queue_each_window_exactly_once(state_url: s
         assert {(r.status, r.attempts) for r in records} == {(S.QUEUED, 1)}
     finally:
         store.dispose()
+
+
+def test_a_window_recreated_by_rebuild_keeps_its_fence_moving_forward(store: StateStore) -> None:
+    # A target's ledger remembers the newest fence that loaded a window; a record deleted and
+    # created again at the same start must not start over at 0, or every load would be refused.
+    store.create_windows(PIPELINE, [Window(start(0), start(0) + timedelta(minutes=10))])
+    for _ in range(3):
+        store.bump_fence(PIPELINE, start(0))
+    plan = RebuildPlan(delete_starts=[start(0)], create=windows(1))
+    assert store.apply_rebuild(PIPELINE, plan) == RebuildCounts(deleted=1, reset=0, created=1)
+    record = store.get(PIPELINE, start(0))
+    assert record is not None and record.window_end == start(1) and record.fence == 3
+    store.queue(PIPELINE, start(0), expect=[S.PENDING])
+    claimed = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
+    assert claimed is not None and claimed.fence == 4
+
+
+# --- lost messages and waiting windows ---------------------------------------------------------
+
+
+def test_touching_a_queued_window_uses_no_attempt_and_loses_to_a_claim(store: StateStore) -> None:
+    store.create_windows(PIPELINE, windows(2))
+    queued = store.queue(PIPELINE, start(0), expect=[S.PENDING])
+    assert queued is not None and queued.attempts == 1
+    touched = store.touch_queued(PIPELINE, start(0), fence=queued.fence, stage=queued.stage)
+    assert touched is not None and touched.attempts == 1 and touched.status == S.QUEUED
+    assert touched.updated_at is not None and queued.updated_at is not None
+    assert touched.updated_at >= queued.updated_at
+    # Once a worker claimed the window (a new fence), the touch matches nothing.
+    assert store.claim_stage(PIPELINE, start(0), Stage.PRECHECK) is not None
+    assert store.touch_queued(PIPELINE, start(0), fence=queued.fence, stage=queued.stage) is None
+    # A queued window at another stage than the one read is not touched either.
+    store.queue(PIPELINE, start(1), expect=[S.PENDING])
+    assert store.touch_queued(PIPELINE, start(1), fence=0, stage=Stage.LOAD) is None
+
+
+def test_queue_with_a_fence_refuses_a_window_claimed_since_it_was_read(store: StateStore) -> None:
+    store.create_windows(PIPELINE, windows(1))
+    store.queue(PIPELINE, start(0), expect=[S.PENDING])
+    first = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
+    assert first is not None
+    second = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)  # a live worker took over
+    assert second is not None
+    assert store.queue(PIPELINE, start(0), expect=[S.RUNNING], fence=first.fence) is None
+    requeued = store.queue(PIPELINE, start(0), expect=[S.RUNNING], fence=second.fence)
+    assert requeued is not None and requeued.attempts == 2
