@@ -646,6 +646,37 @@ class StateStore:
             f"{to.value if to else current.status.value} (only from {allowed})"
         )
 
+    # --- schema revision (read-only) ----------------------------------------------------------
+
+    def schema_revision(self) -> tuple[str | None, str]:
+        """`(current, head)`: the schema's alembic revision (None when the database has no
+        windowpipe schema) and the newest revision this code ships; changes nothing.
+
+        Read commands call this instead of `migrate()`: no DDL, no alembic version table, and
+        no SQLite file is created. A SQLite file is read through a plain connection, without
+        this store's WAL switch, so an unmigrated file is left exactly as it was.
+        """
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+        from sqlalchemy.pool import NullPool
+
+        head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+        if head is None:
+            raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR}")
+        engine = self._engine
+        url = make_url(self.url)
+        if self.dialect == "sqlite" and url.database not in (None, "", ":memory:"):
+            if not url.query.get("uri") and not Path(url.database).exists():
+                return None, head
+            engine = sa.create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        finally:
+            if engine is not self._engine:
+                engine.dispose()
+        return current, head
+
 
 # --- engine -------------------------------------------------------------------------------------
 
