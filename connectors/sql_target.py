@@ -5,6 +5,11 @@ whole document as JSON; JSONB on PostgreSQL), and for lineage `source_file` and 
 Loading a window deletes the window's rows and inserts the staged ones in one transaction, so
 a retried, duplicated or `--force`d load replaces instead of adding: the window ends with each
 staged document exactly once.
+
+Loads are fenced: beside the table, in the same schema, `windowpipe_ledger` keeps per window
+the newest fencing token that loaded it, and a load's transaction starts by moving that token
+forward, guarded by `fence < :fence`. A load whose token is not newer is refused
+(`StaleFenceError`) and changes nothing. See `SqlTarget.load_window` for the timeline.
 """
 
 from __future__ import annotations
@@ -16,14 +21,19 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, Stage, decode_line
 from connectors.sql import _one_line, _translate, create_engine
 from core.config import SqlTargetConfig
-from core.errors import TerminalError, TransientError, WindowpipeError
-from core.instants import utc_now
+from core.errors import StaleFenceError, TerminalError, TransientError, WindowpipeError
+from core.instants import format_instant, utc_now
 from core.windows import Window
+
+LEDGER_TABLE = "windowpipe_ledger"
+"""The target's ledger, beside the target table (same schema): per window, the newest fence
+that loaded it."""
 
 
 def target_table(name: str, metadata: sa.MetaData) -> sa.Table:
@@ -42,6 +52,110 @@ def target_table(name: str, metadata: sa.MetaData) -> sa.Table:
         sa.Column("loaded_at", sa.DateTime(timezone=True), nullable=False),
         sa.Index(f"ix_{table}_window", "pipeline", "window_start"),
         schema=schema or None,
+    )
+
+
+def ledger_table(target_name: str, metadata: sa.MetaData) -> sa.Table:
+    """The ledger's shape (created if missing), in the schema of the target table `target_name`.
+
+    `row_count`, not `rows`: ROWS is reserved in Snowflake, whose ledger has the same columns.
+    """
+    schema, _, _ = target_name.rpartition(".")
+    return sa.Table(
+        LEDGER_TABLE,
+        metadata,
+        sa.Column("pipeline", sa.String(200), primary_key=True),
+        sa.Column("window_start", sa.DateTime(timezone=True), primary_key=True),
+        sa.Column("fence", sa.BigInteger, nullable=False),
+        sa.Column("row_count", sa.BigInteger, nullable=False),
+        sa.Column("loaded_at", sa.DateTime(timezone=True), nullable=False),
+        schema=schema or None,
+    )
+
+
+def record_fence(
+    conn: sa.Connection,
+    ledger: sa.Table,
+    *,
+    pipeline: str,
+    window_start: datetime,
+    fence: int,
+    rows: int,
+    loaded_at: datetime,
+    dialect_upsert: bool = True,
+) -> int | None:
+    """Move the window's ledger row to `fence` if `fence` is newer than the recorded one (or no
+    row exists yet), inside the caller's transaction. Returns None when it did (the row is now
+    locked by this transaction until it ends), else the recorded fence that refuses this one.
+
+    PostgreSQL and SQLite: one `INSERT ... ON CONFLICT DO UPDATE ... WHERE fence < :fence
+    RETURNING`. Other databases (or `dialect_upsert=False`): a guarded UPDATE, then an INSERT
+    if no row exists; an INSERT that loses a race with another first load of the window
+    raises TransientError (the retry then finds the row and applies the guard).
+    """
+    values = {
+        "pipeline": pipeline,
+        "window_start": window_start,
+        "fence": fence,
+        "row_count": rows,
+        "loaded_at": loaded_at,
+    }
+    key = (ledger.c.pipeline == pipeline, ledger.c.window_start == window_start)
+    name = conn.dialect.name
+    if dialect_upsert and name in ("postgresql", "sqlite"):
+        insert = postgresql.insert(ledger) if name == "postgresql" else sqlite.insert(ledger)
+        excluded = insert.excluded
+        upsert = (
+            insert.values(**values)
+            .on_conflict_do_update(
+                index_elements=[ledger.c.pipeline, ledger.c.window_start],
+                set_={
+                    "fence": excluded.fence,
+                    "row_count": excluded.row_count,
+                    "loaded_at": excluded.loaded_at,
+                },
+                where=ledger.c.fence < excluded.fence,
+            )
+            .returning(ledger.c.fence)
+        )
+        if conn.execute(upsert).first() is not None:
+            return None
+    else:
+        update = (
+            sa.update(ledger)
+            .where(*key, ledger.c.fence < fence)
+            .values(fence=fence, row_count=rows, loaded_at=loaded_at)
+        )
+        if conn.execute(update).rowcount == 1:
+            return None
+        recorded = conn.execute(
+            sa.select(ledger.c.fence).where(*key).with_for_update()
+        ).scalar_one_or_none()
+        if recorded is not None:
+            return int(recorded)
+        try:
+            conn.execute(sa.insert(ledger).values(**values))
+        except sa.exc.IntegrityError:
+            raise TransientError(
+                f"sql target: another load of window {pipeline} {_utc_text(window_start)} "
+                "recorded its fence first; retrying applies the guard to it"
+            ) from None
+        return None
+    # Refused: the row exists with a fence at least ours (ON CONFLICT locked it, so this read
+    # sees the value that refused us).
+    return int(conn.execute(sa.select(ledger.c.fence).where(*key)).scalar_one())
+
+
+def _utc_text(value: datetime) -> str:
+    """An instant as text; a naive one (SQLite's columns) is UTC."""
+    return format_instant(value if value.tzinfo else value.replace(tzinfo=UTC))
+
+
+def stale_fence_error(pipeline: str, window_start: datetime, fence: int, recorded: int) -> str:
+    """The one-line message of a refused load (the same for every target)."""
+    return (
+        f"refused a stale load of window {pipeline} {_utc_text(window_start)}: "
+        f"its fence {fence} is not newer than fence {recorded}, which loaded the window last"
     )
 
 
@@ -112,33 +226,36 @@ class SqlTarget:
         self.config = config
         self._engine: sa.Engine | None = None
         self._table: sa.Table | None = None
+        self._ledger: sa.Table | None = None
         self._lock = threading.Lock()
 
     def _connect(self) -> tuple[sa.Engine, sa.Table]:
+        engine, table, _ = self._connect_with_ledger()
+        return engine, table
+
+    def _connect_with_ledger(self) -> tuple[sa.Engine, sa.Table, sa.Table]:
         with self._lock:
-            if self._engine is None or self._table is None:
+            if self._engine is None or self._table is None or self._ledger is None:
                 engine = self._engine or self._create_engine()
                 self._engine = engine
-                table = target_table(self.config.table, sa.MetaData())
-                try:
-                    table.create(engine, checkfirst=True)
-                except sa.exc.IntegrityError:
-                    pass  # another worker created it a moment ago
-                except sa.exc.ProgrammingError as error:
-                    if "already exists" not in str(error):
-                        raise _translate(error, "create table", "sql target") from None
-                except sa.exc.SQLAlchemyError as error:
-                    raise _translate(error, "create table", "sql target") from None
-                self._table = table
-            return self._engine, self._table
+                metadata = sa.MetaData()
+                table = target_table(self.config.table, metadata)
+                ledger = ledger_table(self.config.table, metadata)
+                for created in (table, ledger):
+                    _create_if_missing(engine, created)
+                self._table, self._ledger = table, ledger
+            return self._engine, self._table, self._ledger
 
     def _create_engine(self) -> sa.Engine:
-        return create_engine(
+        engine = create_engine(
             self.config.url,
             self.config.password_env,
             "sql target",
             json_serializer=lambda value: orjson.dumps(value).decode(),
         )
+        if engine.dialect.name == "sqlite":
+            _begin_sqlite_writes_immediately(engine)
+        return engine
 
     def _instant(self, engine: sa.Engine, value: datetime) -> datetime:
         # SQLite keeps no zone: store and compare naive UTC there.
@@ -146,18 +263,53 @@ class SqlTarget:
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
-    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage) -> int:
-        """Replace the window's rows with the manifest's documents in one transaction.
+    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage, fence: int) -> int:
+        """Replace the window's rows with the manifest's documents in one transaction, fenced.
 
-        Raises TerminalError, committing nothing, if the staged files hold a different number
-        of documents than the manifest lists."""
-        engine, table = self._connect()
+        The transaction's first statement moves the window's ledger row to `fence`, guarded by
+        `fence < :fence` (`record_fence`); then the window's rows are deleted and the staged
+        ones inserted (COPY on PostgreSQL). If the guard matches nothing, the transaction rolls
+        back and this raises `StaleFenceError`. Taking the ledger row first serialises two
+        loads of one window: on PostgreSQL the later one waits on the row lock, on SQLite at
+        `BEGIN IMMEDIATE`, and re-checks the guard when the first ends.
+
+        Timeline, A paused with fence 3 while B takes the window over with fence 5:
+
+        A first:  A moves the ledger row to 3 (row locked), then freezes (SIGSTOP, GC) inside
+                  its transaction; its Redis lock expires, cleanup requeues, B claims the
+                  window (fence 5) and waits on A's ledger row. A wakes and commits its rows
+                  (ledger 3). B's guard re-checks 3 < 5: B deletes A's rows, inserts its own
+                  and commits (ledger 5). The window holds B's rows once; A's record commit is
+                  refused by the state store (its fence is 5 now).
+        B first:  A freezes before its transaction; B claims (fence 5), loads and commits
+                  (ledger 5). A wakes: its guard 5 < 3 matches nothing, A rolls back and
+                  raises StaleFenceError. The window holds B's rows once.
+
+        Also raises TerminalError, committing nothing, if the staged files hold a different
+        number of documents than the manifest lists."""
+        engine, table, ledger = self._connect_with_ledger()
         start = self._instant(engine, manifest.window_start)
         end = self._instant(engine, manifest.window_end)
         loaded_at = self._instant(engine, utc_now())
         loaded = 0
         try:
-            with engine.begin() as conn:
+            with engine.execution_options(**_WRITE).begin() as conn:
+                recorded = record_fence(
+                    conn,
+                    ledger,
+                    pipeline=pipeline,
+                    window_start=start,
+                    fence=fence,
+                    # Committed only if the staged files hold exactly this many (checked below).
+                    rows=manifest.rows,
+                    loaded_at=loaded_at,
+                )
+                if recorded is not None:
+                    # Raised inside the transaction: it rolls back, nothing changed.
+                    raise StaleFenceError(
+                        "sql target: "
+                        + stale_fence_error(pipeline, manifest.window_start, fence, recorded)
+                    )
                 conn.execute(
                     sa.delete(table).where(
                         table.c.pipeline == pipeline, table.c.window_start == start
@@ -235,3 +387,39 @@ class SqlTarget:
                 self._engine.dispose()
             self._engine = None
             self._table = None
+            self._ledger = None
+
+
+def _create_if_missing(engine: sa.Engine, table: sa.Table) -> None:
+    try:
+        table.create(engine, checkfirst=True)
+    except sa.exc.IntegrityError:
+        pass  # another worker created it a moment ago
+    except sa.exc.ProgrammingError as error:
+        if "already exists" not in str(error):
+            raise _translate(error, "create table", "sql target") from None
+    except sa.exc.SQLAlchemyError as error:
+        raise _translate(error, "create table", "sql target") from None
+
+
+_WRITE = {"windowpipe_sqlite_begin": "BEGIN IMMEDIATE"}
+"""Execution options of a load's transaction: on SQLite it takes the write lock at BEGIN."""
+
+
+def _begin_sqlite_writes_immediately(engine: sa.Engine) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, begin SQLite transactions, and begin a load's
+    with `BEGIN IMMEDIATE`.
+
+    The sqlite3 module's own BEGIN is deferred: two loads of one window would both read the
+    ledger under a shared lock, then one would fail to upgrade ("database is locked") instead
+    of waiting. With the write lock taken at BEGIN, the second load waits there (up to the
+    busy timeout) and then sees the first one's fence. Reads still begin deferred.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("windowpipe_sqlite_begin", "BEGIN"))

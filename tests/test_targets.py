@@ -224,7 +224,7 @@ def test_loading_a_window_stores_each_document_once_with_its_lineage(backend: Ba
     manifest = stage_window(backend.stage, WINDOW, docs, "run1")
     assert len(manifest.files) > 1
 
-    assert target.load_window(PIPELINE, manifest, backend.stage) == 40
+    assert target.load_window(PIPELINE, manifest, backend.stage, fence=1) == 40
     assert target.count_window(PIPELINE, WINDOW) == 40
     rows = backend.rows(WINDOW)
     assert sorted(row["doc_id"] for row in rows) == sorted(doc.id for doc in docs)
@@ -239,10 +239,10 @@ def test_loading_a_window_stores_each_document_once_with_its_lineage(backend: Ba
 def test_loading_the_same_manifest_again_does_not_duplicate(backend: Backend) -> None:
     target = backend.make()
     manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 25), "run1")
-    target.load_window(PIPELINE, manifest, backend.stage)
+    target.load_window(PIPELINE, manifest, backend.stage, fence=1)
 
-    assert target.load_window(PIPELINE, manifest, backend.stage) == 25
-    assert backend.make().load_window(PIPELINE, manifest, backend.stage) == 25  # another worker
+    assert target.load_window(PIPELINE, manifest, backend.stage, fence=2) == 25
+    assert backend.make().load_window(PIPELINE, manifest, backend.stage, fence=3) == 25  # another worker
     assert target.count_window(PIPELINE, WINDOW) == 25
     assert len({row["doc_id"] for row in backend.rows(WINDOW)}) == 25
 
@@ -250,10 +250,10 @@ def test_loading_the_same_manifest_again_does_not_duplicate(backend: Backend) ->
 def test_loading_a_re_extracted_window_replaces_its_rows(backend: Backend) -> None:
     target = backend.make()
     first = stage_window(backend.stage, WINDOW, documents(WINDOW, 30, "old"), "run1")
-    target.load_window(PIPELINE, first, backend.stage)
+    target.load_window(PIPELINE, first, backend.stage, fence=1)
 
     second = stage_window(backend.stage, WINDOW, documents(WINDOW, 12, "new"), "run2")
-    assert target.load_window(PIPELINE, second, backend.stage) == 12
+    assert target.load_window(PIPELINE, second, backend.stage, fence=2) == 12
 
     assert target.count_window(PIPELINE, WINDOW) == 12
     assert {row["doc"]["tag"] for row in backend.rows(WINDOW)} == {"new"}
@@ -265,10 +265,11 @@ def test_reloading_a_window_leaves_the_next_window_untouched(backend: Backend) -
         PIPELINE,
         stage_window(backend.stage, NEXT_WINDOW, documents(NEXT_WINDOW, 9, "b"), "r1"),
         backend.stage,
+        fence=1,
     )
     manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 5), "r1")
-    target.load_window(PIPELINE, manifest, backend.stage)
-    target.load_window(PIPELINE, manifest, backend.stage)
+    target.load_window(PIPELINE, manifest, backend.stage, fence=1)
+    target.load_window(PIPELINE, manifest, backend.stage, fence=2)
 
     assert target.count_window(PIPELINE, WINDOW) == 5
     assert target.count_window(PIPELINE, NEXT_WINDOW) == 9
@@ -279,12 +280,15 @@ def test_an_empty_manifest_empties_the_window(backend: Backend) -> None:
     target = backend.make()
     assert target.count_window(PIPELINE, WINDOW) == 0
     target.load_window(
-        PIPELINE, stage_window(backend.stage, WINDOW, documents(WINDOW, 3), "r1"), backend.stage
+        PIPELINE,
+        stage_window(backend.stage, WINDOW, documents(WINDOW, 3), "r1"),
+        backend.stage,
+        fence=1,
     )
 
     empty = stage_window(backend.stage, WINDOW, [], "r2")
     assert empty.rows == 0
-    assert target.load_window(PIPELINE, empty, backend.stage) == 0
+    assert target.load_window(PIPELINE, empty, backend.stage, fence=2) == 0
     assert target.count_window(PIPELINE, WINDOW) == 0
 
 
@@ -305,7 +309,7 @@ def test_unicode_and_large_documents_round_trip(backend: Backend) -> None:
     ]
     manifest = stage_window(backend.stage, WINDOW, docs, "r1")
 
-    assert target.load_window(PIPELINE, manifest, backend.stage) == 3
+    assert target.load_window(PIPELINE, manifest, backend.stage, fence=1) == 3
     assert {row["doc_id"]: row["doc"] for row in backend.rows(WINDOW)} == {
         doc.id: doc.body for doc in docs
     }
@@ -316,12 +320,12 @@ def test_a_manifest_that_disagrees_with_its_files_is_refused_and_nothing_changes
 ) -> None:
     target = backend.make()
     manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 6), "r1")
-    target.load_window(PIPELINE, manifest, backend.stage)
+    target.load_window(PIPELINE, manifest, backend.stage, fence=1)
     replacement = stage_window(backend.stage, WINDOW, documents(WINDOW, 4, "new"), "r2")
     replacement.rows = 5  # the files hold 4
 
     with pytest.raises(TerminalError, match="manifest"):
-        target.load_window(PIPELINE, replacement, backend.stage)
+        target.load_window(PIPELINE, replacement, backend.stage, fence=2)
     assert target.count_window(PIPELINE, WINDOW) == 6
 
 
@@ -359,7 +363,7 @@ def test_snowflake_loads_more_than_1000_files_in_several_copies(snowflake_backen
     assert [statement.count(".ndjson.gz'") for statement in statements] == [1000, 5]
 
     target = snowflake_backend.make()
-    assert target.load_window(PIPELINE, manifest, snowflake_backend.stage) == 1005
+    assert target.load_window(PIPELINE, manifest, snowflake_backend.stage, fence=1) == 1005
     assert target.count_window(PIPELINE, WINDOW) == 1005
 
 
@@ -367,11 +371,11 @@ def test_snowflake_missing_stage_is_terminal_and_keeps_the_window(
     snowflake_backend: Backend,
 ) -> None:
     manifest = stage_window(snowflake_backend.stage, WINDOW, documents(WINDOW, 4), "r1")
-    snowflake_backend.make().load_window(PIPELINE, manifest, snowflake_backend.stage)
+    snowflake_backend.make().load_window(PIPELINE, manifest, snowflake_backend.stage, fence=1)
 
     with pytest.raises(TerminalError, match="does not exist") as caught:
         snowflake_backend.make(stage="NO_SUCH_STAGE").load_window(
-            PIPELINE, manifest, snowflake_backend.stage
+            PIPELINE, manifest, snowflake_backend.stage, fence=2
         )
     assert "\n" not in str(caught.value)
     assert snowflake_backend.make().count_window(PIPELINE, WINDOW) == 4

@@ -578,7 +578,7 @@ def _probe_snowflake(
     ]
     try:
         manifest = stage.write_window("probe", window, "probe", [Batch(documents=docs)])
-        loaded = target.load_window("probe", manifest, stage)
+        loaded = target.load_window("probe", manifest, stage, fence=1)
         counted = target.count_window("probe", window)
         if loaded != 2 or counted != 2:
             raise DemoError(f"a probe load of 2 rows loaded {loaded}, counted {counted}")

@@ -7,9 +7,21 @@ A window is loaded in three steps on one session:
    load instead of being skipped, and `FORCE=TRUE` because the landing table is new each time
    and idempotency is ours (below), not Snowflake's 64-day load history. The COPY keeps each
    row's lineage: `METADATA$FILENAME` and `METADATA$FILE_ROW_NUMBER`.
-2. `BEGIN; DELETE` the window's rows; `INSERT ... SELECT` from the landing table; `COMMIT`:
-   a retried, duplicated or forced load replaces the window, never adds to it.
+2. One explicit transaction: `BEGIN`; move the window's row in the ledger table
+   (`WINDOWPIPE_LEDGER`, beside the target table) to this load's fencing token, guarded by
+   `fence < ?` (`advance_fence_sql`, else `insert_fence_sql` when the window has no row yet);
+   if neither changed a row, a newer load already happened: `ROLLBACK` and refuse. Else
+   `DELETE` the window's rows; `INSERT ... SELECT` from the landing table; `COMMIT`. A
+   retried, duplicated or forced load replaces the window, never adds to it, and a stale one
+   (its worker paused past its lock) changes nothing.
 3. Drop the landing table.
+
+Why UPDATE then INSERT-if-absent rather than one MERGE: Snowflake holds the lock an UPDATE,
+DELETE or MERGE takes on a table until the transaction ends, so the ledger UPDATE, which
+every load runs first, serialises two loads of one window either way: the later one waits,
+then its statements see the earlier one's committed fence. fakesnow 0.12 runs a MERGE as a
+temporary table plus several statements, which DuckDB refuses inside an explicit
+transaction; these two statements behave the same on both.
 
 Identifiers come from the config: each must be a plain Snowflake name (letters, digits, `_`,
 `$`), which is upper-cased and quoted, so it means what the same name unquoted means in
@@ -38,6 +50,10 @@ COLUMNS = (
     "file_row",
 )
 """The target table's columns, in the order `insert_window_sql` fills them."""
+
+LEDGER_TABLE = "WINDOWPIPE_LEDGER"
+"""The ledger table, in the target table's schema: per window, the newest fence that loaded
+it."""
 
 BEGIN = "BEGIN"
 COMMIT = "COMMIT"
@@ -68,10 +84,12 @@ def check_path(path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Names:
-    """The quoted, fully qualified names of the target table and the Snowflake stage."""
+    """The quoted, fully qualified names of the target table, its ledger and the Snowflake
+    stage."""
 
     table: str
     stage: str
+    ledger: str
 
     @classmethod
     def of(cls, database: str, schema: str, table: str, stage: str) -> Names:
@@ -79,6 +97,7 @@ class Names:
         return cls(
             table=prefix + quote_identifier(table, "table"),
             stage=prefix + quote_identifier(stage, "stage"),
+            ledger=prefix + quote_identifier(LEDGER_TABLE),
         )
 
 
@@ -95,6 +114,46 @@ def create_table_sql(table: str) -> str:
         "source_file STRING, "
         "file_row NUMBER)"
     )
+
+
+def create_ledger_sql(ledger: str) -> str:
+    """The ledger table, created if missing. `row_count`, since ROWS is reserved in Snowflake.
+    The primary key is informational in Snowflake (not enforced): the ledger UPDATE's lock is
+    what keeps one row per window."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {ledger} ("
+        "pipeline STRING NOT NULL, "
+        "window_start TIMESTAMP_NTZ NOT NULL, "
+        "fence NUMBER NOT NULL, "
+        "row_count NUMBER NOT NULL, "
+        "loaded_at TIMESTAMP_NTZ NOT NULL, "
+        "PRIMARY KEY (pipeline, window_start))"
+    )
+
+
+def advance_fence_sql(ledger: str) -> str:
+    """Move the window's ledger row to a newer fence; binds (fence, row_count, loaded_at,
+    pipeline, window_start, fence). Updates no row when the recorded fence is not older, or
+    when the window has no row yet."""
+    return (
+        f"UPDATE {ledger} SET fence = ?, row_count = ?, loaded_at = ? "
+        "WHERE pipeline = ? AND window_start = ? AND fence < ?"
+    )
+
+
+def insert_fence_sql(ledger: str) -> str:
+    """The window's first ledger row, only if it has none; binds (pipeline, window_start,
+    fence, row_count, loaded_at, pipeline, window_start)."""
+    return (
+        f"INSERT INTO {ledger} (pipeline, window_start, fence, row_count, loaded_at) "
+        "SELECT ?, ?, ?, ?, ? "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {ledger} WHERE pipeline = ? AND window_start = ?)"
+    )
+
+
+def recorded_fence_sql(ledger: str) -> str:
+    """The fence that loaded a window last; binds (pipeline, window_start)."""
+    return f"SELECT MAX(fence) FROM {ledger} WHERE pipeline = ? AND window_start = ?"
 
 
 def create_landing_sql(landing: str) -> str:

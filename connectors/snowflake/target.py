@@ -3,7 +3,7 @@
 The Snowflake stage (`config.stage`, external over the S3 bucket + prefix, or over a `local`
 stage directory) sees the same relative paths as the manifest, so the target loads exactly the
 manifest's files by name, never whatever else lies in the window's directory. See
-`connectors.snowflake.sql` for the statements and why they are idempotent.
+`connectors.snowflake.sql` for the statements and why they are idempotent and fenced.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from connectors.base import Manifest, Stage
 from connectors.snowflake import sql
 from connectors.snowflake.client import connect, translate
 from core.config import SnowflakeTargetConfig
-from core.errors import TerminalError, TransientError, WindowpipeError
-from core.instants import utc_now
+from core.errors import StaleFenceError, TerminalError, TransientError, WindowpipeError
+from core.instants import format_instant, utc_now
 from core.windows import Window
 
 
@@ -49,7 +49,9 @@ class SnowflakeTarget:
         if self._connection is None:
             connection = connect(self.config)
             try:
-                connection.cursor().execute(sql.create_table_sql(self.names.table))
+                cursor = connection.cursor()
+                cursor.execute(sql.create_table_sql(self.names.table))
+                cursor.execute(sql.create_ledger_sql(self.names.ledger))
             except Exception as error:
                 connection.close()
                 raise translate(error, "create table") from None
@@ -64,16 +66,33 @@ class SnowflakeTarget:
 
     # -- the Target contract --
 
-    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage) -> int:
-        """Replace the window's rows with the manifest's files, in one transaction.
+    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage, fence: int) -> int:
+        """Replace the window's rows with the manifest's files in one transaction, fenced.
 
-        Raises TerminalError if Snowflake loaded a different number of rows than the manifest
-        says the files hold (nothing is committed then).
+        Inside the transaction, before touching the rows, the window's ledger row moves to
+        `fence`, guarded by `fence < ?`; if that changes no row, the transaction rolls back and
+        this raises `StaleFenceError`. Snowflake holds the ledger UPDATE's table lock until
+        COMMIT, so a second load of the window waits at its own ledger UPDATE, then sees the
+        first one's fence.
+
+        Timeline, A paused with fence 3 while B takes the window over with fence 5:
+
+        A first:  A has moved the ledger to 3 inside its transaction and freezes; its Redis
+                  lock expires, B claims (fence 5) and waits on the ledger's lock. A wakes and
+                  commits its rows (ledger 3); B's UPDATE then runs: 3 < 5, B replaces A's rows
+                  and commits (ledger 5). A's record commit is refused by the state store.
+        B first:  A freezes before its transaction (say, during its COPY into the landing
+                  table); B loads and commits (ledger 5). A wakes: its UPDATE matches nothing
+                  (5 < 3 is false) and the row exists, so A rolls back and raises
+                  StaleFenceError. Either way the window holds B's rows once.
+
+        Also raises TerminalError if Snowflake loaded a different number of rows than the
+        manifest says the files hold (nothing is committed then).
         """
         del stage  # Snowflake reads the files itself, through its own stage
         with self._lock:
             try:
-                return self._load(pipeline, manifest)
+                return self._load(pipeline, manifest, fence)
             except WindowpipeError as error:
                 if isinstance(error, TransientError):
                     self._drop_session()
@@ -84,11 +103,12 @@ class SnowflakeTarget:
                     self._drop_session()
                 raise translated from None
 
-    def _load(self, pipeline: str, manifest: Manifest) -> int:
+    def _load(self, pipeline: str, manifest: Manifest, fence: int) -> int:
         connection = self._session()
         cursor = connection.cursor()
         landing = sql.quote_identifier(f"WINDOWPIPE_LANDING_{uuid.uuid4().hex[:16]}")
         start, end = _ntz(manifest.window_start), _ntz(manifest.window_end)
+        loaded_at = _ntz(utc_now())
         cursor.execute(sql.create_landing_sql(landing))
         try:
             landed = 0
@@ -102,10 +122,17 @@ class SnowflakeTarget:
                 )
             cursor.execute(sql.BEGIN)
             try:
+                recorded = self._record_fence(cursor, pipeline, start, fence, landed, loaded_at)
+                if recorded is not None:
+                    raise StaleFenceError(
+                        f"snowflake target: refused a stale load of window {pipeline} "
+                        f"{format_instant(manifest.window_start)}: its fence {fence} is not "
+                        f"newer than fence {recorded}, which loaded the window last"
+                    )
                 cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
                 cursor.execute(
                     sql.insert_window_sql(self.names.table, landing),
-                    (start, end, pipeline, _ntz(utc_now())),
+                    (start, end, pipeline, loaded_at),
                 )
                 inserted = _first_int(cursor.fetchone())
                 cursor.execute(sql.COMMIT)
@@ -115,6 +142,39 @@ class SnowflakeTarget:
         finally:
             _drop_quietly(cursor, landing)
         return inserted if inserted is not None else landed
+
+    def _record_fence(
+        self,
+        cursor: Any,
+        pipeline: str,
+        start: datetime,
+        fence: int,
+        rows: int,
+        loaded_at: datetime,
+    ) -> int | None:
+        """Move the window's ledger row to `fence` inside the open transaction; None when it
+        did, else the recorded fence that refuses this load."""
+        ledger = self.names.ledger
+        cursor.execute(
+            sql.advance_fence_sql(ledger), (fence, rows, loaded_at, pipeline, start, fence)
+        )
+        if _first_int(cursor.fetchone()):
+            return None
+        cursor.execute(
+            sql.insert_fence_sql(ledger),
+            (pipeline, start, fence, rows, loaded_at, pipeline, start),
+        )
+        if _first_int(cursor.fetchone()):
+            return None
+        cursor.execute(sql.recorded_fence_sql(ledger), (pipeline, start))
+        recorded = _first_int(cursor.fetchone())
+        if recorded is None:
+            # Neither updated nor inserted, yet no row: the statements disagree with each
+            # other; never load unfenced.
+            raise TerminalError(
+                f"snowflake target: the ledger {ledger} took no fence for this window"
+            )
+        return recorded
 
     def count_window(self, pipeline: str, window: Window) -> int:
         """Rows the table holds for the window."""
