@@ -1,6 +1,16 @@
-"""The `windowpipe` command line (typer): check, plan, enqueue, status, validate, locks, demo.
+"""The `windowpipe` command line (typer): check, plan, enqueue, status, validate, locks, migrate,
+demo.
 
-Errors are one line on stderr; exit status 2 for bad input, 1 for a failed run.
+Errors are one line on stderr, `windowpipe: error: ...`; exit status 2 for bad input (a bad
+config, argument, option or range, a state store without the schema), 1 for a failed run (a
+system unreachable, a window dead). Every command runs through one guard, `_GuardedGroup.main`:
+click's usage errors, windowpipe's errors and anything unexpected all end as that one line,
+never a traceback (`WINDOWPIPE_LOG_LEVEL=DEBUG` adds the traceback of an unexpected error).
+
+Nothing is written before the input is known to be good: the config (every URL included) is
+validated first, then the arguments and the range, then the systems are reached, and only then
+does a write command write. Read commands (`plan`, `status`, `validate`, `locks`, `check`)
+never change the state store's schema; `migrate` does, and so does `enqueue`, which writes.
 """
 
 from __future__ import annotations
@@ -8,31 +18,138 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from core.config import Config, PipelineConfig, load_config
 from core.errors import BadInputError, WindowpipeError
-from core.instants import format_instant, parse_instant, utc_now
+from core.instants import format_duration, format_instant, parse_instant, utc_now
 from core.records import FINISHED, WindowKind, WindowRecord, WindowStatus
-from core.windows import due_windows, windows_in_range
+from core.windows import Window, align_down, windows_in_range
+
+if TYPE_CHECKING:
+    from core.store import StateStore
+
+MAX_ENQUEUE_WINDOWS = 100_000
+"""The most windows one `enqueue` may create; a longer backfill is split into several ranges."""
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+"""How long a command waits for Redis or the broker to answer before calling it unreachable."""
+
+T = TypeVar("T")
+
+_click_errors: Any = sys.modules[typer.BadParameter.__module__]
+"""The exceptions of the click typer parses with: typer >= 0.2x vendors its own copy of click
+(`typer._click`), older typer uses click itself; `typer.BadParameter` lives in either one."""
+
+
+class _NeverRaised(Exception):
+    """Stands in for NoArgsIsHelpError with a click that does not have it (before 8.2)."""
+
+
+_NoArgsIsHelp: type[Exception] = getattr(_click_errors, "NoArgsIsHelpError", _NeverRaised)
+_UsageError: type[Exception] = _click_errors.UsageError
+_ClickException: type[Exception] = _click_errors.ClickException
+_Abort = (typer.Abort, getattr(_click_errors, "Abort", typer.Abort))
+
+
+def _error_line(message: str) -> None:
+    """Print `windowpipe: error: MESSAGE` as exactly one line on stderr."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"windowpipe: error: {text}", file=sys.stderr)
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (drivers add hints and URLs below it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _usage_message(error: Any) -> str:
+    message = error.format_message().strip().rstrip(".")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    if error.ctx is None:
+        return message
+    path = error.ctx.command_path
+    command = path.split(" ", 1)[1] if " " in path else None
+    where = f"{command}: " if command else ""
+    return f"{where}{message} (see `{path} --help`)"
+
+
+def _exit_status(run: Callable[[], Any]) -> int:
+    """Run the command line; every error becomes one line on stderr and an exit status."""
+    try:
+        result = run()
+    except _NoArgsIsHelp as error:
+        # `windowpipe` alone asks for the help, like `windowpipe --help`.
+        print(error.format_message())  # type: ignore[attr-defined]
+        return 0
+    except _UsageError as error:
+        _error_line(_usage_message(error))
+        return 2
+    except _Abort:
+        _error_line("aborted")
+        return 1
+    except _ClickException as error:
+        _error_line(error.format_message())  # type: ignore[attr-defined]
+        return int(error.exit_code)  # type: ignore[attr-defined]
+    except BadInputError as error:
+        _error_line(str(error))
+        return 2
+    except WindowpipeError as error:
+        _error_line(str(error))
+        return 1
+    except Exception as error:
+        # A system failed in a way no command anticipated (a connection dropped mid-command):
+        # a failed run, in one line. The traceback is there for whoever asks for it.
+        if os.environ.get("WINDOWPIPE_LOG_LEVEL", "").upper() == "DEBUG":
+            traceback.print_exc()
+        _error_line(f"{type(error).__name__}: {_first_line(error)}")
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+class _GuardedGroup(TyperGroup):
+    """The `windowpipe` group: click runs in non-standalone mode, so its usage errors reach
+    `_exit_status` instead of being drawn as a framed box, and so do every command's errors."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        status = _exit_status(
+            lambda: super(_GuardedGroup, self).main(
+                args, prog_name or "windowpipe", complete_var, standalone_mode=False, **extra
+            )
+        )
+        if standalone_mode:
+            sys.exit(status)
+        return status
+
 
 app = typer.Typer(
     name="windowpipe",
     help="Time-windowed pipelines from a search engine to a warehouse, on Celery workers.",
+    cls=_GuardedGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 out = Console(soft_wrap=True)
-T = TypeVar("T")
 
 ConfigOption = Annotated[
     Path | None,
@@ -48,7 +165,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON list of o
 
 def fail(message: str, status: int = 2) -> NoReturn:
     """Print one line on stderr and exit (2: bad input, 1: a failed run)."""
-    print(f"windowpipe: error: {message}", file=sys.stderr)
+    _error_line(message)
     raise typer.Exit(status)
 
 
@@ -80,24 +197,152 @@ def _print_json(rows: list[dict[str, Any]]) -> None:
     sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def _store(config: Config, *, create: bool = True) -> Any:
-    """The state store; with create=False, None when a SQLite file does not exist yet."""
+# --- reaching the systems --------------------------------------------------------------------
+
+
+def _shown(url: str) -> str:
+    """A URL fit for a message: its password masked."""
     from sqlalchemy.engine import make_url
 
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<the configured URL>"
+
+
+class StoreUnreachableError(WindowpipeError):
+    """The state store's database did not answer (or could not be opened): a failed run."""
+
+
+def _reaching_store(store: StateStore, call: Callable[[], T]) -> T:
+    """`call()` on the state store; a database that cannot be reached is StoreUnreachableError."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        return call()
+    except DBAPIError as error:
+        reason = _first_line(error.orig or error)
+        raise StoreUnreachableError(
+            f"cannot reach the state store at {_shown(store.url)}: {reason}"
+        ) from None
+
+
+def _open_store(config: Config) -> StateStore:
     from core.store import StateStore
 
-    url = config.settings.state_url
+    return guarded(lambda: StateStore(config.settings.state_url))
+
+
+def _schema_problem(store: StateStore) -> str | None:
+    """Why the state store cannot be read by this windowpipe yet, or None; runs no DDL."""
+    current, head = _reaching_store(store, store.schema_revision)
+    if current == head:
+        return None
+    where = f"the state store at {_shown(store.url)}"
+    if current is None:
+        return f"{where} has no windowpipe schema; run `windowpipe migrate`"
+    if not _known_revision(current):
+        return (
+            f"{where} is at schema revision {current}, which this windowpipe does not know "
+            f"(was it migrated by a newer windowpipe?); this windowpipe needs {head}"
+        )
+    return (
+        f"{where} is at schema revision {current}, this windowpipe needs {head}; "
+        f"run `windowpipe migrate`"
+    )
+
+
+def _known_revision(revision: str) -> bool:
+    """True when `revision` is one of the migrations this windowpipe ships."""
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    from core.store import MIGRATIONS_DIR
+
     try:
-        parsed = make_url(url)
-    except Exception:
-        fail(f"{config.path}: windowpipe.state_url: not a valid SQLAlchemy URL")
-    if not create and parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:" and not Path(database).exists():
-            return None
-    store = StateStore(url)
-    store.migrate()
+        return ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def _read_store(config: Config) -> StateStore:
+    """The state store for a command that reads it (or repairs records): never runs DDL; a
+    database without the newest schema is refused in one line, exit 2, and left as it was."""
+    store = _open_store(config)
+    problem = _schema_problem(store)
+    if problem:
+        store.dispose()
+        fail(problem, 2)
     return store
+
+
+def _write_store(config: Config) -> StateStore:
+    """The state store for a command that writes windows: migrated to the newest schema."""
+    store = _open_store(config)
+    _reaching_store(store, store.migrate)
+    return store
+
+
+def _systems_to_ping(config: Config) -> list[tuple[str, str]]:
+    """(what, URL) of every message system a command that sends work must reach first."""
+    settings = config.settings
+    named = [
+        ("redis", settings.redis_url),
+        ("broker", settings.broker_url),
+        ("result backend", settings.result_backend_url),
+    ]
+    seen: set[str] = set()
+    systems = []
+    for what, url in named:
+        if url and url not in seen:
+            seen.add(url)
+            systems.append((what, url))
+    return systems
+
+
+def _ping(url: str) -> None:
+    """Connect to a Redis or AMQP URL and check it answers; raises on failure."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            socket_timeout=CONNECT_TIMEOUT_SECONDS,
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+
+
+def _unreachable(config: Config) -> list[str]:
+    """One line per message system (Redis, broker, result backend) that does not answer."""
+    problems = []
+    for what, url in _systems_to_ping(config):
+        try:
+            _ping(url)
+        except Exception as error:
+            problems.append(f"{what} at {_shown(url)} is unreachable: {_first_line(error)}")
+    return problems
+
+
+def _redis_client(config: Config) -> Any:
+    """A client of `redis_url` that answered a ping; an unreachable Redis is exit 1."""
+    import redis
+
+    url = config.settings.redis_url
+    client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        fail(f"redis at {_shown(url)} is unreachable: {_first_line(error)}", 1)
+    return client
 
 
 # --- check ------------------------------------------------------------------------------------
@@ -116,18 +361,16 @@ def check(config_path: ConfigOption = None) -> None:
 
 
 def _reach_everything(config: Config) -> list[str]:
-    import redis
-
-    problems = []
+    problems = _unreachable(config)
+    store = _open_store(config)
     try:
-        redis.Redis.from_url(config.settings.redis_url, socket_timeout=5).ping()
-    except Exception as error:
-        problems.append(f"redis: {type(error).__name__}: {error}")
-    try:
-        store = _store(config)
-        store.counts_by_status()
-    except Exception as error:
-        problems.append(f"state store: {type(error).__name__}: {error}")
+        problem = _schema_problem(store)
+    except StoreUnreachableError as error:
+        problem = str(error)
+    finally:
+        store.dispose()
+    if problem:
+        problems.append(f"state store: {problem}")
     for name, pipeline in config.pipelines.items():
         problems += _reach_pipeline(name, pipeline)
     return problems
@@ -172,19 +415,10 @@ def plan(
     config = _config(config_path, require_secrets=False)
     settings = guarded(lambda: config.pipeline(pipeline))
     at = _instant(now, "--now") if now else utc_now()
-    store = _store(config, create=False)
-    if store is None:
-        windows = due_windows(
-            origin=settings.start,
-            size=settings.window,
-            lag=settings.lag,
-            max_windows=settings.max_windows_per_tick,
-            now=at,
-        )
-    else:
-        from core.dispatch import planned_windows
+    from core.dispatch import planned_windows
 
-        windows = guarded(lambda: planned_windows(store, settings, at))
+    store = _read_store(config)
+    windows = guarded(lambda: _reaching_store(store, lambda: planned_windows(store, settings, at)))
     rows = [
         {
             "pipeline": pipeline,
@@ -219,33 +453,28 @@ def enqueue(
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until every window of the range finished.")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="With --wait: give up after seconds.")] = 3600,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="With --wait: give up after seconds.")
+    ] = 3600,
     config_path: ConfigOption = None,
 ) -> None:
     """Manual runs and backfills: create the windows in [start, end) and enqueue their chains."""
     config = _config(config_path)
     settings = guarded(lambda: config.pipeline(pipeline))
     first, last = _instant(start, "--start"), _instant(end, "--end")
-    if last <= first:
-        fail(f"--end {format_instant(last)} must be after --start {format_instant(first)}")
-    try:
-        windows = windows_in_range(
-            origin=settings.start, size=settings.window, start=first, end=last
-        )
-    except ValueError as error:
-        fail(str(error))
-    now = utc_now()
-    if windows[-1].end + settings.lag > now:
-        fail(
-            f"--end {format_instant(last)} is not complete yet: a window is due once its end "
-            f"plus the lag ({settings.lag}) has passed"
-        )
-    store = _store(config)
+    windows = _backfill_windows(settings, first, last, utc_now())
+    # Everything the run needs must answer before the first window is written.
+    problems = _unreachable(config)
+    if problems:
+        fail(problems[0], 1)
+    from workers.runtime import send_chain
+
+    store = _write_store(config)
     created = store.create_windows(pipeline, windows, kind=WindowKind.MANUAL)
     reset = 0
     if force:
         reset = store.reset_for_rerun(pipeline, [w.start for w in windows], kind=WindowKind.MANUAL)
-    queued = _dispatch_now(config, settings, store)
+    queued = _dispatch_now(config, settings, store, send_chain)
     print(
         f"{pipeline}: {len(windows)} window(s) in range, {len(created)} created, "
         f"{reset} reset for re-run, {queued} queued now (the rest follow as windows finish)"
@@ -254,11 +483,54 @@ def enqueue(
         _wait_for(store, pipeline, windows[0].start, windows[-1].end, timeout)
 
 
-def _dispatch_now(config: Config, settings: PipelineConfig, store: Any) -> int:
+def _backfill_windows(
+    settings: PipelineConfig, first: datetime, last: datetime, now: datetime
+) -> list[Window]:
+    """The windows `enqueue` creates for `[first, last)`, after every check of the range.
+
+    The range is refused (exit 2) before a single window is built when it is empty, reaches
+    beyond the newest window that is due `now` (windows are due once `end + lag <= now`, as in
+    generation), or holds more than MAX_ENQUEUE_WINDOWS windows; so an unbounded `--end` costs
+    nothing. Bounds that are not window boundaries are refused by `windows_in_range`, which
+    names the nearest boundaries.
+    """
+    origin, size, lag = settings.start, settings.window, settings.lag
+    if last <= first:
+        fail(f"--end {format_instant(last)} must be after --start {format_instant(first)}")
+    # Compare with `now - lag` rather than `last + lag`: an end near year 9999 plus a lag would
+    # overflow.
+    horizon = now - lag
+    if last > horizon:
+        newest = align_down(horizon, origin, size) if horizon >= origin + size else None
+        due = (
+            f"the newest due window ends at {format_instant(newest)}"
+            if newest is not None
+            else f"no window of {settings.name} is due yet"
+        )
+        fail(
+            f"--end {format_instant(last)} is beyond the newest due window: a window is due "
+            f"once its end plus the lag ({format_duration(lag)}) has passed; {due}"
+        )
+    span = last - max(first, origin)
+    count = -(-span // size) if span > timedelta(0) else 0
+    if count > MAX_ENQUEUE_WINDOWS:
+        fail(
+            f"--start {format_instant(first)} --end {format_instant(last)} holds {count:,} "
+            f"windows of {format_duration(size)}; one enqueue creates at most "
+            f"{MAX_ENQUEUE_WINDOWS:,}: split the range"
+        )
+    try:
+        return windows_in_range(origin=origin, size=size, start=first, end=last)
+    except ValueError as error:
+        fail(str(error))
+
+
+def _dispatch_now(
+    config: Config, settings: PipelineConfig, store: StateStore, send_chain: Any
+) -> int:
     import redis
 
     from core.dispatch import dispatch
-    from workers.runtime import send_chain
 
     client = redis.Redis.from_url(config.settings.redis_url)
     queued, _ = dispatch(
@@ -301,8 +573,8 @@ def status(
     config = _config(config_path, require_secrets=False)
     if pipeline is not None:
         guarded(lambda: config.pipeline(pipeline))
-    store = _store(config, create=False)
-    records: list[WindowRecord] = store.list_records(pipeline) if store else []
+    store = _read_store(config)
+    records: list[WindowRecord] = store.list_records(pipeline)
     if json:
         _print_json([r.to_json() for r in records])
         return
@@ -360,8 +632,9 @@ def validate(
 
     config = _config(config_path, require_secrets=False)
     settings = guarded(lambda: config.pipeline(pipeline))
-    store = _store(config, create=False)
-    records = store.list_records(pipeline) if store else []
+    # --rebuild writes records but never the schema: it needs the schema like a read does.
+    store = _read_store(config)
+    records = store.list_records(pipeline)
     problems = validate_chain(records, origin=settings.start, size=settings.window)
     for problem in problems:
         print(f"{problem.kind.value}: {problem.message}")
@@ -392,13 +665,14 @@ def locks(
     config_path: ConfigOption = None,
 ) -> None:
     """List held window locks; with --cleanup, release stale ones and requeue lost windows."""
-    import redis
-
     from core.locks import held_locks
 
     # Listing needs no secrets; a cleanup may start chains, which need them.
     config = _config(config_path, require_secrets=cleanup)
-    client = redis.Redis.from_url(config.settings.redis_url)
+    # Locks belong to the windows of one state store: refuse a store without the schema (the
+    # cleanup writes records, never the schema) before touching Redis.
+    store = _read_store(config)
+    client = _redis_client(config)
     held = held_locks(client)
     table = Table("pipeline", "window_start", "owner", "ttl_s", "owner_alive")
     for lock in held:
@@ -414,7 +688,9 @@ def locks(
         from core.recovery import cleanup as run_cleanup
         from workers.runtime import send_chain
 
-        store = _store(config)
+        problems = _unreachable(config)
+        if problems:
+            fail(problems[0], 1)
         report = run_cleanup(store, client, config, send_chain, utc_now())
         summary = report.summary()
         for label, key in (
@@ -426,6 +702,42 @@ def locks(
                 print(f"{label}: {line}")
         total = len(report.released) + len(report.requeued) + len(report.failed)
         print(f"cleanup: {total} change(s)")
+
+
+# --- migrate ----------------------------------------------------------------------------------
+
+
+@app.command()
+def migrate(config_path: ConfigOption = None) -> None:
+    """Create or upgrade the state store's schema (read commands never change it)."""
+    config = _config(config_path, require_secrets=False)
+    store = _open_store(config)
+    where = f"the state store at {_shown(store.url)}"
+    try:
+        before, head = _reaching_store(store, store.schema_revision)
+        if before == head:
+            print(f"{where} is at schema revision {head}, the newest: nothing to do")
+            return
+        try:
+            _reaching_store(store, store.migrate)
+        except _alembic_errors() as error:
+            fail(
+                f"cannot migrate {where} from schema revision {before}: {_first_line(error)} "
+                f"(was it migrated by a newer windowpipe?)",
+                1,
+            )
+        after, _ = _reaching_store(store, store.schema_revision)
+    finally:
+        store.dispose()
+    was = "had no windowpipe schema" if before is None else f"was at schema revision {before}"
+    print(f"{where} {was}; migrated to revision {after}")
+
+
+def _alembic_errors() -> tuple[type[Exception], ...]:
+    """What alembic raises for a revision it cannot resolve (one unknown to this windowpipe)."""
+    from alembic.util.exc import CommandError
+
+    return (CommandError,)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -462,7 +774,7 @@ def main() -> None:
     from core.logs import configure_logging
 
     configure_logging(os.environ.get("WINDOWPIPE_LOG_LEVEL", "WARNING"))
-    app()
+    typer.main.get_command(app).main(prog_name="windowpipe")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,10 @@ class SnowflakeTargetConfig(_Strict):
     port: int | None = None
     protocol: Literal["https", "http"] | None = None
     login_timeout: int = Field(default=60, ge=1)
+    network_timeout: int = Field(default=3600, ge=1)
+    """Seconds the Snowflake connector keeps retrying one failing request (it has no switch to
+    turn its retries off), and the longest a statement may run before the connector cancels it.
+    The default is the load stage's soft time limit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -180,6 +184,15 @@ class PipelineConfig(_Strict):
     max_backfill_windows: int = Field(default=4, ge=1)
     """At most this many manual/backfill windows queued or running at once."""
     max_attempts: int = Field(default=5, ge=1)
+    """Attempts of a window before it is dead (the outermost retry layer, core/retry.py)."""
+    step_attempts: int | None = Field(default=None, ge=1, le=100)
+    """Tries of one connector call inside a stage task; unset: the stage's default (3)."""
+    step_backoff: float | None = Field(default=None, ge=0, le=2)
+    """Seconds: the longest wait before a call's second try, doubling up to 2 s; unset: 0.5."""
+    task_retries: int | None = Field(default=None, ge=0, le=100)
+    """Re-sends of a stage task after a transient failure; unset: the stage's default (4)."""
+    task_backoff: float | None = Field(default=None, ge=0, le=120)
+    """Seconds: the longest countdown of the first re-send, doubling up to 120 s; unset: 2."""
     source: SourceConfig
     stage: StageConfig
     target: TargetConfig
@@ -272,7 +285,7 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {_safe(value)!r}")
-        return _tls_settled(value)
+        return _tls_settled(_address_checked(value))
 
     @field_validator("broker_url", "result_backend_url")
     @classmethod
@@ -280,21 +293,12 @@ class Settings(BaseSettings):
         schemes = ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
         if value is not None and not value.startswith(schemes):
             raise ValueError(f"expected a redis://, rediss:// or amqp:// URL, got {_safe(value)!r}")
-        return _tls_settled(value) if value is not None else None
+        return _tls_settled(_address_checked(value)) if value is not None else None
 
     @field_validator("state_url")
     @classmethod
     def _sqlalchemy_url(cls, value: str) -> str:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            make_url(value)
-        except ArgumentError:
-            raise ValueError(
-                f"not a SQLAlchemy URL (e.g. sqlite:///windowpipe.db): {_safe(value)!r}"
-            ) from None
-        return value
+        return _state_url_checked(value)
 
     @field_validator("lock_ttl", "stale_after", "cleanup_every")
     @classmethod
@@ -339,6 +343,78 @@ class Config(_Strict):
             if key != pipeline.name:
                 raise ValueError(f"pipeline key {key!r} and name {pipeline.name!r} differ")
         return self
+
+
+STATE_STORE_BACKENDS = ("sqlite", "postgresql")
+"""The databases the state store runs on (its SQL uses their dialects' INSERT ... RETURNING)."""
+
+
+def _state_url_checked(value: str) -> str:
+    """A state_url the state store can open: parsed, a supported database, its driver installed.
+
+    Checked with the config, so workers, beat and every command refuse it in one line before
+    anything is written, instead of failing (with a traceback) at the first connection.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(
+            f"not a SQLAlchemy URL (e.g. sqlite:///windowpipe.db): {_safe(value)!r}"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    backend = url.get_backend_name()
+    if backend not in STATE_STORE_BACKENDS:
+        raise ValueError(
+            f"unsupported database {backend!r} in {shown!r}; the state store needs sqlite "
+            f"(sqlite:///windowpipe.db) or postgresql (postgresql+psycopg://user@host/db)"
+        )
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(
+            f"unknown {backend} driver {url.get_driver_name()!r} in {shown!r}"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        hint = "; use postgresql+psycopg:// (psycopg comes with windowpipe)" * (
+            backend == "postgresql"
+        )
+        raise ValueError(
+            f"the {backend} driver {url.get_driver_name()!r} of {shown!r} is not installed "
+            f"(no module {error.name or error}){hint}"
+        ) from None
+    return value
+
+
+def _address_checked(url: str) -> str:
+    """A Redis or AMQP URL whose port is a number from 1 to 65535 and whose Redis database
+    (`/N` or `?db=N`) is a whole number; anything else is refused in one line here rather than
+    by redis-py or kombu at the first connection, after windows were written."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {_safe(url)!r}: expected a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError(f"bad port in {_safe(url)!r}: expected a number from 1 to 65535")
+    if parts.scheme in ("redis", "rediss"):
+        databases = [parts.path.strip("/")] if parts.path.strip("/") else []
+        databases += parse_qs(parts.query).get("db", [])
+        for database in databases:
+            if not database.isdigit():
+                raise ValueError(
+                    f"bad Redis database {database!r} in {_safe(url)!r}: expected a whole "
+                    f"number, e.g. redis://127.0.0.1:6379/0"
+                )
+    elif parts.scheme == "unix" and not parts.path:
+        raise ValueError(f"a unix:// URL needs a socket path, got {_safe(url)!r}")
+    return url
 
 
 def _safe(url: str) -> str:

@@ -156,6 +156,54 @@ CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
         "windowpipe.state_url: not a SQLAlchemy URL",
     ),
     (
+        "unknown-state-url-scheme",
+        GOOD_PIPELINE,
+        {"state_url": "mongodb://u:canary-pw@127.0.0.1/windows"},
+        "windowpipe.state_url: unsupported database 'mongodb' in 'mongodb://u:***@127.0.0.1/windows'",
+    ),
+    (
+        "state-url-driver-not-installed",
+        GOOD_PIPELINE,
+        {"state_url": "postgresql+psycopg2://postgres@127.0.0.1/test"},
+        "windowpipe.state_url: the postgresql driver 'psycopg2' of",
+    ),
+    (
+        "state-url-unknown-driver",
+        GOOD_PIPELINE,
+        {"state_url": "postgresql+nosuchdriver://postgres@127.0.0.1/test"},
+        "windowpipe.state_url: unknown postgresql driver 'nosuchdriver'",
+    ),
+    (
+        "redis-url-bad-port",
+        GOOD_PIPELINE,
+        {"redis_url": "redis://127.0.0.1:63x79/0"},
+        "windowpipe.redis_url: bad port in 'redis://127.0.0.1:63x79/0'",
+    ),
+    (
+        "redis-url-port-out-of-range",
+        GOOD_PIPELINE,
+        {"redis_url": "redis://127.0.0.1:70000/0"},
+        "windowpipe.redis_url: bad port",
+    ),
+    (
+        "redis-url-bad-database",
+        GOOD_PIPELINE,
+        {"redis_url": "redis://:canary-pw@127.0.0.1:6379/zero"},
+        "windowpipe.redis_url: bad Redis database 'zero' in 'redis://:***@127.0.0.1:6379/zero'",
+    ),
+    (
+        "broker-url-bad-port",
+        GOOD_PIPELINE,
+        {"broker_url": "amqp://guest:canary-pw@127.0.0.1:5x72//"},
+        "windowpipe.broker_url: bad port in 'amqp://guest:***@127.0.0.1:5x72//'",
+    ),
+    (
+        "result-backend-url-bad-scheme",
+        GOOD_PIPELINE,
+        {"result_backend_url": "mongodb://127.0.0.1/results"},
+        "windowpipe.result_backend_url: expected a redis://",
+    ),
+    (
         "bad-page-size",
         _with("source.page_size", 0),
         {},
@@ -275,7 +323,7 @@ CLI_CASES = [
     (
         "enqueue-future",
         ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z", "--end", "2099-01-01T00:00:00Z"],
-        "is not complete yet",
+        "is beyond the newest due window",
     ),
     (
         "enqueue-bad-start",
@@ -376,9 +424,11 @@ def assert_design_example_windows(plan_json: str) -> None:
     assert {r["pipeline"] for r in rows} == {"orders"}
 
 
-def test_plan_and_status_need_no_secrets_on_the_design_example(tmp_path: Path) -> None:
+def test_migrate_plan_and_status_need_no_secrets_on_the_design_example(tmp_path: Path) -> None:
     (tmp_path / "windowpipe.toml").write_text(DESIGN_EXAMPLE)
     unset = {"SF_PASSWORD": None}
+    migrated = run_cli(tmp_path, "migrate", env=unset)
+    assert migrated.exit_code == 0, migrated.output
     result = run_cli(
         tmp_path, "plan", "orders", "--now", "2026-11-01T02:07:00Z", "--json", env=unset
     )
@@ -414,16 +464,20 @@ def test_an_undefined_secret_is_refused_by_commands_that_reach_systems(
     )
 
 
-def test_plan_prints_the_design_example_windows(tmp_path: Path) -> None:
+def test_plan_prints_the_design_example_windows_and_creates_none(tmp_path: Path) -> None:
+    from core.store import StateStore
+
     write_config(
         tmp_path / "windowpipe.toml",
         {"state_url": f"sqlite:///{tmp_path}/state.db"},
         {"orders": GOOD_PIPELINE},
     )
+    assert run_cli(tmp_path, "migrate").exit_code == 0
     result = run_cli(tmp_path, "plan", "orders", "--now", "2026-11-01T02:07:00Z", "--json")
     assert result.exit_code == 0, result.output
     assert_design_example_windows(result.stdout)
-    assert not (tmp_path / "state.db").exists()  # plan never writes
+    with StateStore(f"sqlite:///{tmp_path}/state.db") as store:
+        assert store.list_records("orders") == []  # plan never writes
 
 
 def test_changing_the_window_grid_after_windows_exist_is_refused_by_plan(tmp_path: Path) -> None:
