@@ -343,7 +343,9 @@ class SqlTarget:
     ) -> Iterator[list[dict[str, Any]]]:
         batch: list[dict[str, Any]] = []
         for staged in manifest.files:
-            for number, line in enumerate(stage.iter_lines(staged.path), start=1):
+            for number, line in enumerate(
+                stage.iter_lines(staged.path, sha256=staged.sha256), start=1
+            ):
                 if not line.strip():
                     continue
                 item = decode_line(line)

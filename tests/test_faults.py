@@ -8,6 +8,7 @@ in front of PostgreSQL, HTTP 503/429 in front of moto's S3, bad rows, leaked sec
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -888,3 +889,142 @@ def test_a_tls_redis_with_a_password_carries_the_broker_results_and_locks(
         dep.stop_all()
     finally:
         private.stop()
+
+
+# --- attempts count only work that ran and failed ------------------------------------------------
+
+STALE_AFTER_SECONDS = 2.0
+
+
+def _events_named(dep: Deployment, message: str) -> list[dict[str, object]]:
+    return [e for e in log_events(dep) if e.get("event") == message]
+
+
+def test_a_backlog_three_times_longer_than_stale_after_uses_no_attempt(
+    tmp_path: Path, pg_schema_url: str, redis_db: str, stop_all: list[Deployment]
+) -> None:
+    windows = 8
+    seeded = seed_events(pg_schema_url, [1 + index % 3 for index in range(windows)])
+    dep = deploy(
+        tmp_path,
+        redis_db,
+        {
+            "events": pipeline(
+                sql_source(pg_schema_url),
+                {"type": "local", "path": str(tmp_path / "stage")},
+                sql_target(pg_schema_url),
+                windows,
+                max_attempts=2,
+            )
+        },
+        lock_ttl="2s",
+        stale_after=f"{STALE_AFTER_SECONDS:g}s",
+    )
+    stop_all.append(dep)
+    # Every queue has workers except precheck: the windows wait there, like behind a backlog.
+    dep.start_workers([q for q in STAGE_QUEUES if q != "precheck"] + ["control"], concurrency=1)
+    dep.send("windowpipe.generate", "events")
+    store = dep.store()
+    try:
+        deadline = time.monotonic() + 60
+        while len(store.list_records("events")) < windows or any(
+            r.status != WindowStatus.QUEUED for r in store.list_records("events")
+        ):
+            assert time.monotonic() < deadline, statuses(store.list_records("events"))
+            time.sleep(0.2)
+        # Wait three times `stale_after` (and a lock TTL), with cleanup running every second.
+        waited_until = time.monotonic() + 3 * STALE_AFTER_SECONDS + 2.5
+        while time.monotonic() < waited_until:
+            dep.send("windowpipe.cleanup")
+            time.sleep(1.0)
+        waiting = store.list_records("events")
+        assert statuses(waiting) == {"queued": windows}
+        assert all(r.attempts == 1 for r in waiting), [r.attempts for r in waiting]
+    finally:
+        store.dispose()
+    resent = _events_named(dep, "sent a waiting window's message again")
+    assert len(resent) >= windows, "cleanup never re-sent the waiting windows' messages"
+
+    dep.start_workers(["precheck"], concurrency=2)
+    records = wait_all_finished(dep, {"events": windows}, timeout=120)["events"]
+
+    assert statuses(records) == {"succeeded": windows}
+    assert [r.attempts for r in records] == [1] * windows
+    assert loaded_ids(pg_schema_url) == seeded
+    # The duplicate messages were harmless: each window's precheck ran once.
+    for record in records:
+        assert stage_starts(dep, record.window_start)["precheck"] == 1
+
+
+def test_a_load_whose_staged_files_are_gone_or_corrupt_goes_back_to_extract(
+    tmp_path: Path, pg_schema_url: str, redis_db: str, stop_all: list[Deployment]
+) -> None:
+    windows = 5
+    seeded = seed_events(pg_schema_url, [3] * windows)
+    stage_root = tmp_path / "stage"
+    dep = deploy(
+        tmp_path,
+        redis_db,
+        {
+            "events": pipeline(
+                sql_source(pg_schema_url),
+                {"type": "local", "path": str(stage_root)},
+                sql_target(pg_schema_url),
+                windows,
+                max_attempts=3,
+            )
+        },
+    )
+    stop_all.append(dep)
+    # No load worker yet: every window stops at load, its files staged.
+    dep.start_workers(["precheck", "extract", "control"], concurrency=1)
+    dep.send("windowpipe.generate", "events")
+    store = dep.store()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            records = store.list_records("events")
+            if len(records) == windows and all(
+                r.stage == Stage.LOAD and r.status == WindowStatus.QUEUED for r in records
+            ):
+                break
+            assert time.monotonic() < deadline, [(r.status, r.stage) for r in records]
+            time.sleep(0.2)
+    finally:
+        store.dispose()
+
+    by_start = {r.window_start: r for r in records}
+    broken = {
+        ORIGIN: "missing file",
+        ORIGIN + SIZE: "changed bytes",
+        ORIGIN + 2 * SIZE: "unreadable manifest",
+    }
+    for start, how in broken.items():
+        manifest_path = stage_root / str(by_start[start].manifest)
+        parts = sorted(manifest_path.parent.glob("*part*"))
+        assert parts, f"no staged part next to {manifest_path}"
+        if how == "missing file":
+            parts[0].unlink()
+        elif how == "changed bytes":
+            # Still valid gzip with the same lines (an empty member appended): only the
+            # manifest's sha256 can tell these are not the bytes extract wrote.
+            parts[0].write_bytes(parts[0].read_bytes() + gzip.compress(b""))
+        else:
+            manifest_path.write_text("{ not json")
+
+    dep.start_workers(["load", "audit"], concurrency=1)
+    final = wait_all_finished(dep, {"events": windows}, timeout=120)["events"]
+
+    assert statuses(final) == {"succeeded": windows}
+    assert loaded_ids(pg_schema_url) == seeded
+    for record in final:
+        starts = stage_starts(dep, record.window_start)
+        if record.window_start in broken:
+            # Attempt 1 failed at load; attempt 2 extracted again, loaded, audited.
+            assert record.attempts == 2, (broken[record.window_start], record)
+            assert starts["extract"] == 2 and starts["load"] == 2, (
+                broken[record.window_start],
+                starts,
+            )
+        else:
+            assert record.attempts == 1 and starts["extract"] == 1, starts
