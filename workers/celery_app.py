@@ -17,6 +17,7 @@ from core.errors import ConfigError
 from core.logs import configure_logging
 from core.records import STAGE_ORDER
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
+from workers.liveness import LivenessSettings, install
 
 CONTROL_QUEUE = "control"
 """Generation, dispatch and stale-lock cleanup run here."""
@@ -30,6 +31,14 @@ def _load() -> Config:
         return load_config()
     except ConfigError as error:
         # Workers, beat and Flower import this module first: fail in one line, exit 2.
+        print(f"windowpipe: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _liveness() -> LivenessSettings:
+    try:
+        return LivenessSettings.from_env()
+    except ValueError as error:
         print(f"windowpipe: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -87,6 +96,11 @@ app.conf.update(
     redbeat_lock_timeout=60,
     beat_max_loop_interval=5,
 )
+
+
+# A heartbeat file per worker for liveness probes, and watchdogs that end a worker which lost
+# its broker or cannot finish shutting down (workers/liveness.py).
+install(app, _liveness())
 
 
 @signals.setup_logging.connect

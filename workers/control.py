@@ -1,19 +1,26 @@
-"""Control tasks: generation (beat, per pipeline), dispatch, and the stale-lock cleanup."""
+"""Control tasks: generation (beat, per pipeline), dispatch, and the stale-lock cleanup.
+
+Generation and cleanup record each completed run (`core.liveness`), so `windowpipe status`
+shows when the control work last ran and on which worker.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery import Task
+
 from core.dispatch import dispatch as dispatch_windows
 from core.dispatch import generation_tick
 from core.instants import utc_now
+from core.liveness import CLEANUP_RAN_KEY, generate_ran_key, record_run
 from core.recovery import cleanup as cleanup_stale
 from workers.celery_app import app, config
 from workers.runtime import dispatch_started, runtime, send_chain
 
 
-@app.task(name="windowpipe.generate")
-def generate(pipeline: str) -> dict[str, Any]:
+@app.task(name="windowpipe.generate", bind=True)
+def generate(self: Task, pipeline: str) -> dict[str, Any]:
     """Create the pipeline's due windows, validate its chain, enqueue runnable windows."""
     rt = runtime()
     report = generation_tick(
@@ -24,6 +31,7 @@ def generate(pipeline: str) -> dict[str, Any]:
         utc_now(),
         failed_retry_base=config.settings.failed_retry_base,
     )
+    record_run(rt.redis, generate_ran_key(pipeline), utc_now(), str(self.request.hostname or ""))
     return report.summary()
 
 
@@ -43,8 +51,10 @@ def dispatch(pipeline: str) -> dict[str, Any]:
     return {"pipeline": pipeline, "queued": len(queued), "dead": dead}
 
 
-@app.task(name="windowpipe.cleanup")
-def cleanup() -> dict[str, Any]:
+@app.task(name="windowpipe.cleanup", bind=True)
+def cleanup(self: Task) -> dict[str, Any]:
     """Release locks of dead owners and requeue windows nobody is working on."""
     rt = runtime()
-    return cleanup_stale(rt.store, rt.redis, config, send_chain, utc_now()).summary()
+    report = cleanup_stale(rt.store, rt.redis, config, send_chain, utc_now())
+    record_run(rt.redis, CLEANUP_RAN_KEY, utc_now(), str(self.request.hostname or ""))
+    return report.summary()
