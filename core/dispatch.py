@@ -175,9 +175,14 @@ def generation_tick(
 ) -> TickReport:
     """Beat's job for one pipeline: create due windows, validate the chain, dispatch."""
     report = TickReport(pipeline.name)
+    frontier = generation_frontier(store, pipeline)
     report.created = create_due_windows(store, pipeline, now)
-    records = store.list_records(pipeline.name)
-    report.problems = validate_chain(records, origin=pipeline.start, size=pipeline.window)
+    # Only the tail of the chain is validated (from one window before where this tick began):
+    # reading the whole history every tick grows without bound. `windowpipe validate` checks
+    # the whole chain.
+    since = frontier - pipeline.window if frontier is not None else pipeline.start
+    tail = store.list_records(pipeline.name, start=since)
+    report.problems = validate_chain(tail, origin=pipeline.start, size=pipeline.window, since=since)
     if report.problems:
         log = get_logger("windowpipe.generation", pipeline=pipeline.name)
         for problem in report.problems[:20]:

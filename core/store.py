@@ -119,6 +119,7 @@ WINDOWS = sa.Table(
     sa.CheckConstraint(_in_list("kind", list(WindowKind)), name="ck_windows_kind"),
     sa.CheckConstraint("window_end > window_start", name="ck_windows_window_order"),
     sa.Index("ix_windows_pipeline_status", "pipeline", "status"),
+    sa.Index("ix_windows_frontier", "pipeline", "kind", "window_end"),
 )
 """One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
 

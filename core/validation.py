@@ -166,17 +166,25 @@ def _size_text(size: timedelta) -> str:
 
 
 def validate_chain(
-    records: Sequence[WindowRecord], *, origin: datetime, size: timedelta
+    records: Sequence[WindowRecord],
+    *,
+    origin: datetime,
+    size: timedelta,
+    since: datetime | None = None,
 ) -> list[ChainProblem]:
     """Everything wrong with one pipeline's chain of records, oldest first.
 
-    See the module docstring for what each `ProblemKind` means.
+    See the module docstring for what each `ProblemKind` means. With `since`, `records` are the
+    tail of the chain (every record starting at or after `since`) and only that part is
+    checked: gaps are looked for from `since` on, alignment still against `origin`. That is
+    what a generation tick does, so its cost does not grow with the pipeline's history.
     """
     origin = _chain_origin(origin, size)
     ordered = _ordered(records)
     starts = [r.window_start for r in ordered]
     problems: list[ChainProblem] = []
-    covered_until: datetime | None = None  # the latest end of the records seen so far
+    # The latest end of the records seen so far (for a tail: where checking begins).
+    covered_until: datetime | None = since
     for record in ordered:
         problems.extend(_continuity_problems(record, covered_until, origin))
         problems.extend(_shape_problems(record, origin, size))

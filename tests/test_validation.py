@@ -459,3 +459,19 @@ def test_a_rebuild_keeps_finished_work_and_leaves_no_problem_on_unfinished_recor
         assert all(p.window_start in finished_starts for p in problems), problems
         assert all(p.kind == ProblemKind.IMPOSSIBLE_STATE for p in problems), problems
     assert plan(after).is_empty  # a rebuilt chain needs no second rebuild
+
+
+def test_a_tail_is_validated_from_since_on_and_ignores_the_history_before_it() -> None:
+    # What a generation tick checks: the records from one window before its frontier on.
+    tail = [record(10), record(11), record(13)]
+    problems = validate_chain(tail, origin=ORIGIN, size=SIZE, since=ORIGIN + 10 * SIZE)
+    assert [(p.kind, p.window_start) for p in problems] == [(ProblemKind.GAP, ORIGIN + 12 * SIZE)]
+    # Without `since` the same records have a gap from the origin too.
+    whole = validate_chain(tail, origin=ORIGIN, size=SIZE)
+    assert [p.window_start for p in whole if p.kind == ProblemKind.GAP] == [
+        ORIGIN,
+        ORIGIN + 12 * SIZE,
+    ]
+    # A tail that starts later than `since` has a gap at `since`.
+    late = validate_chain([record(12)], origin=ORIGIN, size=SIZE, since=ORIGIN + 10 * SIZE)
+    assert [(p.kind, p.window_start) for p in late] == [(ProblemKind.GAP, ORIGIN + 10 * SIZE)]
