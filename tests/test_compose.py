@@ -1,5 +1,7 @@
 """docker-compose.yml checked against the app (no Docker engine runs here): a worker service per
-queue, commands Celery accepts, one mounted config, Flower behind auth, scalable workers."""
+queue, commands Celery accepts, one mounted config, Flower behind auth, scalable workers, a
+liveness healthcheck on every worker (run against real workers in tests/test_liveness.py),
+autoheal, two control consumers."""
 
 from __future__ import annotations
 
@@ -137,3 +139,53 @@ def test_example_config_is_valid() -> None:
             else:
                 os.environ[key] = value
     assert set(config.pipelines) == {"orders"}
+
+
+# --- liveness ----------------------------------------------------------------------------------
+
+
+def worker_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: body
+        for name, body in windowpipe_services(compose).items()
+        if body["command"][3] == "worker"
+    }
+
+
+def test_every_worker_service_has_the_liveness_healthcheck(compose: dict[str, Any]) -> None:
+    for name, body in worker_services(compose).items():
+        check = body["healthcheck"]
+        assert check["test"][:4] == ["CMD", "python", "-m", "workers.liveness"], name
+        max_age = float(check["test"][check["test"].index("--max-age") + 1])
+        # The probe reads the file the worker touches: the same variable, no FILE argument.
+        assert len(check["test"]) == 6, check["test"]
+        assert body["environment"]["WINDOWPIPE_HEARTBEAT_FILE"].startswith("/tmp/"), name
+        # Ten heartbeats (2 s apart) before a worker counts as hung; a start period longer
+        # than a worker takes to connect.
+        assert max_age >= 10, name
+        assert check["retries"] >= 1 and check["start_period"] == "60s", name
+        assert body["restart"] == "unless-stopped", name
+
+
+def test_autoheal_restarts_the_workers_whose_healthcheck_fails(compose: dict[str, Any]) -> None:
+    autoheal = compose["services"]["autoheal"]
+    label = autoheal["environment"]["AUTOHEAL_CONTAINER_LABEL"]
+    assert "/var/run/docker.sock:/var/run/docker.sock" in autoheal["volumes"]
+    for name, body in worker_services(compose).items():
+        assert body["labels"][label] == "true", name
+
+
+def test_the_control_queue_has_two_consumers(compose: dict[str, Any]) -> None:
+    assert compose["services"]["worker-control"]["deploy"]["replicas"] >= 2
+
+
+def test_the_healthcheck_command_runs(compose: dict[str, Any], tmp_path: Path) -> None:
+    command = compose["services"]["worker-control"]["healthcheck"]["test"][1:]
+    env = {**os.environ, "WINDOWPIPE_HEARTBEAT_FILE": str(tmp_path / "heartbeat")}
+    run = [sys.executable, *command[1:]]
+    missing = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and missing.stdout.startswith("unhealthy: no heartbeat")
+    (tmp_path / "heartbeat").touch()
+    fresh = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert fresh.returncode == 0 and fresh.stdout.startswith("ok: "), fresh.stdout
+    assert fresh.stdout.count("\n") == 1
