@@ -579,6 +579,13 @@ def status(
         _print_json([r.to_json() for r in records])
         return
     _print_status_table(records)
+    # When generation and cleanup last ran (core/liveness.py): an age that keeps growing means
+    # nothing consumes the control queue.
+    from core.liveness import control_activity_lines
+
+    names = [pipeline] if pipeline else sorted(config.pipelines)
+    for line in control_activity_lines(config.settings.redis_url, names, utc_now()):
+        print(line)
 
 
 def _print_status_table(records: list[WindowRecord]) -> None:
