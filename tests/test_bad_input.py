@@ -11,14 +11,23 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import sqlalchemy as sa
+import typer
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
-from core.cli import app
-from tests.deployment import REPO, write_config
+from core.cli import MAX_ENQUEUE_WINDOWS, app
+from tests.conftest import REDIS_TEST_URL
+from tests.console import Run, StateWorld, assert_one_error_line, run_windowpipe
+from tests.deployment import REPO, free_redis_db, release_redis_db, write_config
+from tests.faults import free_port
 
 GOOD_PIPELINE: dict[str, Any] = {
     "window": "15m",
@@ -212,7 +221,7 @@ CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
 ]
 
 
-def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+def run_cli(tmp_path: Path, *args: str, env: Mapping[str, str | None] | None = None) -> Any:
     runner = CliRunner()
     environment = {"WINDOWPIPE_CONFIG": str(tmp_path / "windowpipe.toml"), **(env or {})}
     old = dict(os.environ)
@@ -503,3 +512,326 @@ def test_changing_the_window_grid_after_windows_exist_is_refused_by_plan(tmp_pat
         "to 2026-11-01T00:00:00Z + k * 1h; did `start` or `window` change after windows were "
         "created? See `windowpipe validate orders`"
     ]
+
+
+# --- every command x every kind of broken input, run as a user runs it ------------------------
+#
+# The real console script in a subprocess, against a real state store (a SQLite file that must
+# never come to exist, or a migrated PostgreSQL schema holding windows) and a dedicated Redis
+# database holding a canary key. Each refusal must be exit 2, exactly one line on stderr, no
+# traceback, and leave the state store, Redis and the working directory exactly as they were.
+
+COMMANDS: dict[str, list[str]] = {
+    "check": ["check"],
+    "plan": ["plan", "orders", "--now", "2026-11-01T02:07:00Z"],
+    "enqueue": [
+        *("enqueue", "orders"),
+        *("--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"),
+    ],
+    "status": ["status", "orders"],
+    "validate": ["validate", "orders"],
+    "validate-rebuild": ["validate", "orders", "--rebuild"],
+    "locks": ["locks"],
+    "locks-cleanup": ["locks", "--cleanup"],
+    "migrate": ["migrate"],
+}
+"""A good invocation of every command that reads the config (and of its writing variants)."""
+
+NOT_READING_THE_CONFIG = {"demo"}
+"""Commands that take no config: only their usage errors are walked."""
+
+MINUTELY: dict[str, Any] = {**GOOD_PIPELINE, "window": "1m", "start": "2026-01-01T00:00:00Z"}
+"""A pipeline whose due windows number far more than one enqueue may create."""
+
+
+def _settings(world: StateWorld, **overrides: str) -> dict[str, Any]:
+    return {"state_url": world.state_url, "redis_url": world.redis_url, **overrides}
+
+
+# (case, how the config is broken: settings overrides, a raw file, or "missing"; the fragment)
+BROKEN_CONFIGS: list[tuple[str, dict[str, str] | bytes | None, str]] = [
+    ("missing-file", None, "config file not found"),
+    ("bad-toml", b'[windowpipe]\nredis_url = "redis://127.0.0.1:6379/0\n', "not valid TOML"),
+    ("unknown-key", {"redis": "redis://127.0.0.1:6379/0"}, "windowpipe.redis: unknown key"),
+    (
+        "state-url-unknown-scheme",
+        {"state_url": "mongodb://u:canary-pw@127.0.0.1:27017/windows"},
+        "windowpipe.state_url: unsupported database 'mongodb'",
+    ),
+    (
+        "state-url-driver-not-installed",
+        {"state_url": "postgresql+psycopg2://postgres@127.0.0.1/test"},
+        "windowpipe.state_url: the postgresql driver 'psycopg2'",
+    ),
+    (
+        "redis-url-bad-port",
+        {"redis_url": "redis://127.0.0.1:63x79/0"},
+        "windowpipe.redis_url: bad port in 'redis://127.0.0.1:63x79/0'",
+    ),
+    (
+        "broker-url-unknown-scheme",
+        {"broker_url": "kafka://u:canary-pw@127.0.0.1:9092"},
+        "windowpipe.broker_url: expected a redis://, rediss:// or amqp:// URL",
+    ),
+    (
+        "broker-url-bad-port",
+        {"broker_url": "amqp://guest:canary-pw@127.0.0.1:56720000//"},
+        "windowpipe.broker_url: bad port",
+    ),
+    (
+        "result-backend-url-bad-database",
+        {"result_backend_url": "redis://127.0.0.1:6379/results"},
+        "windowpipe.result_backend_url: bad Redis database 'results'",
+    ),
+]
+
+BAD_ARGUMENTS: list[tuple[str, list[str], str]] = [
+    ("plan-unknown-pipeline", ["plan", "nope"], "unknown pipeline 'nope' (configured: "),
+    ("plan-bad-instant", ["plan", "orders", "--now", "tomorrow"], "--now: expected an ISO 8601"),
+    ("plan-naive-instant", ["plan", "orders", "--now", "2026-11-01T02:07:00"], "no UTC offset"),
+    ("plan-missing-argument", ["plan"], "plan: missing argument"),
+    ("plan-unknown-option", ["plan", "orders", "--bogus"], "plan: no such option: --bogus"),
+    ("plan-option-without-value", ["plan", "orders", "--now"], "'--now' requires an argument"),
+    ("enqueue-unknown-pipeline", ["enqueue", "nope", *COMMANDS["enqueue"][2:]], "'nope'"),
+    (
+        "enqueue-bad-instant",
+        ["enqueue", "orders", "--start", "2026-13-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "--start: expected an ISO 8601 instant",
+    ),
+    (
+        "enqueue-end-before-start",
+        ["enqueue", "orders", "--start", "2026-11-01T01:00:00Z", "--end", "2026-11-01T00:00:00Z"],
+        "--end 2026-11-01T00:00:00Z must be after --start 2026-11-01T01:00:00Z",
+    ),
+    (
+        "enqueue-empty-range",
+        ["enqueue", "orders", "--start", "2026-11-01T01:00:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "must be after --start",
+    ),
+    (
+        "enqueue-unbounded-end",
+        ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z", "--end", "9999-12-31T00:00:00Z"],
+        "--end 9999-12-31T00:00:00Z is beyond the newest due window",
+    ),
+    (
+        "enqueue-end-not-due-yet",
+        ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z", "--end", "2099-01-01T00:00:00Z"],
+        "is beyond the newest due window",
+    ),
+    (
+        "enqueue-too-many-windows",
+        ["enqueue", "minutely", "--start", "2026-01-01T00:00:00Z", "--end", "2026-11-01T00:00:00Z"],
+        f"one enqueue creates at most {MAX_ENQUEUE_WINDOWS:,}: split the range",
+    ),
+    (
+        "enqueue-misaligned",
+        ["enqueue", "orders", "--start", "2026-11-01T00:07:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "is not on a window boundary",
+    ),
+    (
+        "enqueue-before-pipeline-start",
+        ["enqueue", "orders", "--start", "2020-01-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"],
+        "is before the pipeline start",
+    ),
+    (
+        "enqueue-missing-option",
+        ["enqueue", "orders", "--start", "2026-11-01T00:00:00Z"],
+        "enqueue: missing option '--end'",
+    ),
+    ("enqueue-unknown-option", [*COMMANDS["enqueue"], "--bogus"], "no such option: --bogus"),
+    (
+        "enqueue-bad-value",
+        [*COMMANDS["enqueue"], "--wait", "--timeout", "soon"],
+        "invalid value for '--timeout'",
+    ),
+    ("status-unknown-pipeline", ["status", "nope"], "unknown pipeline 'nope'"),
+    ("status-unknown-option", ["status", "--bogus"], "status: no such option: --bogus"),
+    ("validate-unknown-pipeline", ["validate", "nope"], "unknown pipeline 'nope'"),
+    ("validate-rebuild-unknown-pipeline", ["validate", "nope", "--rebuild"], "'nope'"),
+    ("validate-missing-argument", ["validate"], "validate: missing argument"),
+    ("validate-unknown-option", ["validate", "orders", "--bogus"], "no such option: --bogus"),
+    ("locks-unknown-option", ["locks", "--bogus"], "locks: no such option: --bogus"),
+    ("locks-extra-argument", ["locks", "orders"], "locks: got unexpected extra argument"),
+    ("check-unknown-option", ["check", "--bogus"], "check: no such option: --bogus"),
+    ("migrate-unknown-option", ["migrate", "--bogus"], "migrate: no such option: --bogus"),
+    ("migrate-extra-argument", ["migrate", "orders"], "migrate: got unexpected extra argument"),
+    ("demo-unknown-option", ["demo", "--bogus"], "demo: no such option: --bogus"),
+    ("demo-bad-value", ["demo", "--events", "many"], "demo: invalid value for '--events'"),
+    ("unknown-command", ["nosuch"], "no such command 'nosuch'"),
+]
+
+
+@pytest.fixture(scope="module", params=["sqlite-never-created", "postgresql-migrated"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StateWorld]:
+    """A state store and a Redis DB shared by the module's tests, which must never change them."""
+    number = free_redis_db(REDIS_TEST_URL)
+    redis_url = f"{REDIS_TEST_URL}/{number}"
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.set("windowpipe-test:canary", "untouched")
+    try:
+        if request.param == "sqlite-never-created":
+            directory = tmp_path_factory.mktemp("state")
+            file = directory / "state.db"
+            yield StateWorld(f"sqlite:///{file}", redis_url, sqlite_file=file)
+        else:
+            database_url = request.getfixturevalue("pg_database_url")
+            yield from _migrated_pg_world(database_url, redis_url)
+    finally:
+        client.flushdb()
+        client.close()
+        release_redis_db(REDIS_TEST_URL, number)
+
+
+def _migrated_pg_world(database_url: str, redis_url: str) -> Iterator[StateWorld]:
+    from datetime import UTC, datetime, timedelta
+
+    from core.store import StateStore
+    from core.windows import Window
+
+    schema = f"bad_input_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{database_url}?options=-csearch_path%3D{schema}"
+    try:
+        with StateStore(url) as store:
+            store.migrate()
+            first = datetime(2026, 11, 1, tzinfo=UTC)
+            size = timedelta(minutes=15)
+            store.create_windows(
+                "orders", [Window(first + i * size, first + (i + 1) * size) for i in range(3)]
+            )
+        world = StateWorld(url, redis_url, pg_schema=schema)
+        yield world
+        world.close()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _write_broken_config(
+    path: Path, world: StateWorld, broken: dict[str, str] | bytes | None
+) -> None:
+    if broken is None:
+        return
+    if isinstance(broken, bytes):
+        path.write_bytes(broken)
+        return
+    write_config(path, _settings(world, **broken), {"orders": GOOD_PIPELINE})
+
+
+def _assert_refused_and_unchanged(
+    run: Run, fragment: str, world: StateWorld, before: dict[str, Any], workdir: Path
+) -> None:
+    assert_one_error_line(run, 2, fragment)
+    assert "canary-pw" not in run.stderr
+    assert world.snapshot() == before, f"state changed by\n{run.describe()}"
+    assert sorted(p.name for p in workdir.iterdir()) == ["windowpipe.toml"], run.describe()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize(
+    ("broken", "fragment"),
+    [c[1:] for c in BROKEN_CONFIGS],
+    ids=[c[0] for c in BROKEN_CONFIGS],
+)
+def test_every_command_refuses_a_broken_config_in_one_line_and_changes_nothing(
+    tmp_path: Path,
+    world: StateWorld,
+    command: str,
+    broken: dict[str, str] | bytes | None,
+    fragment: str,
+) -> None:
+    config = tmp_path / "windowpipe.toml"
+    _write_broken_config(config, world, broken)
+    before = world.snapshot()
+    run = run_windowpipe(*COMMANDS[command], cwd=tmp_path, config=config)
+    if broken is None:  # the missing file: nothing at all may appear in the directory
+        assert_one_error_line(run, 2, fragment)
+        assert world.snapshot() == before, run.describe()
+        assert list(tmp_path.iterdir()) == [], run.describe()
+        return
+    _assert_refused_and_unchanged(run, fragment, world, before, tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "fragment"), [c[1:] for c in BAD_ARGUMENTS], ids=[c[0] for c in BAD_ARGUMENTS]
+)
+def test_every_command_refuses_bad_arguments_in_one_line_and_changes_nothing(
+    tmp_path: Path, world: StateWorld, args: list[str], fragment: str
+) -> None:
+    config = tmp_path / "windowpipe.toml"
+    write_config(config, _settings(world), {"orders": GOOD_PIPELINE, "minutely": MINUTELY})
+    before = world.snapshot()
+    run = run_windowpipe(*args, cwd=tmp_path, config=config)
+    _assert_refused_and_unchanged(run, fragment, world, before, tmp_path)
+    # Refused before anything is built: an unbounded range costs no more than a typo.
+    assert run.seconds < 20, run.describe()
+
+
+def test_the_walk_covers_every_command() -> None:
+    """A new command must be added to COMMANDS (and its bad arguments to BAD_ARGUMENTS)."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    registered = set(group.commands)
+    walked = {args[0] for args in COMMANDS.values()} | NOT_READING_THE_CONFIG
+    assert registered == walked
+    with_bad_arguments = {args[0] for _, args, _ in BAD_ARGUMENTS}
+    assert registered <= with_bad_arguments
+
+
+# --- systems that do not answer: a failed run (exit 1), still one line, still nothing written --
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("down", "fragment"),
+    [
+        ("redis_url", "redis at redis://127.0.0.1:{port}/0 is unreachable"),
+        ("broker_url", "broker at amqp://guest:***@127.0.0.1:{port}// is unreachable"),
+    ],
+    ids=["redis-down", "broker-down"],
+)
+def test_enqueue_with_redis_or_the_broker_down_writes_nothing(
+    tmp_path: Path, world: StateWorld, down: str, fragment: str
+) -> None:
+    port = free_port()
+    url = (
+        f"redis://127.0.0.1:{port}/0"
+        if down == "redis_url"
+        else f"amqp://guest:canary-pw@127.0.0.1:{port}//"
+    )
+    config = tmp_path / "windowpipe.toml"
+    write_config(config, _settings(world, **{down: url}), {"orders": GOOD_PIPELINE})
+    before = world.snapshot()
+    run = run_windowpipe(*COMMANDS["enqueue"], cwd=tmp_path, config=config)
+    assert_one_error_line(run, 1, fragment.format(port=port))
+    assert "canary-pw" not in run.stderr
+    assert world.snapshot() == before, run.describe()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["windowpipe.toml"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["plan", "enqueue", "status", "validate", "locks", "migrate"])
+def test_a_state_store_that_does_not_answer_is_one_line_exit_1(
+    tmp_path: Path, world: StateWorld, command: str
+) -> None:
+    port = free_port()
+    down = f"postgresql+psycopg://postgres:canary-pw@127.0.0.1:{port}/test"
+    config = tmp_path / "windowpipe.toml"
+    write_config(config, _settings(world, state_url=down), {"orders": GOOD_PIPELINE})
+    before = world.redis_contents()
+    run = run_windowpipe(*COMMANDS[command], cwd=tmp_path, config=config)
+    assert_one_error_line(
+        run,
+        1,
+        f"cannot reach the state store at postgresql+psycopg://postgres:***@127.0.0.1:{port}",
+    )
+    assert "canary-pw" not in run.stderr
+    assert world.redis_contents() == before, run.describe()
