@@ -103,6 +103,16 @@ class WindowRecord:
     updated_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    source_version: str | None = None
+    """The max of the source's version field in the window when precheck counted it (with
+    `source_count`, the fingerprint a recheck compares); None without a version field."""
+    rechecks_done: int = 0
+    """How many of the pipeline's recheck horizons the window has passed."""
+    checked_at: datetime | None = None
+    """When the source was last compared with this record (recheck or reconcile)."""
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    """Every drift found: `{"at", "by", "count_before", "count_after", "version_before",
+    "version_after"}`, oldest first."""
     id: int | None = field(default=None)
 
     @property

@@ -16,7 +16,7 @@ import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,6 +111,10 @@ WINDOWS = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.Column("source_version", sa.Text(), nullable=True),
+    sa.Column("rechecks_done", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("checked_at", UTCDateTime(), nullable=True),
+    sa.Column("drift", sa.JSON(), nullable=True),
     sa.UniqueConstraint("pipeline", "window_start", name="uq_windows_pipeline_window_start"),
     sa.CheckConstraint(_in_list("status", list(WindowStatus)), name="ck_windows_status"),
     sa.CheckConstraint(
@@ -120,6 +124,7 @@ WINDOWS = sa.Table(
     sa.CheckConstraint("window_end > window_start", name="ck_windows_window_order"),
     sa.Index("ix_windows_pipeline_status", "pipeline", "status"),
     sa.Index("ix_windows_frontier", "pipeline", "kind", "window_end"),
+    sa.Index("ix_windows_recheck", "pipeline", "rechecks_done", "window_end"),
 )
 """One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
 
@@ -134,11 +139,19 @@ UPDATABLE_FIELDS = frozenset(
         "rejected_count",
         "manifest",
         "error",
+        "source_version",
     }
 )
 """Fields `transition` and `update_fields` may set besides the status."""
 
-RESULT_FIELDS = ("source_count", "staged_count", "target_count", "rejected_count", "manifest")
+RESULT_FIELDS = (
+    "source_count",
+    "staged_count",
+    "target_count",
+    "rejected_count",
+    "manifest",
+    "source_version",
+)
 """What a run produced; cleared when a window's chain starts over from precheck."""
 
 RESTART_FROM_PRECHECK = frozenset(
@@ -509,6 +522,87 @@ class StateStore:
         with self._writing() as conn:
             return conn.execute(statement).rowcount
 
+    # --- rechecks ------------------------------------------------------------------------------
+
+    def due_rechecks(
+        self, pipeline: str, horizons: Sequence[timedelta], now: datetime, *, limit: int
+    ) -> list[WindowRecord]:
+        """Finished windows that reached their next recheck horizon, oldest first.
+
+        Window k is due when it has passed `rechecks_done` horizons and `window_end +
+        horizons[rechecks_done] <= now`. One indexed range per horizon, so the cost follows the
+        windows due, not the pipeline's history.
+        """
+        if not horizons:
+            return []
+        now = _aware(now, "now")
+        due = sa.or_(
+            *(
+                sa.and_(WINDOWS.c.rechecks_done == index, WINDOWS.c.window_end <= now - horizon)
+                for index, horizon in enumerate(horizons)
+            )
+        )
+        query = (
+            sa.select(WINDOWS)
+            .where(
+                WINDOWS.c.pipeline == pipeline,
+                WINDOWS.c.status.in_(_values(FINISHED)),
+                due,
+            )
+            .order_by(WINDOWS.c.window_end)
+            .limit(limit)
+        )
+        return self._records(query)
+
+    def count_due_rechecks(
+        self, pipeline: str, horizons: Sequence[timedelta], now: datetime
+    ) -> int:
+        """How many finished windows wait for a recheck now (for the metrics)."""
+        if not horizons:
+            return 0
+        now = _aware(now, "now")
+        due = sa.or_(
+            *(
+                sa.and_(WINDOWS.c.rechecks_done == index, WINDOWS.c.window_end <= now - horizon)
+                for index, horizon in enumerate(horizons)
+            )
+        )
+        query = sa.select(sa.func.count()).where(
+            WINDOWS.c.pipeline == pipeline, WINDOWS.c.status.in_(_values(FINISHED)), due
+        )
+        with self._reading() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def record_check(
+        self,
+        record: WindowRecord,
+        *,
+        rechecks_done: int,
+        drift: dict[str, Any] | None = None,
+    ) -> WindowRecord | None:
+        """Record that the source was compared with finished window `record` just now.
+
+        Without `drift`: the source still matches; `rechecks_done` and `checked_at` move on.
+        With `drift`: it is appended to the record's drift history and the window is put back
+        to pending as a manual window (chain from precheck, fence + 1, under the backfill cap),
+        so the normal chain replaces its rows in the target. Guarded by the fence and status
+        read in `record`: None when the window changed meanwhile (nothing written).
+        """
+        now = utc_now()
+        values: dict[str, Any] = {"rechecks_done": rechecks_done, "checked_at": now}
+        if drift is not None:
+            values.update(_pending_values(now))
+            values["kind"] = WindowKind.MANUAL.value
+            values["drift"] = [*record.drift, drift]
+        else:
+            values["updated_at"] = now
+        guards = [
+            *_key(record.pipeline, record.window_start),
+            WINDOWS.c.fence == record.fence,
+            WINDOWS.c.status == record.status.value,
+        ]
+        return self._update_one(guards, values)
+
     # --- administrative resets (outside the workers' state machine) ---------------------------
 
     def reset_for_rerun(
@@ -767,6 +861,10 @@ def _to_record(row: Row[Any]) -> WindowRecord:
         updated_at=data["updated_at"],
         started_at=data["started_at"],
         finished_at=data["finished_at"],
+        source_version=data["source_version"],
+        rechecks_done=data["rechecks_done"],
+        checked_at=data["checked_at"],
+        drift=list(data["drift"] or []),
     )
 
 

@@ -65,7 +65,7 @@ def test_migrating_twice_is_a_no_op(store: StateStore) -> None:
     store.migrate()
     with store.engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
-    assert versions == [("0002",)]
+    assert versions == [("0003",)]
     assert len(store.list_records(PIPELINE)) == 3
 
 
