@@ -586,6 +586,12 @@ def status(
     names = [pipeline] if pipeline else sorted(config.pipelines)
     for line in control_activity_lines(config.settings.redis_url, names, utc_now()):
         print(line)
+    # How far behind each pipeline's target is (the exporter's windowpipe_freshness_seconds).
+    from core.metrics import freshness_lines, read_freshness
+
+    starts = {name: config.pipelines[name].start for name in names}
+    for line in freshness_lines(read_freshness(store, starts, utc_now())):
+        print(line)
 
 
 def _print_status_table(records: list[WindowRecord]) -> None:
@@ -709,6 +715,33 @@ def locks(
                 print(f"{label}: {line}")
         total = len(report.released) + len(report.requeued) + len(report.failed)
         print(f"cleanup: {total} change(s)")
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+@app.command()
+def metrics(
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to serve /metrics on (0: any free port).")
+    ] = 9810,
+    address: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one scrape on stdout and exit.")
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Prometheus exporter: freshness, windows by status, stage durations, rows, queue depth."""
+    from core.exporter import WindowpipeCollector, render, serve
+
+    config = _config(config_path, require_secrets=False)
+    if once:
+        # Like every read command: a store without the newest schema is refused, exit 2.
+        print(render(WindowpipeCollector(config, _read_store(config))), end="")
+        return
+    # Serving, it reports such a store as down until it is migrated (core/exporter.py).
+    collector = WindowpipeCollector(config, _open_store(config))
+    serve(collector, address, port, announce=lambda line: print(line, flush=True))
 
 
 # --- migrate ----------------------------------------------------------------------------------

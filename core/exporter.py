@@ -1,0 +1,284 @@
+"""The Prometheus exporter behind `windowpipe metrics`: one process that reads the state store
+and the broker's queues when it is scraped (a custom prometheus_client Collector), so its
+numbers are right whatever the number of worker hosts.
+
+It never writes: a state store without the newest schema is reported as a source that is down
+(`windowpipe_exporter_source_up{source="state_store"} 0`) until something migrates it, and the
+exporter keeps serving. What each window metric measures is in `core/metrics.py`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from core.config import Config
+from core.instants import utc_now
+from core.logs import get_logger
+from core.metrics import CHAIN_STAGE, WindowMetrics, read_window_metrics
+from core.records import STAGE_ORDER
+from core.store import StateStore
+
+QUEUES: tuple[str, ...] = (*(stage.value for stage in STAGE_ORDER), "control")
+"""The Celery queues whose depth is reported: one per stage, and control. The same as
+`workers.QUEUES` (tested); not imported from there because building the Celery app needs the
+connectors' secrets, which the exporter has no use for."""
+
+BROKER_TIMEOUT_SECONDS = 5.0
+"""How long a scrape waits for the Redis broker before reporting it down."""
+
+log = get_logger("windowpipe.exporter")
+
+
+def queue_list_names(queue: str) -> list[str]:
+    """The Redis lists holding a Celery queue's waiting messages on kombu's Redis transport.
+
+    kombu keeps one list per priority step: the queue's own name for priority 0, and
+    `name + "\\x06\\x16" + step` for the others (3, 6, 9 by default). A message a worker has
+    taken but not acked (acks_late) is in kombu's `unacked` hash, not in these lists.
+    """
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
+
+
+def queue_depths(client: redis.Redis, queues: Sequence[str]) -> dict[str, int]:
+    """Messages waiting in each queue: the sum of LLEN over its priority lists, one round
+    trip."""
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for name in queue_list_names(queue):
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {queue: sum(int(next(lengths)) for _ in queue_list_names(queue)) for queue in queues}
+
+
+def _broker_client(config: Config) -> redis.Redis | None:
+    """A client of the broker when it is Redis; None for another broker (RabbitMQ has its own
+    exporter for queue depths)."""
+    url = config.settings.broker_url or config.settings.redis_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(
+        url, socket_timeout=BROKER_TIMEOUT_SECONDS, socket_connect_timeout=BROKER_TIMEOUT_SECONDS
+    )
+
+
+class WindowpipeCollector(Collector):
+    """Reads the state store and the broker on every scrape and yields the metric families."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        *,
+        broker: redis.Redis | None = None,
+        queues: Sequence[str] = QUEUES,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.broker = broker if broker is not None else _broker_client(config)
+        self.queues = tuple(queues)
+        self.clock = clock
+        self._store_problem: str | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "windowpipe_exporter_source_up",
+            "1 when the exporter could read the source at this scrape (state_store, broker).",
+            labels=["source"],
+        )
+        windows = self._read_windows()
+        up.add_metric(["state_store"], 1 if windows is not None else 0)
+        if windows is not None:
+            yield from self._window_families(windows)
+        yield from self._config_families()
+        if self.broker is not None:
+            depths = self._read_depths()
+            up.add_metric(["broker"], 1 if depths is not None else 0)
+            if depths is not None:
+                depth = GaugeMetricFamily(
+                    "windowpipe_queue_depth",
+                    "Messages waiting in the Celery queue (LLEN of its Redis lists, every "
+                    "priority); messages taken by a worker are not counted.",
+                    labels=["queue"],
+                )
+                for queue, count in depths.items():
+                    depth.add_metric([queue], count)
+                yield depth
+        yield up
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _read_windows(self) -> WindowMetrics | None:
+        try:
+            current, head = self.store.schema_revision()
+            if current != head:
+                self._store_down(
+                    f"state store schema is at {current or 'nothing'}, this windowpipe reads "
+                    f"{head}; run `windowpipe migrate` (the exporter never migrates)"
+                )
+                return None
+            starts = {name: p.start for name, p in self.config.pipelines.items()}
+            metrics = read_window_metrics(self.store, starts, self.clock())
+        except Exception as error:
+            self._store_down(f"cannot read the state store: {type(error).__name__}: {error}")
+            return None
+        if self._store_problem is not None:
+            log.info("state store readable again")
+            self._store_problem = None
+        return metrics
+
+    def _store_down(self, problem: str) -> None:
+        # Said once per change, not at every scrape.
+        if problem != self._store_problem:
+            log.warning("state store not reported", problem=problem.splitlines()[0])
+        self._store_problem = problem
+
+    def _read_depths(self) -> dict[str, int] | None:
+        assert self.broker is not None
+        try:
+            return queue_depths(self.broker, self.queues)
+        except redis.RedisError as error:
+            log.warning("broker queue depths not reported", error=str(error))
+            return None
+
+    # --- families ------------------------------------------------------------------------------
+
+    def _config_families(self) -> Iterable[Metric]:
+        settings = (
+            ("window", "The pipeline's window size (config `window`)."),
+            ("lag", "How long after a window's end it is due (config `lag`)."),
+            ("every", "How often generation runs (config `every`)."),
+        )
+        for key, text in settings:
+            family = GaugeMetricFamily(
+                f"windowpipe_pipeline_{key}_seconds", text + " In seconds.", labels=["pipeline"]
+            )
+            for name, pipeline in sorted(self.config.pipelines.items()):
+                family.add_metric([name], getattr(pipeline, key).total_seconds())
+            yield family
+
+    def _window_families(self, metrics: WindowMetrics) -> Iterable[Metric]:
+        freshness = GaugeMetricFamily(
+            "windowpipe_freshness_seconds",
+            "Now minus the end of the newest window such that it and every window before it "
+            "succeeded or were skipped (now minus the pipeline's start when none is).",
+            labels=["pipeline"],
+        )
+        windows = GaugeMetricFamily(
+            "windowpipe_windows", "Window records by status.", labels=["pipeline", "status"]
+        )
+        attempts = GaugeMetricFamily(
+            "windowpipe_window_attempts",
+            "The most attempts used by any window not succeeded or skipped (queued, running, "
+            "failed or dead); 0 when there is none.",
+            labels=["pipeline"],
+        )
+        dead = GaugeMetricFamily(
+            "windowpipe_dead_windows",
+            "Windows dead after max_attempts attempts.",
+            labels=["pipeline"],
+        )
+        audit = GaugeMetricFamily(
+            "windowpipe_audit_failures",
+            "Windows failed or dead because their last attempt's audit found source, staged "
+            "and target counts disagreeing (or documents rejected).",
+            labels=["pipeline"],
+        )
+        waiting = GaugeMetricFamily(
+            "windowpipe_windows_waiting",
+            "Windows queued at a stage, waiting for a worker of that stage (from the records).",
+            labels=["pipeline", "stage"],
+        )
+        running = GaugeMetricFamily(
+            "windowpipe_windows_running",
+            "Windows running at a stage (from the records).",
+            labels=["pipeline", "stage"],
+        )
+        seconds = HistogramMetricFamily(
+            "windowpipe_stage_seconds",
+            "Seconds of a succeeded window's latest attempt, from its first claim (precheck) to "
+            'its audit commit, waits between stages included (stage="chain": the records hold '
+            "no time per stage).",
+            labels=["pipeline", "stage"],
+        )
+        rows = CounterMetricFamily(
+            "windowpipe_rows",
+            "Documents of succeeded windows: counted in the source by precheck, written to the "
+            "stage by extract, in the target after load.",
+            labels=["pipeline", "stage"],
+        )
+        for name, item in metrics.pipelines.items():
+            if item.freshness is not None:
+                freshness.add_metric([name], item.freshness.seconds)
+            for status, count in item.windows.items():
+                windows.add_metric([name, status], count)
+            attempts.add_metric([name], item.max_attempts_unfinished)
+            dead.add_metric([name], item.dead)
+            audit.add_metric([name], item.audit_failures)
+            for stage, count in item.waiting.items():
+                waiting.add_metric([name, stage], count)
+            for stage, count in item.running.items():
+                running.add_metric([name, stage], count)
+            histogram = item.chain_seconds
+            buckets: list[tuple[str, float]] = [
+                (_bound(bound), count)
+                for bound, count in zip(histogram.bounds, histogram.cumulative, strict=True)
+            ]
+            buckets.append(("+Inf", histogram.count))
+            seconds.add_metric([name, CHAIN_STAGE], buckets, histogram.total)
+            for stage, count in item.rows.items():
+                rows.add_metric([name, stage], count)
+        yield from (freshness, windows, attempts, dead, audit, waiting, running, seconds, rows)
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def registry_for(collector: Collector) -> CollectorRegistry:
+    """A registry holding only `collector` (no process or platform metrics of the exporter)."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+def render(collector: Collector) -> str:
+    """The Prometheus text exposition of one scrape."""
+    return generate_latest(registry_for(collector)).decode()
+
+
+def serve(collector: Collector, address: str, port: int, announce: Callable[[str], Any]) -> None:
+    """Serve `/metrics` on `address:port` until SIGTERM or SIGINT; `announce` gets one line
+    naming the URL (with the port bound, when `port` is 0)."""
+    server, thread = start_http_server(port, addr=address, registry=registry_for(collector))
+    stop = threading.Event()
+
+    def _stop(*_: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        announce(f"serving http://{address}:{server.server_port}/metrics")
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -1,0 +1,375 @@
+"""What the Prometheus exporter reports about windows, read from the window records.
+
+Everything here is computed from the state store alone, so the numbers are the same whatever
+the number of worker hosts: no worker keeps a registry of its own. The queries are SQL
+aggregates over the `windows` table (nothing of the history is loaded into Python), and the
+freshness frontier is two index lookups per pipeline, so a scrape does not grow with history
+beyond the aggregates' scans (see `read_window_metrics`).
+
+What each number measures, honestly, given what a record holds (one row per window: status,
+stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest attempt):
+
+- freshness: now minus the end of the newest window such that it and every window before it
+  succeeded or were skipped; the point up to which the target is complete;
+- windows by status, and windows queued or running at each stage (the stage's backlog);
+- the most attempts any window that is not finished well has used (a window being retried, or
+  dead at `max_attempts`);
+- dead windows, and windows whose last attempt failed the audit (counts disagreed);
+- chain seconds: a succeeded window's latest attempt from its first claim (precheck) to its
+  audit commit, queue waits between stages and retries inside the attempt included. The
+  records keep no time per stage, so there is no per-stage duration to report;
+- rows: the sums, over succeeded windows, of what precheck counted in the source, extract
+  wrote to the stage, and the target held after the load (audited equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from core.records import FINISHED, STAGE_ORDER, Stage, WindowStatus
+from core.store import WINDOWS, StateStore
+
+CHAIN_SECONDS_BUCKETS: tuple[float, ...] = (
+    1,
+    5,
+    15,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    7200,
+    14400,
+    43200,
+    86400,
+)
+"""Upper bounds (seconds) of the chain-duration histogram's buckets; `+Inf` is added."""
+
+CHAIN_STAGE = "chain"
+"""The `stage` label of the chain-duration histogram: the whole chain of an attempt."""
+
+ROW_COLUMNS: tuple[tuple[Stage, str], ...] = (
+    (Stage.PRECHECK, "source_count"),
+    (Stage.EXTRACT, "staged_count"),
+    (Stage.LOAD, "target_count"),
+)
+"""Which record count each stage's rows are: precheck counts the source, extract stages the
+documents, load leaves them in the target (the audit checks the three agree)."""
+
+UNFINISHED = tuple(sorted(set(WindowStatus) - FINISHED))
+"""Statuses of windows whose data is not (yet) complete in the target."""
+
+AUDIT_ERROR_PREFIX = "audit: "
+"""How the audit stage starts a failed window's error (core/runner.py)."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Cumulative bucket counts (one per bound in `bounds`, then +Inf), count and sum."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    count: int
+    total: float
+
+    @classmethod
+    def empty(cls, bounds: Sequence[float]) -> Histogram:
+        return cls(tuple(bounds), (0,) * len(bounds), 0, 0.0)
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How far behind a pipeline's target is."""
+
+    complete_through: datetime | None
+    """End of the newest window such that it and every window before it succeeded or were
+    skipped; None when no such window exists (nothing complete yet)."""
+    seconds: float
+    """now - complete_through, or now - the pipeline's `start` when nothing is complete."""
+
+
+@dataclass(frozen=True)
+class PipelineMetrics:
+    """The numbers of one pipeline at one instant."""
+
+    pipeline: str
+    freshness: Freshness | None
+    """None for a pipeline found in the store that the config does not name (no `start`)."""
+    windows: Mapping[str, int]
+    """Windows by status, every status listed."""
+    waiting: Mapping[str, int]
+    """Windows queued at each stage (waiting for a worker of that stage's queue)."""
+    running: Mapping[str, int]
+    """Windows running at each stage."""
+    max_attempts_unfinished: int
+    """The most attempts of any window not succeeded or skipped (0 when none)."""
+    audit_failures: int
+    """Windows failed or dead because their last attempt's audit found the counts differ."""
+    chain_seconds: Histogram
+    """Duration of succeeded windows' latest attempt, first claim to audit commit."""
+    rows: Mapping[str, int]
+    """Documents of succeeded windows per stage (precheck: source, extract: staged, load:
+    target)."""
+
+    @property
+    def dead(self) -> int:
+        return self.windows.get(WindowStatus.DEAD.value, 0)
+
+
+@dataclass(frozen=True)
+class WindowMetrics:
+    """Every pipeline's numbers, read at `now`."""
+
+    now: datetime
+    pipelines: Mapping[str, PipelineMetrics] = field(default_factory=dict)
+
+
+# --- pure computations ---------------------------------------------------------------------------
+
+
+def freshness_seconds(complete_through: datetime | None, start: datetime, now: datetime) -> float:
+    """How far behind `now` the target is complete: now minus `complete_through`, or minus the
+    pipeline's `start` when no window is complete yet; never negative (a `start` in the future
+    is not behind)."""
+    since = complete_through if complete_through is not None else start
+    return max((now - since).total_seconds(), 0.0)
+
+
+def cumulative_buckets(counts_at_or_below: Sequence[int]) -> tuple[int, ...]:
+    """The per-bound "at or below" counts as Prometheus cumulative buckets (monotone).
+
+    SQL counts each bound independently, so they are cumulative already; this only guards
+    the contract (a bucket never holds fewer than the one before it).
+    """
+    out: list[int] = []
+    for count in counts_at_or_below:
+        out.append(max(int(count), out[-1] if out else 0))
+    return tuple(out)
+
+
+# --- SQL ---------------------------------------------------------------------------------------
+
+
+def seconds_between(dialect: str, start: Any, end: Any) -> sa.ColumnElement[Any]:
+    """`end - start` in seconds, in SQL. PostgreSQL stores `timestamptz`; SQLite stores the UTC
+    wall time as text, which `julianday` reads."""
+    if dialect == "postgresql":
+        return sa.func.extract("epoch", end - start)
+    return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
+
+
+def status_counts_query() -> sa.Select[Any]:
+    """(pipeline, status, count) of every pipeline in the store."""
+    return sa.select(WINDOWS.c.pipeline, WINDOWS.c.status, sa.func.count()).group_by(
+        WINDOWS.c.pipeline, WINDOWS.c.status
+    )
+
+
+def stage_backlog_query() -> sa.Select[Any]:
+    """(pipeline, stage, status, count) of the windows queued or running at a stage.
+
+    The Kubernetes ScaledObjects run the same selection per stage (deploy/kubernetes/keda.yaml,
+    checked by tests/test_kubernetes.py).
+    """
+    active = [WindowStatus.QUEUED.value, WindowStatus.RUNNING.value]
+    return (
+        sa.select(WINDOWS.c.pipeline, WINDOWS.c.stage, WINDOWS.c.status, sa.func.count())
+        .where(WINDOWS.c.status.in_(active), WINDOWS.c.stage.is_not(None))
+        .group_by(WINDOWS.c.pipeline, WINDOWS.c.stage, WINDOWS.c.status)
+    )
+
+
+def unfinished_query() -> sa.Select[Any]:
+    """(pipeline, most attempts, audit failures) over the windows not succeeded or skipped.
+
+    An audit failure is a window failed (or dead) by the audit finding the counts differ: the
+    runner records it with an `audit: ` error and sends the window back to precheck, which
+    tells it apart from an audit stage that could not reach the target (that keeps its stage).
+    """
+    audit_failed = sa.and_(
+        WINDOWS.c.status.in_([WindowStatus.FAILED.value, WindowStatus.DEAD.value]),
+        WINDOWS.c.error.like(f"{AUDIT_ERROR_PREFIX}%"),
+        WINDOWS.c.stage == Stage.PRECHECK.value,
+    )
+    return (
+        sa.select(
+            WINDOWS.c.pipeline,
+            sa.func.max(WINDOWS.c.attempts),
+            sa.func.sum(sa.case((audit_failed, 1), else_=0)),
+        )
+        .where(WINDOWS.c.status.in_([s.value for s in UNFINISHED]))
+        .group_by(WINDOWS.c.pipeline)
+    )
+
+
+def succeeded_query(dialect: str, bounds: Sequence[float]) -> sa.Select[Any]:
+    """Per pipeline, over succeeded windows: the chain-duration histogram (one "at or below"
+    count per bound, the count and the sum of the durations) and the row sums per stage.
+
+    Windows without both instants (none are, once succeeded) are left out of the histogram
+    but not of the row sums.
+    """
+    duration = seconds_between(dialect, WINDOWS.c.started_at, WINDOWS.c.finished_at)
+    timed = sa.and_(WINDOWS.c.started_at.is_not(None), WINDOWS.c.finished_at.is_not(None))
+    columns: list[Any] = [WINDOWS.c.pipeline]
+    for bound in bounds:
+        at_or_below = sa.and_(timed, duration <= bound)
+        columns.append(sa.func.sum(sa.case((at_or_below, 1), else_=0)))
+    columns.append(sa.func.sum(sa.case((timed, 1), else_=0)))
+    columns.append(sa.func.coalesce(sa.func.sum(sa.case((timed, duration), else_=None)), 0.0))
+    for _stage, column in ROW_COLUMNS:
+        columns.append(sa.func.coalesce(sa.func.sum(WINDOWS.c[column]), 0))
+    return (
+        sa.select(*columns)
+        .where(WINDOWS.c.status == WindowStatus.SUCCEEDED.value)
+        .group_by(WINDOWS.c.pipeline)
+    )
+
+
+def first_unfinished_query(pipeline: str) -> sa.Select[Any]:
+    """The start of the pipeline's oldest window not succeeded or skipped (NULL if none).
+
+    Reads only unfinished windows, through the (pipeline, status) index."""
+    return sa.select(sa.func.min(WINDOWS.c.window_start)).where(
+        WINDOWS.c.pipeline == pipeline,
+        WINDOWS.c.status.in_([s.value for s in UNFINISHED]),
+    )
+
+
+def newest_end_before_query(pipeline: str, before: datetime | None) -> sa.Select[Any]:
+    """The end of the pipeline's newest window starting before `before` (or of its newest
+    window at all): one step of the (pipeline, window_start) index, whatever the history."""
+    query = sa.select(WINDOWS.c.window_end).where(WINDOWS.c.pipeline == pipeline)
+    if before is not None:
+        query = query.where(WINDOWS.c.window_start < before)
+    return query.order_by(WINDOWS.c.window_start.desc()).limit(1)
+
+
+def read_complete_through(conn: Connection, pipeline: str) -> datetime | None:
+    """End of the newest window such that it and every window before it succeeded or were
+    skipped, or None when the pipeline's first window is not finished (or it has none).
+
+    Two index lookups: the oldest unfinished window, then the newest window before it. A chain
+    with a gap (which `windowpipe validate` reports) counts as complete across the gap.
+    """
+    first_unfinished = conn.execute(first_unfinished_query(pipeline)).scalar_one()
+    end: datetime | None = conn.execute(
+        newest_end_before_query(pipeline, first_unfinished)
+    ).scalar_one_or_none()
+    return end
+
+
+# --- reading the store -------------------------------------------------------------------------
+
+
+def read_freshness(
+    store: StateStore, starts: Mapping[str, datetime], now: datetime
+) -> dict[str, Freshness]:
+    """The freshness of each pipeline in `starts` (name -> the pipeline's `start`): two index
+    lookups per pipeline, whatever its history."""
+    with store.engine.connect() as conn:
+        return {name: _freshness(conn, name, start, now) for name, start in starts.items()}
+
+
+def _freshness(conn: Connection, pipeline: str, start: datetime, now: datetime) -> Freshness:
+    through = read_complete_through(conn, pipeline)
+    return Freshness(through, freshness_seconds(through, start, now))
+
+
+def read_window_metrics(
+    store: StateStore,
+    starts: Mapping[str, datetime],
+    now: datetime,
+    *,
+    bounds: Sequence[float] = CHAIN_SECONDS_BUCKETS,
+) -> WindowMetrics:
+    """Every pipeline's numbers, read on one connection (each number is right on its own; they
+    are not one snapshot).
+
+    `starts` maps each configured pipeline to its `start` (freshness is measured from it until
+    a window is complete); pipelines found in the store but not configured are reported too,
+    without freshness. Cost per scrape: four aggregate queries over the `windows` table (the
+    status counts and the succeeded windows' sums scan it; the backlog and unfinished queries
+    read only unfinished rows) plus two index lookups per configured pipeline.
+    """
+    bounds = tuple(bounds)
+    with store.engine.connect() as conn:
+        counts: dict[str, dict[str, int]] = {}
+        for pipeline, status, count in conn.execute(status_counts_query()).tuples():
+            counts.setdefault(pipeline, {})[status] = int(count)
+        waiting: dict[str, dict[str, int]] = {}
+        running: dict[str, dict[str, int]] = {}
+        for pipeline, stage, status, count in conn.execute(stage_backlog_query()).tuples():
+            into = waiting if status == WindowStatus.QUEUED.value else running
+            into.setdefault(pipeline, {})[stage] = int(count)
+        unfinished = {
+            pipeline: (int(most or 0), int(audit or 0))
+            for pipeline, most, audit in conn.execute(unfinished_query()).tuples()
+        }
+        succeeded = {
+            row[0]: row[1:] for row in conn.execute(succeeded_query(store.dialect, bounds))
+        }
+        fresh = {name: _freshness(conn, name, start, now) for name, start in starts.items()}
+    pipelines = {}
+    for name in sorted(set(counts) | set(starts)):
+        pipelines[name] = PipelineMetrics(
+            pipeline=name,
+            freshness=fresh.get(name),
+            windows=_every_status(counts.get(name, {})),
+            waiting=_every_stage(waiting.get(name, {})),
+            running=_every_stage(running.get(name, {})),
+            max_attempts_unfinished=unfinished.get(name, (0, 0))[0],
+            audit_failures=unfinished.get(name, (0, 0))[1],
+            chain_seconds=_histogram(succeeded.get(name), bounds),
+            rows=_rows(succeeded.get(name), len(bounds)),
+        )
+    return WindowMetrics(now=now, pipelines=pipelines)
+
+
+def _every_status(found: Mapping[str, int]) -> dict[str, int]:
+    return {status.value: int(found.get(status.value, 0)) for status in WindowStatus}
+
+
+def _every_stage(found: Mapping[str, int]) -> dict[str, int]:
+    return {stage.value: int(found.get(stage.value, 0)) for stage in STAGE_ORDER}
+
+
+def _histogram(row: Sequence[Any] | None, bounds: tuple[float, ...]) -> Histogram:
+    if row is None:
+        return Histogram.empty(bounds)
+    per_bound = [int(v or 0) for v in row[: len(bounds)]]
+    count = int(row[len(bounds)] or 0)
+    total = float(row[len(bounds) + 1] or 0.0)
+    return Histogram(bounds, cumulative_buckets(per_bound), count, total)
+
+
+def _rows(row: Sequence[Any] | None, offset: int) -> dict[str, int]:
+    sums = list(row[offset + 2 :]) if row is not None else [0] * len(ROW_COLUMNS)
+    return {
+        stage.value: int(value or 0) for (stage, _), value in zip(ROW_COLUMNS, sums, strict=True)
+    }
+
+
+def freshness_lines(freshness: Mapping[str, Freshness]) -> list[str]:
+    """One line per pipeline for `windowpipe status`: `orders: complete through
+    2026-11-01T10:15:00Z, 14m 30s behind now`."""
+    from core.instants import format_instant
+    from core.liveness import format_age
+
+    lines = []
+    for name, item in sorted(freshness.items()):
+        behind = format_age(item.seconds)
+        if item.complete_through is None:
+            lines.append(f"{name}: no window complete yet, {behind} since the pipeline's start")
+        else:
+            through = format_instant(item.complete_through)
+            lines.append(f"{name}: complete through {through}, {behind} behind now")
+    return lines
