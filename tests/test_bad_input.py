@@ -835,3 +835,23 @@ def test_a_state_store_that_does_not_answer_is_one_line_exit_1(
     )
     assert "canary-pw" not in run.stderr
     assert world.redis_contents() == before, run.describe()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["locks", "locks-cleanup"])
+def test_locks_with_redis_down_is_one_line_and_changes_nothing(
+    tmp_path: Path, world: StateWorld, command: str
+) -> None:
+    port = free_port()
+    config = tmp_path / "windowpipe.toml"
+    write_config(
+        config, _settings(world, redis_url=f"redis://127.0.0.1:{port}/0"), {"orders": GOOD_PIPELINE}
+    )
+    before = world.snapshot()
+    run = run_windowpipe(*COMMANDS[command], cwd=tmp_path, config=config)
+    if world.pg_schema is None:
+        # The state store is checked first: without the schema there are no windows to lock.
+        assert_one_error_line(run, 2, "has no windowpipe schema; run `windowpipe migrate`")
+    else:
+        assert_one_error_line(run, 1, f"redis at redis://127.0.0.1:{port}/0 is unreachable")
+    assert world.snapshot() == before, run.describe()
