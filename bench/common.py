@@ -242,3 +242,60 @@ class Row:
 def log(message: str) -> None:
     """Progress on stderr (the table goes to stdout)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- beat ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Beat:
+    """`celery -A <app> beat` as a subprocess in its own process group."""
+
+    app: str
+    workdir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        """Start beat and wait until its log says it is starting to schedule."""
+        log = self.workdir / f"{self.app.replace('.', '_')}-beat.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", self.app, "beat"),
+                *("--loglevel", "INFO", "-s", str(self.workdir / "beat-schedule")),
+            ],
+            cwd=REPO,
+            env={**os.environ, **self.env, "PYTHONPATH": str(REPO)},
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"beat exited: {log.read_text(errors='replace')[-3000:]}")
+            text = log.read_text(errors="replace")[offset:] if log.exists() else ""
+            if "beat: Starting" in text:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"beat not started after {timeout}s: {log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """Stop beat (its process group only)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> Beat:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
