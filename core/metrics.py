@@ -173,22 +173,28 @@ def status_counts_query() -> sa.Select[Any]:
     )
 
 
-def stage_backlog_query() -> sa.Select[Any]:
-    """(pipeline, stage, status, count) of the windows queued or running at a stage.
+def stage_backlog_query(pipeline: str) -> sa.Select[Any]:
+    """(stage, status, count) of the pipeline's windows queued or running at a stage; reads
+    only those, through the (pipeline, status) index.
 
     The Kubernetes ScaledObjects run the same selection per stage (deploy/kubernetes/keda.yaml,
     checked by tests/test_kubernetes.py).
     """
     active = [WindowStatus.QUEUED.value, WindowStatus.RUNNING.value]
     return (
-        sa.select(WINDOWS.c.pipeline, WINDOWS.c.stage, WINDOWS.c.status, sa.func.count())
-        .where(WINDOWS.c.status.in_(active), WINDOWS.c.stage.is_not(None))
-        .group_by(WINDOWS.c.pipeline, WINDOWS.c.stage, WINDOWS.c.status)
+        sa.select(WINDOWS.c.stage, WINDOWS.c.status, sa.func.count())
+        .where(
+            WINDOWS.c.pipeline == pipeline,
+            WINDOWS.c.status.in_(active),
+            WINDOWS.c.stage.is_not(None),
+        )
+        .group_by(WINDOWS.c.stage, WINDOWS.c.status)
     )
 
 
-def unfinished_query() -> sa.Select[Any]:
-    """(pipeline, most attempts, audit failures) over the windows not succeeded or skipped.
+def unfinished_query(pipeline: str) -> sa.Select[Any]:
+    """(most attempts, audit failures) over the pipeline's windows not succeeded or skipped;
+    reads only those, through the (pipeline, status) index.
 
     An audit failure is a window failed (or dead) by the audit finding the counts differ: the
     runner records it with an `audit: ` error and sends the window back to precheck, which
@@ -199,15 +205,9 @@ def unfinished_query() -> sa.Select[Any]:
         WINDOWS.c.error.like(f"{AUDIT_ERROR_PREFIX}%"),
         WINDOWS.c.stage == Stage.PRECHECK.value,
     )
-    return (
-        sa.select(
-            WINDOWS.c.pipeline,
-            sa.func.max(WINDOWS.c.attempts),
-            sa.func.sum(sa.case((audit_failed, 1), else_=0)),
-        )
-        .where(WINDOWS.c.status.in_([s.value for s in UNFINISHED]))
-        .group_by(WINDOWS.c.pipeline)
-    )
+    return sa.select(
+        sa.func.max(WINDOWS.c.attempts), sa.func.sum(sa.case((audit_failed, 1), else_=0))
+    ).where(WINDOWS.c.pipeline == pipeline, WINDOWS.c.status.in_([s.value for s in UNFINISHED]))
 
 
 def succeeded_query(dialect: str, bounds: Sequence[float]) -> sa.Select[Any]:
@@ -234,11 +234,17 @@ def succeeded_query(dialect: str, bounds: Sequence[float]) -> sa.Select[Any]:
     )
 
 
-def first_unfinished_query(pipeline: str) -> sa.Select[Any]:
+def first_unfinished_query(pipeline: str, dialect: str) -> sa.Select[Any]:
     """The start of the pipeline's oldest window not succeeded or skipped (NULL if none).
 
-    Reads only unfinished windows, through the (pipeline, status) index."""
-    return sa.select(sa.func.min(WINDOWS.c.window_start)).where(
+    Reads only unfinished windows, through the (pipeline, status) index. On SQLite the column
+    is written `+window_start`: for a bare `min(window_start)` its planner walks the
+    (pipeline, window_start) index from the oldest window instead, through the whole history
+    (measured: 100 ms instead of 0.1 ms with 500,000 windows)."""
+    start: Any = WINDOWS.c.window_start
+    if dialect == "sqlite":
+        start = sa.literal_column("+windows.window_start", type_=WINDOWS.c.window_start.type)
+    return sa.select(sa.func.min(start)).where(
         WINDOWS.c.pipeline == pipeline,
         WINDOWS.c.status.in_([s.value for s in UNFINISHED]),
     )
@@ -260,7 +266,9 @@ def read_complete_through(conn: Connection, pipeline: str) -> datetime | None:
     Two index lookups: the oldest unfinished window, then the newest window before it. A chain
     with a gap (which `windowpipe validate` reports) counts as complete across the gap.
     """
-    first_unfinished = conn.execute(first_unfinished_query(pipeline)).scalar_one()
+    first_unfinished = conn.execute(
+        first_unfinished_query(pipeline, conn.dialect.name)
+    ).scalar_one()
     end: datetime | None = conn.execute(
         newest_end_before_query(pipeline, first_unfinished)
     ).scalar_one_or_none()
@@ -296,30 +304,31 @@ def read_window_metrics(
 
     `starts` maps each configured pipeline to its `start` (freshness is measured from it until
     a window is complete); pipelines found in the store but not configured are reported too,
-    without freshness. Cost per scrape: four aggregate queries over the `windows` table (the
-    status counts and the succeeded windows' sums scan it; the backlog and unfinished queries
-    read only unfinished rows) plus two index lookups per configured pipeline.
+    without freshness. Cost per scrape: two aggregates that scan the `windows` table (the
+    status counts, on the covering (pipeline, status) index, and the succeeded windows' sums),
+    and per pipeline index lookups that read only its unfinished windows.
     """
     bounds = tuple(bounds)
     with store.engine.connect() as conn:
         counts: dict[str, dict[str, int]] = {}
         for pipeline, status, count in conn.execute(status_counts_query()).tuples():
             counts.setdefault(pipeline, {})[status] = int(count)
-        waiting: dict[str, dict[str, int]] = {}
-        running: dict[str, dict[str, int]] = {}
-        for pipeline, stage, status, count in conn.execute(stage_backlog_query()).tuples():
-            into = waiting if status == WindowStatus.QUEUED.value else running
-            into.setdefault(pipeline, {})[stage] = int(count)
-        unfinished = {
-            pipeline: (int(most or 0), int(audit or 0))
-            for pipeline, most, audit in conn.execute(unfinished_query()).tuples()
-        }
+        names = sorted(set(counts) | set(starts))
+        waiting: dict[str, dict[str, int]] = {name: {} for name in names}
+        running: dict[str, dict[str, int]] = {name: {} for name in names}
+        unfinished: dict[str, tuple[int, int]] = {}
+        for name in names:
+            for stage, status, count in conn.execute(stage_backlog_query(name)).tuples():
+                into = waiting if status == WindowStatus.QUEUED.value else running
+                into[name][stage] = int(count)
+            most, audit = conn.execute(unfinished_query(name)).one()
+            unfinished[name] = (int(most or 0), int(audit or 0))
         succeeded = {
             row[0]: row[1:] for row in conn.execute(succeeded_query(store.dialect, bounds))
         }
         fresh = {name: _freshness(conn, name, start, now) for name, start in starts.items()}
     pipelines = {}
-    for name in sorted(set(counts) | set(starts)):
+    for name in names:
         pipelines[name] = PipelineMetrics(
             pipeline=name,
             freshness=fresh.get(name),
