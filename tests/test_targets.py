@@ -2,6 +2,14 @@
 snowflake-connector over HTTP, an external `file://` Snowflake stage over a `LocalStage`
 directory) and `SqlTarget` on PostgreSQL and SQLite; then the Snowflake SQL builders offline.
 
+Fencing: every target keeps a ledger row per window (the newest fence that loaded it) and
+refuses a load whose fence is not newer. Loads that overlap in time are tested where the
+database really makes the later one wait: PostgreSQL (the ledger row lock) and SQLite (the
+write lock taken at BEGIN IMMEDIATE). fakesnow's DuckDB does not wait on locks - a second
+transaction writing the same ledger row fails at once with "Conflict on update", which reaches
+the client as HTTP 500 and is classified transient - so on Snowflake only the sequential
+orders are tested; the waiting is Snowflake's documented DML locking, not verified here.
+
 fakesnow 0.12 cannot run a transforming COPY (`COPY INTO t FROM (SELECT $1, METADATA$FILENAME,
 METADATA$FILE_ROW_NUMBER FROM @stage/...)`), which the target uses to keep each row's lineage.
 `workers.demo.teach_fakesnow_metadata_copy` extends its COPY translation for exactly that
@@ -13,8 +21,12 @@ binding) is fakesnow's own.
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,9 +43,9 @@ from connectors.base import Batch, Document, Manifest, Stage, Target
 from connectors.local import LocalStage
 from connectors.snowflake import SnowflakeTarget, sql
 from connectors.snowflake.client import translate
-from connectors.sql_target import SqlTarget, target_table
+from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_table
 from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
-from core.errors import TerminalError, TransientError
+from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
 from core.windows import Window
 from workers.demo import teach_fakesnow_metadata_copy
 
@@ -80,6 +92,10 @@ class Backend:
     rows: Callable[[Window], list[dict[str, Any]]]
     """The window's rows: doc_id, doc (parsed), window_end (aware UTC), source_file, file_row."""
     drop_table: Callable[[], None]
+    ledger: Callable[[Window], list[dict[str, Any]]]
+    """The window's ledger rows (one once loaded): fence, row_count, loaded_at (aware UTC)."""
+    url: str = ""
+    """The SQL backends' database URL."""
 
 
 def _snowflake_backend(
@@ -122,7 +138,19 @@ def _snowflake_backend(
     def drop_table() -> None:
         admin.cursor().execute(f"DROP TABLE {table}")
 
-    yield Backend("snowflake", stage, make, rows, drop_table)
+    def ledger(window: Window) -> list[dict[str, Any]]:
+        cursor = admin.cursor()
+        cursor.execute(
+            f'SELECT fence, row_count, loaded_at FROM "{database}"."EVENTS"."WINDOWPIPE_LEDGER" '
+            "WHERE pipeline = %s AND window_start = %s",
+            (PIPELINE, window.start.replace(tzinfo=None)),
+        )
+        return [
+            {"fence": int(fence), "row_count": int(count), "loaded_at": _aware(at)}
+            for fence, count, at in cursor.fetchall()
+        ]
+
+    yield Backend("snowflake", stage, make, rows, drop_table, ledger)
     for target in targets:
         target.close()
     admin.close()
@@ -160,7 +188,19 @@ def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE events_loaded"))
 
-    yield Backend(name, stage, make, rows, drop_table)
+    def ledger(window: Window) -> list[dict[str, Any]]:
+        table = ledger_table("events_loaded", sa.MetaData())
+        start = window.start if name == "postgresql" else window.start.replace(tzinfo=None)
+        query = sa.select(table.c.fence, table.c.row_count, table.c.loaded_at).where(
+            table.c.pipeline == PIPELINE, table.c.window_start == start
+        )
+        with engine.connect() as conn:
+            return [
+                {"fence": fence, "row_count": count, "loaded_at": _aware(at)}
+                for fence, count, at in conn.execute(query)
+            ]
+
+    yield Backend(name, stage, make, rows, drop_table, ledger, url)
     for target in targets:
         target.close()
     engine.dispose()
@@ -242,7 +282,9 @@ def test_loading_the_same_manifest_again_does_not_duplicate(backend: Backend) ->
     target.load_window(PIPELINE, manifest, backend.stage, fence=1)
 
     assert target.load_window(PIPELINE, manifest, backend.stage, fence=2) == 25
-    assert backend.make().load_window(PIPELINE, manifest, backend.stage, fence=3) == 25  # another worker
+    assert (
+        backend.make().load_window(PIPELINE, manifest, backend.stage, fence=3) == 25
+    )  # another worker
     assert target.count_window(PIPELINE, WINDOW) == 25
     assert len({row["doc_id"] for row in backend.rows(WINDOW)}) == 25
 
@@ -338,6 +380,305 @@ def test_counting_a_dropped_table_is_terminal(backend: Backend) -> None:
         target.count_window(PIPELINE, WINDOW)
 
 
+# --- the contract: fenced loads ---------------------------------------------------------------
+
+A_FENCE, B_FENCE = 3, 5
+"""A paused owner's fence and the fence of the owner that took the window over."""
+
+
+@dataclass
+class FencedLoad:
+    """A load staged under its fence's run, with documents tagged by the fence."""
+
+    fence: int
+    manifest: Manifest
+    ids: set[str]
+
+
+def fenced_load(stage: LocalStage, fence: int, count: int) -> FencedLoad:
+    """Stage the window for the owner holding `fence` (replacing earlier runs' files, as a real
+    extract does)."""
+    docs = documents(WINDOW, count, tag=f"f{fence}")
+    manifest = stage_window(stage, WINDOW, docs, f"f{fence:08d}")
+    return FencedLoad(fence, manifest, {doc.id for doc in docs})
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(A_FENCE, B_FENCE), (B_FENCE, A_FENCE), (B_FENCE, B_FENCE)],
+    ids=["older-then-newer", "newer-then-older", "same-fence-twice"],
+)
+def test_a_load_whose_fence_is_not_newer_is_refused_and_changes_nothing(
+    backend: Backend, first: int, second: int
+) -> None:
+    worker_one, worker_two = backend.make(), backend.make()
+    counts = {A_FENCE: 7, B_FENCE: 5}
+
+    earlier = fenced_load(backend.stage, first, counts[first])
+    assert worker_one.load_window(PIPELINE, earlier.manifest, backend.stage, first) == counts[first]
+    before = (backend.rows(WINDOW), backend.ledger(WINDOW))
+    later = fenced_load(backend.stage, second, counts[second])
+    if second > first:
+        assert worker_two.load_window(PIPELINE, later.manifest, backend.stage, second) == 5
+    else:
+        with pytest.raises(StaleFenceError) as refused:
+            worker_two.load_window(PIPELINE, later.manifest, backend.stage, second)
+        message = str(refused.value)
+        assert message.startswith("snowflake target: " if backend.name == "snowflake" else "sql")
+        assert (
+            f"refused a stale load of window {PIPELINE} 2026-11-01T00:00:00Z: its fence "
+            f"{second} is not newer than fence {first}, which loaded the window last"
+        ) in message
+        assert "\n" not in message
+        assert isinstance(refused.value, LostOwnershipError)  # the runner stops, no retry
+        assert (backend.rows(WINDOW), backend.ledger(WINDOW)) == before
+
+    # Either way: the rows of the fence-5 load, once, and the ledger says so.
+    newest = earlier if first == B_FENCE else later
+    rows = backend.rows(WINDOW)
+    assert sorted(row["doc_id"] for row in rows) == sorted(newest.ids)
+    assert worker_one.count_window(PIPELINE, WINDOW) == 5
+    [entry] = backend.ledger(WINDOW)
+    assert (entry["fence"], entry["row_count"]) == (B_FENCE, 5)
+
+
+def test_the_ledger_records_the_fence_and_rows_of_each_window_load(backend: Backend) -> None:
+    target = backend.make()
+    assert target.count_window(PIPELINE, WINDOW) == 0  # creates the table and its ledger
+    assert backend.ledger(WINDOW) == []
+    before = datetime.now(UTC)
+
+    target.load_window(PIPELINE, fenced_load(backend.stage, 3, 7).manifest, backend.stage, 3)
+    [entry] = backend.ledger(WINDOW)
+    assert (entry["fence"], entry["row_count"]) == (3, 7)
+    # fakesnow's server mode truncates instants to the second.
+    assert entry["loaded_at"] >= before.replace(microsecond=0) - timedelta(seconds=1)
+
+    empty = stage_window(backend.stage, WINDOW, [], "f00000009")
+    target.load_window(PIPELINE, empty, backend.stage, 9)
+    [entry] = backend.ledger(WINDOW)
+    assert (entry["fence"], entry["row_count"]) == (9, 0)
+    assert backend.ledger(NEXT_WINDOW) == []
+
+
+def test_a_refused_load_leaves_other_windows_loadable(backend: Backend) -> None:
+    target = backend.make()
+    target.load_window(PIPELINE, fenced_load(backend.stage, 5, 4).manifest, backend.stage, 5)
+    with pytest.raises(StaleFenceError):
+        target.load_window(PIPELINE, fenced_load(backend.stage, 3, 2).manifest, backend.stage, 3)
+
+    # Fences are per window: fence 1 of the next window is its first load.
+    manifest = stage_window(backend.stage, NEXT_WINDOW, documents(NEXT_WINDOW, 6, "n"), "r1")
+    assert target.load_window(PIPELINE, manifest, backend.stage, 1) == 6
+    assert target.count_window(PIPELINE, WINDOW) == 4
+
+
+# --- overlapping loads (PostgreSQL and SQLite) ---------------------------------------------------
+
+
+class PostgresHold:
+    """A test connection holding the target table in EXCLUSIVE mode: a load's ledger upsert
+    goes through, then its DELETE waits, inside its transaction. `pg_stat_activity` shows who
+    waits where."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url)
+        self.conn = self.engine.connect()
+
+    def __enter__(self) -> PostgresHold:
+        self.conn.execute(sa.text("LOCK TABLE events_loaded IN EXCLUSIVE MODE"))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+        self.conn.close()
+        self.engine.dispose()
+
+    def release(self) -> None:
+        if self.conn.in_transaction():
+            self.conn.rollback()
+
+    def _waiting(self, pattern: str) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock' AND query ILIKE :pattern"
+                    ),
+                    {"pattern": pattern},
+                ).scalar_one()
+            )
+
+    def wait_inside(self, thread: str) -> None:
+        """The first load has its ledger row and waits at its DELETE."""
+        _wait_for(lambda: self._waiting("DELETE FROM%events_loaded%") == 1, "first load blocked")
+
+    def wait_queued(self, thread: str) -> None:
+        """The second load waits on the first one's ledger row."""
+        _wait_for(lambda: self._waiting("%windowpipe_ledger%") == 1, "second load queued")
+
+
+class SqliteHold:
+    """A test connection holding a read transaction (SQLite's SHARED lock): a load takes the
+    write lock at BEGIN IMMEDIATE, runs its statements and then waits to COMMIT, inside its
+    transaction; a second load waits at its own BEGIN IMMEDIATE. SQLite shows no waiters, so
+    the statements each load's thread sends are watched through SQLAlchemy's engine events
+    (observed, not changed)."""
+
+    def __init__(self, url: str) -> None:
+        self.reader = sqlite3.connect(sa.make_url(url).database or "", isolation_level=None)
+        self.seen: set[tuple[str, str]] = set()
+        self._changed = threading.Condition()
+
+    def _note(self, kind: str) -> None:
+        with self._changed:
+            self.seen.add((threading.current_thread().name, kind))
+            self._changed.notify_all()
+
+    def _statement(self, conn: sa.Connection, cursor: Any, statement: str, *_: Any) -> None:
+        self._note(statement)
+
+    def _commit(self, conn: sa.Connection) -> None:
+        self._note("COMMIT")  # before the driver's commit, which then waits
+
+    def __enter__(self) -> SqliteHold:
+        sa.event.listen(sa.Engine, "before_cursor_execute", self._statement)
+        sa.event.listen(sa.Engine, "commit", self._commit)
+        self.reader.execute("BEGIN")
+        self.reader.execute("SELECT count(*) FROM events_loaded").fetchall()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+        self.reader.close()
+        sa.event.remove(sa.Engine, "before_cursor_execute", self._statement)
+        sa.event.remove(sa.Engine, "commit", self._commit)
+
+    def release(self) -> None:
+        if self.reader.in_transaction:
+            self.reader.execute("ROLLBACK")
+
+    def _wait_seen(self, thread: str, kind: str, what: str) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: (thread, kind) in self.seen, timeout=30):
+                raise AssertionError(f"{what}: not seen in 30s")
+
+    def wait_inside(self, thread: str) -> None:
+        """The first load sent COMMIT, which waits for the reader to finish."""
+        self._wait_seen(thread, "COMMIT", "first load at COMMIT")
+
+    def wait_queued(self, thread: str) -> None:
+        """The second load sent BEGIN IMMEDIATE, which waits for the first's write lock."""
+        self._wait_seen(thread, "BEGIN IMMEDIATE", "second load at BEGIN IMMEDIATE")
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen in {timeout}s")
+        time.sleep(0.02)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    stage = LocalStage(
+        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
+    )
+    url = request.getfixturevalue(
+        "pg_schema_url" if request.param == "postgresql" else "sqlite_url"
+    )
+    yield from _sql_backend(request.param, str(url), stage)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(A_FENCE, B_FENCE), (B_FENCE, A_FENCE)],
+    ids=["older-holds-newer-waits", "newer-holds-older-waits"],
+)
+def test_overlapping_loads_of_one_window_serialise_and_leave_its_rows_once(
+    sql_backend: Backend, first: int, second: int
+) -> None:
+    # Each owner's run in a stage directory of its own: staging B's run in A's would delete
+    # the files A is about to read inside its transaction.
+    root = Path(sql_backend.stage.config.path)
+    stages = {
+        fence: LocalStage(LocalStageConfig(type="local", path=str(root / f"owner-{fence}")))
+        for fence in (A_FENCE, B_FENCE)
+    }
+    loads = {fence: fenced_load(stages[fence], fence, 10 - fence) for fence in stages}
+    workers = {fence: sql_backend.make() for fence in loads}
+    for worker in workers.values():  # both connected, the table and ledger created
+        assert worker.count_window(PIPELINE, WINDOW) == 0
+    hold = (
+        PostgresHold(sql_backend.url)
+        if sql_backend.name == "postgresql"
+        else SqliteHold(sql_backend.url)
+    )
+    futures: dict[int, Future[int]] = {}
+    with hold, ThreadPoolExecutor(2, thread_name_prefix="load") as pool:
+
+        def start(fence: int) -> str:
+            name = f"load-fence-{fence}"
+
+            def run() -> int:
+                threading.current_thread().name = name
+                return workers[fence].load_window(
+                    PIPELINE, loads[fence].manifest, stages[fence], fence
+                )
+
+            futures[fence] = pool.submit(run)
+            return name
+
+        hold.wait_inside(start(first))
+        hold.wait_queued(start(second))
+        assert not futures[first].done() and not futures[second].done()
+        hold.release()
+
+        assert futures[first].result(timeout=60) == 10 - first
+        if second > first:
+            assert futures[second].result(timeout=60) == 10 - second
+        else:
+            with pytest.raises(StaleFenceError, match=f"its fence {second} is not newer"):
+                futures[second].result(timeout=60)
+
+    rows = sql_backend.rows(WINDOW)
+    assert sorted(row["doc_id"] for row in rows) == sorted(loads[B_FENCE].ids)
+    [entry] = sql_backend.ledger(WINDOW)
+    assert (entry["fence"], entry["row_count"]) == (B_FENCE, 5)
+
+
+@pytest.mark.parametrize("dialect_upsert", [True, False], ids=["upsert", "portable"])
+def test_recording_a_fence_moves_only_forward(sql_backend: Backend, dialect_upsert: bool) -> None:
+    engine = sa.create_engine(sql_backend.url)
+    ledger = ledger_table("events_loaded", sa.MetaData())
+    ledger.create(engine)
+    start = WINDOW.start if sql_backend.name == "postgresql" else WINDOW.start.replace(tzinfo=None)
+    recorded = []
+    try:
+        for fence in (3, 5, 4, 5, 6):
+            with engine.begin() as conn:
+                recorded.append(
+                    record_fence(
+                        conn,
+                        ledger,
+                        pipeline=PIPELINE,
+                        window_start=start,
+                        fence=fence,
+                        rows=fence * 10,
+                        loaded_at=start,
+                        dialect_upsert=dialect_upsert,
+                    )
+                )
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(ledger.c.fence, ledger.c.row_count)).all()
+    finally:
+        engine.dispose()
+    assert recorded == [None, None, 5, 5, None]
+    assert [tuple(row) for row in stored] == [(6, 60)]
+
+
 # --- Snowflake only ---------------------------------------------------------------------------
 
 
@@ -413,9 +754,13 @@ LANDING = sql.quote_identifier("WINDOWPIPE_LANDING_0123")
 def every_statement(paths: list[str]) -> list[str]:
     return [
         sql.create_table_sql(NAMES.table),
+        sql.create_ledger_sql(NAMES.ledger),
         sql.create_landing_sql(LANDING),
         *sql.copy_statements(LANDING, NAMES.stage, paths),
         sql.BEGIN,
+        sql.advance_fence_sql(NAMES.ledger),
+        sql.insert_fence_sql(NAMES.ledger),
+        sql.recorded_fence_sql(NAMES.ledger),
         sql.delete_window_sql(NAMES.table),
         sql.insert_window_sql(NAMES.table, LANDING),
         sql.COMMIT,
@@ -477,6 +822,19 @@ def test_window_statements_bind_their_values() -> None:
     assert sql.count_window_sql(NAMES.table).count("?") == 2
     insert = sql.insert_window_sql(NAMES.table, LANDING)
     assert insert.count("?") == 4 and "v:id::STRING, v:doc" in insert
+
+
+def test_the_ledger_lives_beside_the_table_and_its_statements_bind_their_values() -> None:
+    assert NAMES.ledger == '"RAW"."EVENTS"."WINDOWPIPE_LEDGER"'
+    advance = sql.advance_fence_sql(NAMES.ledger)
+    assert advance.count("?") == 6 and advance.endswith("AND fence < ?")
+    insert = sql.insert_fence_sql(NAMES.ledger)
+    assert insert.count("?") == 7 and "WHERE NOT EXISTS" in insert
+    assert sql.recorded_fence_sql(NAMES.ledger).count("?") == 2
+    # ROWS is reserved in Snowflake: the ledger's count column is row_count.
+    create = sqlglot.parse_one(sql.create_ledger_sql(NAMES.ledger), read="snowflake")
+    columns = [column.name for column in create.find_all(exp.ColumnDef)]
+    assert columns == ["pipeline", "window_start", "fence", "row_count", "loaded_at"]
 
 
 @pytest.mark.parametrize(
