@@ -31,7 +31,7 @@ import redis
 import sqlalchemy as sa
 import yaml
 
-from core.instants import parse_instant
+from core.instants import format_instant, parse_instant
 from core.liveness import (
     CLEANUP_RAN_KEY,
     ControlActivity,
@@ -48,6 +48,8 @@ from tests.conftest import REDIS_TEST_URL
 from tests.deployment import REPO, Deployment, free_redis_db, release_redis_db, statuses
 from tests.faults import PrivateRedis, TcpFaultProxy, free_port
 from tests.test_faults import (
+    ORIGIN,
+    SIZE,
     deploy,
     loaded_ids,
     pipeline,
@@ -312,15 +314,9 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def tasks_succeeded(path: Path, task: str, after: datetime, before: datetime) -> int:
-    """How many `task` runs the worker logging to `path` finished between two instants."""
-    return sum(
-        1
-        for e in log_lines(path)
-        if e.get("event", "").startswith(f"Task {task}[")
-        and " succeeded in " in e.get("event", "")
-        and after <= parse_instant(e["timestamp"]) <= before
-    )
+def logged(path: Path, after: datetime, before: datetime) -> list[dict[str, Any]]:
+    """The JSON log events of one worker between two instants."""
+    return [e for e in log_lines(path) if after <= parse_instant(e["timestamp"]) <= before]
 
 
 @dataclass
@@ -462,6 +458,13 @@ def wait_settled(
         store.dispose()
 
 
+def lag_for(windows: int) -> str:
+    """A lag under which exactly the first `windows` windows are due now (and for the next
+    quarter of an hour), so beat's generation ticks create no more than those."""
+    since = datetime.now(UTC) - (ORIGIN + windows * SIZE)
+    return f"{int(since.total_seconds() // 60)}m"
+
+
 def succeeded_count(dep: Deployment, pipeline_name: str) -> int:
     store = dep.store()
     try:
@@ -546,6 +549,7 @@ def test_frozen_control_and_stage_workers_are_restarted_from_the_probe_alone_whi
                     {"type": "local", "path": str(tmp_path / "stage")},
                     sql_target(pg_schema_url),
                     windows,
+                    lag=lag_for(windows),
                     every="2s",
                     max_active_windows=4,
                     max_attempts=20,
@@ -596,17 +600,30 @@ def test_frozen_control_and_stage_workers_are_restarted_from_the_probe_alone_whi
     # Detected by the probe alone, and only the frozen ones: no healthy worker was mistaken
     # for a hung one, and nothing exited.
     restarts = supervisor.restarted()
+    for restart in restarts:
+        latency = (restart.at - frozen_at).total_seconds()
+        print(f"{restart.slot}: restarted {latency:.1f}s after it froze ({restart.reason})")
     assert sorted(r.slot for r in restarts) == ["control-a", "extract-a"], restarts
     for restart in restarts:
         assert restart.node == frozen_nodes[restart.slot]
         assert restart.reason.startswith("probe: unhealthy: "), restart
         assert "not consuming" in restart.reason
 
-    # While control-a was frozen, control-b ran the cleanup, dispatch and generation.
+    # While control-a was frozen, control-b ran generation and cleanup, dispatched windows, and
+    # requeued the window extract-a froze on once its lock expired.
     control_a_back = next(r.at for r in restarts if r.slot == "control-a")
-    control_b_log = dep.log_path(supervisor.node("control-b"))
-    for task in ("windowpipe.cleanup", "windowpipe.dispatch", "windowpipe.generate"):
-        assert tasks_succeeded(control_b_log, task, frozen_at, control_a_back) > 0, task
+    meanwhile = logged(dep.log_path(supervisor.node("control-b")), frozen_at, control_a_back)
+    for task in ("windowpipe.cleanup", "windowpipe.generate"):
+        assert any(
+            e["event"].startswith(f"Task {task}[") and " succeeded in " in e["event"]
+            for e in meanwhile
+        ), task
+    assert any(e["event"] == "dispatched" and e.get("queued", 0) > 0 for e in meanwhile)
+    assert any(
+        e["event"] == "requeued lost window"
+        and e.get("window") == format_instant(held.window_start)
+        for e in meanwhile
+    )
     finished_meanwhile = [
         r for r in records if r.finished_at and frozen_at <= r.finished_at <= control_a_back
     ]
@@ -620,7 +637,7 @@ def test_frozen_control_and_stage_workers_are_restarted_from_the_probe_alone_whi
     assert loaded == seeded, (loaded - seeded, seeded - loaded)
 
     # `status` says when the control work last ran, and where; `--json` is the records only.
-    [line] = [row for row in status_text.splitlines() if row.startswith("events: ")]
+    [line] = [row for row in status_text.splitlines() if row.startswith("events: generation")]
     assert "generation last ran " in line and "cleanup last ran " in line, line
     assert " on control-" in line, line
     assert len(status_rows) == windows and {row["status"] for row in status_rows} == {"succeeded"}
@@ -744,6 +761,50 @@ def test_a_worker_whose_broker_disappears_exits_within_the_bound_instead_of_hang
 
 
 @pytest.mark.integration
+def test_the_heartbeat_stops_while_the_broker_is_gone_and_resumes_when_it_is_back(
+    tmp_path: Path, stop_all: list[Deployment]
+) -> None:
+    private = PrivateRedis(tmp_path)
+    private.start()
+    dep = deploy(
+        tmp_path,
+        private.url,
+        {
+            "events": pipeline(
+                sql_source(f"sqlite:///{tmp_path}/source.db"),
+                {"type": "local", "path": str(tmp_path / "stage")},
+                sql_target(f"sqlite:///{tmp_path}/target.db"),
+                1,
+            )
+        },
+        # No reconnect watchdog within this test: the heartbeat alone must say it.
+        env=heartbeat_env(tmp_path, WINDOWPIPE_RECONNECT_TIMEOUT="600"),
+    )
+    stop_all.append(dep)
+    probe = [sys.executable, "-m", "workers.liveness", "--max-age", "5"]
+    heartbeat = heartbeat_of(tmp_path, "control-a")
+    try:
+        worker = dep.start_worker("control", 1, name="control-a")
+        assert subprocess.run([*probe, str(heartbeat)], cwd=REPO).returncode == 0
+        private.stop()
+        lost_at = time.monotonic()
+        time.sleep(8)
+        # The process lives on, reconnecting; it consumes nothing, and the probe says so.
+        assert worker.poll() is None
+        assert time.monotonic() - lost_at > 5
+        stale = subprocess.run([*probe, str(heartbeat)], cwd=REPO, capture_output=True, text=True)
+        assert stale.returncode == 1, stale.stdout
+        private.start()  # same port, empty
+        deadline = time.monotonic() + 90
+        while subprocess.run([*probe, str(heartbeat)], cwd=REPO).returncode != 0:
+            assert worker.poll() is None, "the worker exited instead of reconnecting"
+            assert time.monotonic() < deadline, "no heartbeat after the broker came back"
+            time.sleep(1)
+    finally:
+        private.stop()
+
+
+@pytest.mark.integration
 def test_a_warm_shutdown_that_cannot_finish_is_ended_by_the_watchdog(
     tmp_path: Path, pg_schema_url: str, redis_db: str, stop_all: list[Deployment]
 ) -> None:
@@ -804,6 +865,7 @@ def test_soak_many_redis_wipes_over_hundreds_of_windows_every_window_settles_eac
                 {"type": "local", "path": str(tmp_path / "stage")},
                 sql_target(pg_schema_url),
                 SOAK_WINDOWS,
+                lag=lag_for(SOAK_WINDOWS),
                 every="2s",
                 max_active_windows=8,
                 max_attempts=100,

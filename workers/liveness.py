@@ -343,7 +343,10 @@ class Heartbeat(bootsteps.StartStopStep):
             self.reconnect.arm()
 
     def shutdown(self, parent: Any) -> None:
+        # The worker finished shutting down: no heartbeat file left behind for the next one.
         self._cancel(parent)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
     def terminate(self, parent: Any) -> None:
         self._cancel(parent)
