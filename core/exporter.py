@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from core.config import Config
 from core.instants import utc_now
 from core.logs import get_logger
-from core.metrics import CHAIN_STAGE, WindowMetrics, read_window_metrics
+from core.metrics import CHAIN_STAGE, PrefixTallies, WindowMetrics, read_window_metrics
 from core.records import STAGE_ORDER
 from core.store import StateStore
 
@@ -95,6 +95,8 @@ class WindowpipeCollector(Collector):
         self.queues = tuple(queues)
         self.clock = clock
         self._store_problem: str | None = None
+        # The sums over each pipeline's complete prefix, moved forward at every scrape.
+        self._prefixes = PrefixTallies()
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -134,7 +136,7 @@ class WindowpipeCollector(Collector):
                 )
                 return None
             starts = {name: p.start for name, p in self.config.pipelines.items()}
-            metrics = read_window_metrics(self.store, starts, self.clock())
+            metrics = read_window_metrics(self.store, starts, self.clock(), prefixes=self._prefixes)
         except Exception as error:
             self._store_down(f"cannot read the state store: {type(error).__name__}: {error}")
             return None
@@ -224,8 +226,7 @@ class WindowpipeCollector(Collector):
             labels=["pipeline", "stage"],
         )
         for name, item in metrics.pipelines.items():
-            if item.freshness is not None:
-                freshness.add_metric([name], item.freshness.seconds)
+            freshness.add_metric([name], item.freshness.seconds)
             for status, count in item.windows.items():
                 windows.add_metric([name, status], count)
             attempts.add_metric([name], item.max_attempts_unfinished)

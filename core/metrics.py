@@ -1,10 +1,11 @@
 """What the Prometheus exporter reports about windows, read from the window records.
 
 Everything here is computed from the state store alone, so the numbers are the same whatever
-the number of worker hosts: no worker keeps a registry of its own. The queries are SQL
-aggregates over the `windows` table (nothing of the history is loaded into Python), and the
-freshness frontier is two index lookups per pipeline, so a scrape does not grow with history
-beyond the aggregates' scans (see `read_window_metrics`).
+the number of worker hosts: no worker keeps a registry of its own. Nothing of the history is
+loaded into Python, and a scrape does not grow with it: the freshness frontier is two index
+lookups per pipeline, the windows in flight are read through the (pipeline, status) index, and
+the sums over finished windows are kept by the exporter between scrapes for the complete prefix
+of each pipeline (`PrefixTallies`), so each scrape adds only the windows completed since.
 
 What each number measures, honestly, given what a record holds (one row per window: status,
 stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest attempt):
@@ -86,6 +87,34 @@ class Histogram:
 
 
 @dataclass(frozen=True)
+class Tally:
+    """Sums over a set of windows: how many in each status, and over the succeeded ones the
+    chain-duration histogram's "at or below" counts, its count and sum, and the row sums."""
+
+    statuses: Mapping[str, int]
+    at_or_below: tuple[int, ...]
+    timed: int
+    seconds: float
+    rows: tuple[int, ...]
+
+    @classmethod
+    def zero(cls, bounds: Sequence[float]) -> Tally:
+        return cls({}, (0,) * len(bounds), 0, 0.0, (0,) * len(ROW_COLUMNS))
+
+    def __add__(self, other: Tally) -> Tally:
+        statuses = dict(self.statuses)
+        for status, count in other.statuses.items():
+            statuses[status] = statuses.get(status, 0) + count
+        return Tally(
+            statuses,
+            tuple(a + b for a, b in zip(self.at_or_below, other.at_or_below, strict=True)),
+            self.timed + other.timed,
+            self.seconds + other.seconds,
+            tuple(a + b for a, b in zip(self.rows, other.rows, strict=True)),
+        )
+
+
+@dataclass(frozen=True)
 class Freshness:
     """How far behind a pipeline's target is."""
 
@@ -101,8 +130,7 @@ class PipelineMetrics:
     """The numbers of one pipeline at one instant."""
 
     pipeline: str
-    freshness: Freshness | None
-    """None for a pipeline found in the store that the config does not name (no `start`)."""
+    freshness: Freshness
     windows: Mapping[str, int]
     """Windows by status, every status listed."""
     waiting: Mapping[str, int]
@@ -166,13 +194,6 @@ def seconds_between(dialect: str, start: Any, end: Any) -> sa.ColumnElement[Any]
     return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
 
 
-def status_counts_query() -> sa.Select[Any]:
-    """(pipeline, status, count) of every pipeline in the store."""
-    return sa.select(WINDOWS.c.pipeline, WINDOWS.c.status, sa.func.count()).group_by(
-        WINDOWS.c.pipeline, WINDOWS.c.status
-    )
-
-
 def stage_backlog_query(pipeline: str) -> sa.Select[Any]:
     """(stage, status, count) of the pipeline's windows queued or running at a stage; reads
     only those, through the (pipeline, status) index.
@@ -210,28 +231,62 @@ def unfinished_query(pipeline: str) -> sa.Select[Any]:
     ).where(WINDOWS.c.pipeline == pipeline, WINDOWS.c.status.in_([s.value for s in UNFINISHED]))
 
 
-def succeeded_query(dialect: str, bounds: Sequence[float]) -> sa.Select[Any]:
-    """Per pipeline, over succeeded windows: the chain-duration histogram (one "at or below"
-    count per bound, the count and the sum of the durations) and the row sums per stage.
-
-    Windows without both instants (none are, once succeeded) are left out of the histogram
-    but not of the row sums.
-    """
+def tally_query(
+    dialect: str,
+    bounds: Sequence[float],
+    pipeline: str,
+    *,
+    since: datetime | None = None,
+    before: datetime | None = None,
+) -> sa.Select[Any]:
+    """Per status, over the pipeline's windows starting in `[since, before)`: the count, and
+    the "at or below" count of each bound, the count and sum of the chain durations, and the
+    row sums (used from the succeeded group only). A range scan of the (pipeline,
+    window_start) index; windows without both instants are left out of the durations."""
     duration = seconds_between(dialect, WINDOWS.c.started_at, WINDOWS.c.finished_at)
     timed = sa.and_(WINDOWS.c.started_at.is_not(None), WINDOWS.c.finished_at.is_not(None))
-    columns: list[Any] = [WINDOWS.c.pipeline]
+    columns: list[Any] = [WINDOWS.c.status, sa.func.count()]
     for bound in bounds:
-        at_or_below = sa.and_(timed, duration <= bound)
-        columns.append(sa.func.sum(sa.case((at_or_below, 1), else_=0)))
+        columns.append(sa.func.sum(sa.case((sa.and_(timed, duration <= bound), 1), else_=0)))
     columns.append(sa.func.sum(sa.case((timed, 1), else_=0)))
     columns.append(sa.func.coalesce(sa.func.sum(sa.case((timed, duration), else_=None)), 0.0))
     for _stage, column in ROW_COLUMNS:
         columns.append(sa.func.coalesce(sa.func.sum(WINDOWS.c[column]), 0))
-    return (
-        sa.select(*columns)
-        .where(WINDOWS.c.status == WindowStatus.SUCCEEDED.value)
-        .group_by(WINDOWS.c.pipeline)
-    )
+    query = sa.select(*columns).where(WINDOWS.c.pipeline == pipeline)
+    if since is not None:
+        query = query.where(WINDOWS.c.window_start >= since)
+    if before is not None:
+        query = query.where(WINDOWS.c.window_start < before)
+    return query.group_by(WINDOWS.c.status)
+
+
+def read_tally(
+    conn: Connection,
+    bounds: Sequence[float],
+    pipeline: str,
+    *,
+    since: datetime | None = None,
+    before: datetime | None = None,
+) -> Tally:
+    """The `Tally` of the pipeline's windows starting in `[since, before)`."""
+    query = tally_query(conn.dialect.name, bounds, pipeline, since=since, before=before)
+    tally = Tally.zero(bounds)
+    for row in conn.execute(query):
+        status, count = row[0], int(row[1])
+        sums = Tally.zero(bounds)
+        if status == WindowStatus.SUCCEEDED.value:
+            n = len(bounds)
+            sums = Tally(
+                {},
+                tuple(int(v or 0) for v in row[2 : 2 + n]),
+                int(row[2 + n] or 0),
+                float(row[3 + n] or 0.0),
+                tuple(int(v or 0) for v in row[4 + n :]),
+            )
+        tally = tally + Tally(
+            {status: count}, sums.at_or_below, sums.timed, sums.seconds, sums.rows
+        )
+    return tally
 
 
 def first_unfinished_query(pipeline: str, dialect: str) -> sa.Select[Any]:
@@ -259,12 +314,25 @@ def newest_end_before_query(pipeline: str, before: datetime | None) -> sa.Select
     return query.order_by(WINDOWS.c.window_start.desc()).limit(1)
 
 
-def read_complete_through(conn: Connection, pipeline: str) -> datetime | None:
-    """End of the newest window such that it and every window before it succeeded or were
-    skipped, or None when the pipeline's first window is not finished (or it has none).
+@dataclass(frozen=True)
+class Frontier:
+    """Where a pipeline's complete prefix ends."""
 
-    Two index lookups: the oldest unfinished window, then the newest window before it. A chain
-    with a gap (which `windowpipe validate` reports) counts as complete across the gap.
+    first_unfinished: datetime | None
+    """Start of the oldest window not succeeded or skipped; None when there is none."""
+    complete_through: datetime | None
+    """End of the newest window before it (of the newest window, when every one finished);
+    None when the first window is not finished, or there is no window."""
+
+    @property
+    def boundary(self) -> datetime | None:
+        """Every window starting before this is succeeded or skipped (None: no window)."""
+        return self.first_unfinished or self.complete_through
+
+
+def read_frontier(conn: Connection, pipeline: str) -> Frontier:
+    """Two index lookups: the oldest unfinished window, then the newest window before it. A
+    chain with a gap (which `windowpipe validate` reports) counts as complete across the gap.
     """
     first_unfinished = conn.execute(
         first_unfinished_query(pipeline, conn.dialect.name)
@@ -272,7 +340,41 @@ def read_complete_through(conn: Connection, pipeline: str) -> datetime | None:
     end: datetime | None = conn.execute(
         newest_end_before_query(pipeline, first_unfinished)
     ).scalar_one_or_none()
-    return end
+    return Frontier(first_unfinished, end)
+
+
+class PrefixTallies:
+    """The `Tally` of each pipeline's complete prefix (the windows before its frontier), kept
+    between scrapes so that a scrape reads only what completed since the last one.
+
+    Windows before the frontier are all succeeded or skipped, and stay so unless an operator
+    re-runs them (`--force`, `reconcile --repair`): that puts them back to pending, the
+    frontier moves back below the kept prefix, and the prefix is read again in full. A re-run
+    that starts and succeeds between two scrapes is not seen: its old durations and counts stay
+    in the sums until the exporter restarts.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[datetime, Tally]] = {}
+
+    def tally(
+        self, conn: Connection, bounds: Sequence[float], pipeline: str, frontier: Frontier
+    ) -> Tally:
+        """The tally of every window of the pipeline: the kept prefix, moved forward to the
+        frontier, plus the windows from the frontier on (those in flight, and any finished
+        after an unfinished one)."""
+        boundary = frontier.boundary
+        if boundary is None:
+            self._kept.pop(pipeline, None)
+            return read_tally(conn, bounds, pipeline)
+        kept = self._kept.get(pipeline)
+        if kept is not None and kept[0] <= boundary and len(kept[1].at_or_below) == len(bounds):
+            since, prefix = kept
+            prefix = prefix + read_tally(conn, bounds, pipeline, since=since, before=boundary)
+        else:
+            prefix = read_tally(conn, bounds, pipeline, before=boundary)
+        self._kept[pipeline] = (boundary, prefix)
+        return prefix + read_tally(conn, bounds, pipeline, since=boundary)
 
 
 # --- reading the store -------------------------------------------------------------------------
@@ -284,11 +386,14 @@ def read_freshness(
     """The freshness of each pipeline in `starts` (name -> the pipeline's `start`): two index
     lookups per pipeline, whatever its history."""
     with store.engine.connect() as conn:
-        return {name: _freshness(conn, name, start, now) for name, start in starts.items()}
+        return {
+            name: _freshness(read_frontier(conn, name), start, now)
+            for name, start in starts.items()
+        }
 
 
-def _freshness(conn: Connection, pipeline: str, start: datetime, now: datetime) -> Freshness:
-    through = read_complete_through(conn, pipeline)
+def _freshness(frontier: Frontier, start: datetime, now: datetime) -> Freshness:
+    through = frontier.complete_through
     return Freshness(through, freshness_seconds(through, start, now))
 
 
@@ -298,48 +403,46 @@ def read_window_metrics(
     now: datetime,
     *,
     bounds: Sequence[float] = CHAIN_SECONDS_BUCKETS,
+    prefixes: PrefixTallies | None = None,
 ) -> WindowMetrics:
-    """Every pipeline's numbers, read on one connection (each number is right on its own; they
-    are not one snapshot).
+    """The numbers of each pipeline in `starts` (name -> the pipeline's `start`, from which
+    freshness is measured until a window is complete), read on one connection (each number is
+    right on its own; they are not one snapshot).
 
-    `starts` maps each configured pipeline to its `start` (freshness is measured from it until
-    a window is complete); pipelines found in the store but not configured are reported too,
-    without freshness. Cost per scrape: two aggregates that scan the `windows` table (the
-    status counts, on the covering (pipeline, status) index, and the succeeded windows' sums),
-    and per pipeline index lookups that read only its unfinished windows.
+    Per pipeline: the frontier (two index lookups), the windows from the frontier on and those
+    completed since the last call with the same `prefixes` (index range scans), the windows in
+    flight (the (pipeline, status) index). The first call, or one without `prefixes`, reads
+    the whole complete prefix once.
     """
     bounds = tuple(bounds)
+    prefixes = prefixes if prefixes is not None else PrefixTallies()
+    pipelines = {}
     with store.engine.connect() as conn:
-        counts: dict[str, dict[str, int]] = {}
-        for pipeline, status, count in conn.execute(status_counts_query()).tuples():
-            counts.setdefault(pipeline, {})[status] = int(count)
-        names = sorted(set(counts) | set(starts))
-        waiting: dict[str, dict[str, int]] = {name: {} for name in names}
-        running: dict[str, dict[str, int]] = {name: {} for name in names}
-        unfinished: dict[str, tuple[int, int]] = {}
-        for name in names:
+        for name, start in sorted(starts.items()):
+            frontier = read_frontier(conn, name)
+            tally = prefixes.tally(conn, bounds, name, frontier)
+            waiting: dict[str, int] = {}
+            running: dict[str, int] = {}
             for stage, status, count in conn.execute(stage_backlog_query(name)).tuples():
                 into = waiting if status == WindowStatus.QUEUED.value else running
-                into[name][stage] = int(count)
+                into[stage] = int(count)
             most, audit = conn.execute(unfinished_query(name)).one()
-            unfinished[name] = (int(most or 0), int(audit or 0))
-        succeeded = {
-            row[0]: row[1:] for row in conn.execute(succeeded_query(store.dialect, bounds))
-        }
-        fresh = {name: _freshness(conn, name, start, now) for name, start in starts.items()}
-    pipelines = {}
-    for name in names:
-        pipelines[name] = PipelineMetrics(
-            pipeline=name,
-            freshness=fresh.get(name),
-            windows=_every_status(counts.get(name, {})),
-            waiting=_every_stage(waiting.get(name, {})),
-            running=_every_stage(running.get(name, {})),
-            max_attempts_unfinished=unfinished.get(name, (0, 0))[0],
-            audit_failures=unfinished.get(name, (0, 0))[1],
-            chain_seconds=_histogram(succeeded.get(name), bounds),
-            rows=_rows(succeeded.get(name), len(bounds)),
-        )
+            pipelines[name] = PipelineMetrics(
+                pipeline=name,
+                freshness=_freshness(frontier, start, now),
+                windows=_every_status(tally.statuses),
+                waiting=_every_stage(waiting),
+                running=_every_stage(running),
+                max_attempts_unfinished=int(most or 0),
+                audit_failures=int(audit or 0),
+                chain_seconds=Histogram(
+                    bounds, cumulative_buckets(tally.at_or_below), tally.timed, tally.seconds
+                ),
+                rows={
+                    stage.value: count
+                    for (stage, _), count in zip(ROW_COLUMNS, tally.rows, strict=True)
+                },
+            )
     return WindowMetrics(now=now, pipelines=pipelines)
 
 
@@ -349,22 +452,6 @@ def _every_status(found: Mapping[str, int]) -> dict[str, int]:
 
 def _every_stage(found: Mapping[str, int]) -> dict[str, int]:
     return {stage.value: int(found.get(stage.value, 0)) for stage in STAGE_ORDER}
-
-
-def _histogram(row: Sequence[Any] | None, bounds: tuple[float, ...]) -> Histogram:
-    if row is None:
-        return Histogram.empty(bounds)
-    per_bound = [int(v or 0) for v in row[: len(bounds)]]
-    count = int(row[len(bounds)] or 0)
-    total = float(row[len(bounds) + 1] or 0.0)
-    return Histogram(bounds, cumulative_buckets(per_bound), count, total)
-
-
-def _rows(row: Sequence[Any] | None, offset: int) -> dict[str, int]:
-    sums = list(row[offset + 2 :]) if row is not None else [0] * len(ROW_COLUMNS)
-    return {
-        stage.value: int(value or 0) for (stage, _), value in zip(ROW_COLUMNS, sums, strict=True)
-    }
 
 
 def freshness_lines(freshness: Mapping[str, Freshness]) -> list[str]:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from core.exporter import QUEUES, WindowpipeCollector, queue_depths, queue_list_
 from core.instants import format_instant
 from core.metrics import (
     CHAIN_SECONDS_BUCKETS,
+    PrefixTallies,
     cumulative_buckets,
     freshness_seconds,
     read_window_metrics,
@@ -311,13 +312,61 @@ def test_chain_seconds_and_rows_come_from_succeeded_windows_only(store: StateSto
     assert item.rows == {"precheck": 10, "extract": 10, "load": 10}
 
 
-def test_pipelines_of_the_store_and_of_the_config_are_all_reported(store: StateStore) -> None:
-    create(store, "old", 1)
+def test_only_configured_pipelines_are_reported(store: StateStore) -> None:
+    create(store, "removed", 1)
     metrics = read_window_metrics(store, {"events": ORIGIN}, NOW)
-    assert set(metrics.pipelines) == {"events", "old"}
-    assert metrics.pipelines["old"].freshness is None  # no `start` to measure from
-    assert metrics.pipelines["old"].windows["pending"] == 1
+    assert set(metrics.pipelines) == {"events"}
     assert metrics.pipelines["events"].windows == dict.fromkeys([s.value for s in WindowStatus], 0)
+
+
+def rounded(metrics: Any) -> Any:
+    return {
+        name: replace(
+            item,
+            chain_seconds=replace(item.chain_seconds, total=round(item.chain_seconds.total, 6)),
+        )
+        for name, item in metrics.pipelines.items()
+    }
+
+
+def test_sums_kept_between_scrapes_equal_sums_read_afresh(store: StateStore) -> None:
+    """The exporter keeps each pipeline's complete prefix between scrapes and reads only what
+    completed since; whatever happens in between, it reports what a fresh read reports."""
+    kept = PrefixTallies()
+
+    def check() -> None:
+        incremental = read_window_metrics(store, {"events": ORIGIN}, NOW, prefixes=kept)
+        afresh = read_window_metrics(store, {"events": ORIGIN}, NOW)
+        # Sums of durations added in another order may differ in their last bits.
+        assert rounded(incremental) == rounded(afresh)
+
+    create(store, "events", 8)
+    check()
+    for index in (0, 1, 2):
+        succeed(store, "events", index, docs=index + 1)
+        set_duration(store, "events", index, 10.0 * (index + 1))
+    check()
+    skip(store, "events", 3)
+    fail(store, "events", 4, Stage.LOAD, "load: boom")
+    succeed(store, "events", 5, docs=7)  # after the failed window: outside the prefix
+    check()
+    succeed(store, "events", 4, docs=2)  # the frontier jumps over 4 and 5
+    check()
+    # An operator re-runs window 1: the frontier moves back below the kept prefix.
+    assert store.reset_for_rerun("events", [window(1).start]) == 1
+    check()
+    succeed(store, "events", 1, docs=9)
+    set_duration(store, "events", 1, 500.0)
+    check()
+    for index in (6, 7):
+        succeed(store, "events", index)
+    check()
+    assert (
+        read_window_metrics(store, {"events": ORIGIN}, NOW, prefixes=kept)
+        .pipelines["events"]
+        .windows["succeeded"]
+        == 7
+    )
 
 
 # --- the exporter's output ------------------------------------------------------------------------
