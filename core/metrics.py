@@ -81,10 +81,6 @@ class Histogram:
     count: int
     total: float
 
-    @classmethod
-    def empty(cls, bounds: Sequence[float]) -> Histogram:
-        return cls(tuple(bounds), (0,) * len(bounds), 0, 0.0)
-
 
 @dataclass(frozen=True)
 class Tally:

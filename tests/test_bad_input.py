@@ -534,6 +534,7 @@ COMMANDS: dict[str, list[str]] = {
     "locks": ["locks"],
     "locks-cleanup": ["locks", "--cleanup"],
     "migrate": ["migrate"],
+    "metrics": ["metrics", "--once"],
 }
 """A good invocation of every command that reads the config (and of its writing variants)."""
 
@@ -586,6 +587,8 @@ BROKEN_CONFIGS: list[tuple[str, dict[str, str] | bytes | None, str]] = [
 ]
 
 BAD_ARGUMENTS: list[tuple[str, list[str], str]] = [
+    ("metrics-port-out-of-range", ["metrics", "--port", "70000"], "invalid value for '--port'"),
+    ("metrics-unknown-option", ["metrics", "--bogus"], "metrics: no such option: --bogus"),
     ("plan-unknown-pipeline", ["plan", "nope"], "unknown pipeline 'nope' (configured: "),
     ("plan-bad-instant", ["plan", "orders", "--now", "tomorrow"], "--now: expected an ISO 8601"),
     ("plan-naive-instant", ["plan", "orders", "--now", "2026-11-01T02:07:00"], "no UTC offset"),
