@@ -679,7 +679,9 @@ class StateStore:
                 if fences.get(window.start):
                     conn.execute(
                         sa.update(WINDOWS)
-                        .where(*_key(pipeline, window.start))
+                        .where(
+                            *_key(pipeline, window.start), WINDOWS.c.fence < fences[window.start]
+                        )
                         .values(fence=fences[window.start])
                     )
         return RebuildCounts(deleted=deleted, reset=reset, created=created)
@@ -903,7 +905,7 @@ def _pg_insert_new(
         sa.literal(WindowStatus.PENDING.value, sa.String()),
         sa.literal(kind.value, sa.String()),
         sa.literal(0, sa.Integer()),
-        sa.literal(0, sa.BigInteger()),
+        sa.literal(first_fence(now), sa.BigInteger()),
         sa.literal(now, UTCDateTime()),
         sa.literal(now, UTCDateTime()),
     )
@@ -918,6 +920,17 @@ def _pg_insert_new(
     return statement, params
 
 
+def first_fence(now: datetime) -> int:
+    """A new record's fencing token: the microseconds since the Unix epoch at its creation.
+
+    Each claim adds one, so a window's fences only grow while its record lives. Starting from
+    the clock instead of 0 keeps them growing across records too: a window whose record was
+    deleted and created again (a new state store, a rebuild) must not start below the fence a
+    target's ledger last took for it, or the ledger would refuse every load of it as stale.
+    """
+    return int(now.timestamp() * 1_000_000)
+
+
 def _new_row(pipeline: str, window: Window, kind: WindowKind, now: datetime) -> dict[str, Any]:
     return {
         "pipeline": pipeline,
@@ -926,7 +939,7 @@ def _new_row(pipeline: str, window: Window, kind: WindowKind, now: datetime) -> 
         "status": WindowStatus.PENDING.value,
         "kind": kind.value,
         "attempts": 0,
-        "fence": 0,
+        "fence": first_fence(now),
         "created_at": now,
         "updated_at": now,
     }

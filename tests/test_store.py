@@ -238,26 +238,33 @@ def test_update_fields_is_guarded_by_the_fence(store: StateStore) -> None:
 
 def test_bump_fence_is_monotonic(store: StateStore) -> None:
     store.create_windows(PIPELINE, windows(2))
+    first = store.get(PIPELINE, start(0))
+    assert first is not None
     tokens = [store.bump_fence(PIPELINE, start(0)) for _ in range(5)]
-    assert tokens == [1, 2, 3, 4, 5]
-    assert store.bump_fence(PIPELINE, start(1)) == 1
+    assert tokens == [first.fence + n for n in range(1, 6)]
+    other = store.get(PIPELINE, start(1))
+    assert other is not None and store.bump_fence(PIPELINE, start(1)) == other.fence + 1
 
 
 def test_claiming_a_stage_takes_a_new_fence_and_marks_the_window_running(
     store: StateStore,
 ) -> None:
     store.create_windows(PIPELINE, windows(1))
+    created = store.get(PIPELINE, start(0))
+    assert created is not None
     assert store.claim_stage(PIPELINE, start(0), Stage.PRECHECK) is None  # still pending
     store.queue(PIPELINE, start(0), expect=[S.PENDING])
     assert store.claim_stage(PIPELINE, start(0), Stage.EXTRACT) is None  # not at extract yet
     claimed = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
     assert claimed is not None
-    assert (claimed.status, claimed.stage, claimed.fence) == (S.RUNNING, Stage.PRECHECK, 1)
+    assert (claimed.status, claimed.stage) == (S.RUNNING, Stage.PRECHECK)
+    assert claimed.fence == created.fence + 1
     assert claimed.started_at is not None
     again = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
-    assert again is not None and again.fence == 2  # a second claimant fences out the first
+    # A second claimant fences out the first.
+    assert again is not None and again.fence == claimed.fence + 1
     with pytest.raises(LostOwnershipError):
-        store.transition(PIPELINE, start(0), S.QUEUED, fence=1, stage=Stage.EXTRACT)
+        store.transition(PIPELINE, start(0), S.QUEUED, fence=claimed.fence, stage=Stage.EXTRACT)
 
 
 # --- queueing -------------------------------------------------------------------------------
@@ -447,17 +454,37 @@ def test_racing_processes_create_and_queue_each_window_exactly_once(state_url: s
 
 def test_a_window_recreated_by_rebuild_keeps_its_fence_moving_forward(store: StateStore) -> None:
     # A target's ledger remembers the newest fence that loaded a window; a record deleted and
-    # created again at the same start must not start over at 0, or every load would be refused.
+    # created again at the same start must not start below it, or every load would be refused.
     store.create_windows(PIPELINE, [Window(start(0), start(0) + timedelta(minutes=10))])
-    for _ in range(3):
-        store.bump_fence(PIPELINE, start(0))
+    with store.engine.begin() as conn:  # a record claimed far more often than time has passed
+        conn.execute(sa.text("UPDATE windows SET fence = fence + 10000000000"))
+    old = store.get(PIPELINE, start(0))
+    assert old is not None
     plan = RebuildPlan(delete_starts=[start(0)], create=windows(1))
     assert store.apply_rebuild(PIPELINE, plan) == RebuildCounts(deleted=1, reset=0, created=1)
     record = store.get(PIPELINE, start(0))
-    assert record is not None and record.window_end == start(1) and record.fence == 3
+    assert record is not None and record.window_end == start(1) and record.fence == old.fence
     store.queue(PIPELINE, start(0), expect=[S.PENDING])
     claimed = store.claim_stage(PIPELINE, start(0), Stage.PRECHECK)
-    assert claimed is not None and claimed.fence == 4
+    assert claimed is not None and claimed.fence == old.fence + 1
+
+
+def test_a_record_created_again_in_a_new_store_starts_above_the_old_fences(
+    store: StateStore,
+) -> None:
+    # A state store wiped and started again (the target and its ledger kept): fences start
+    # from the clock, so the new record's fences are above any the old record reached.
+    store.create_windows(PIPELINE, windows(1))
+    old = store.get(PIPELINE, start(0))
+    assert old is not None
+    for _ in range(50):
+        store.bump_fence(PIPELINE, start(0))
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM windows"))
+    time.sleep(0.001)
+    store.create_windows(PIPELINE, windows(1))
+    new = store.get(PIPELINE, start(0))
+    assert new is not None and new.fence > old.fence + 50
 
 
 # --- lost messages and waiting windows ---------------------------------------------------------
