@@ -27,8 +27,11 @@ from core.windows import Window, due_windows
 SendChain = Callable[[str, datetime, Stage], str | None]
 """(pipeline, window start, first stage) -> the id of the chain sent to the broker."""
 
-DISPATCH_LOCK_SECONDS = 120
-"""TTL of the per-pipeline dispatch lock; dispatch takes milliseconds to seconds."""
+DISPATCH_LOCK_SECONDS = 20
+"""TTL of the per-pipeline dispatch lock. Dispatch takes milliseconds to a second; the lock
+only keeps two dispatchers from overrunning the caps together (each window's enqueue is
+guarded anyway), so a control worker frozen while holding it stalls the pipeline's dispatch
+for at most this long."""
 
 
 @dataclass
@@ -122,7 +125,7 @@ def dispatch(
     lock = client.lock(
         f"windowpipe:dispatch:{pipeline.name}",
         timeout=DISPATCH_LOCK_SECONDS,
-        blocking_timeout=10,
+        blocking_timeout=5,
         thread_local=False,
     )
     if not lock.acquire():

@@ -73,6 +73,11 @@ finish faster than this, one dispatch serves all of them instead of one each; a 
 waits at most this long for its next window."""
 
 
+DISPATCH_REQUEST_TTL_SECONDS = 10
+"""How long a dispatch request stands without its dispatch starting. If its message was lost
+(a Redis wipe, a frozen worker's prefetch), the next finishing window asks again after this."""
+
+
 def request_dispatch(pipeline: str) -> None:
     """Ask the control queue to dispatch a pipeline's next windows (a window just finished).
 
@@ -82,7 +87,9 @@ def request_dispatch(pipeline: str) -> None:
     The flag expires, so a request lost with its message (a Redis restart) is asked again.
     """
     client = runtime().redis
-    if client.set(DISPATCH_REQUESTED.format(pipeline=pipeline), 1, nx=True, ex=60):
+    if client.set(
+        DISPATCH_REQUESTED.format(pipeline=pipeline), 1, nx=True, ex=DISPATCH_REQUEST_TTL_SECONDS
+    ):
         wait_ms = client.pttl(DISPATCH_RECENT.format(pipeline=pipeline))
         countdown = wait_ms / 1000 if wait_ms > 0 else None
         app.send_task("windowpipe.dispatch", (pipeline,), countdown=countdown)
