@@ -29,8 +29,15 @@ import orjson
 
 from connectors.base import Batch, Document, Rejection
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, resolve_secret
-from core.errors import ConfigError, TerminalError, TransientError, WindowpipeError
+from core.errors import (
+    ConfigError,
+    StageTimeLimitError,
+    TerminalError,
+    TransientError,
+    WindowpipeError,
+)
 from core.instants import format_instant
+from core.retry import SDK_RETRIES, as_time_limit
 from core.windows import Window
 
 log = logging.getLogger(__name__)
@@ -38,9 +45,10 @@ log = logging.getLogger(__name__)
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP statuses worth retrying: timeouts, throttling, an overloaded or restarting cluster."""
 
-CLIENT_MAX_RETRIES = 2
-"""Retries inside the SDK for a connection error or timeout on one request, so a blip in the
-middle of a long extraction does not restart the whole window; the worker retries the rest."""
+CLIENT_OPTIONS: dict[str, Any] = {"max_retries": SDK_RETRIES, "retry_on_timeout": False}
+"""Both SDKs' own retries off (by default they retry a connection error, and HTTP 502/503/504,
+three times). Every retry is counted in core/retry.py's budget instead; and inside a request
+the SDKs would take a soft time limit for a connection error and retry it."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_MILLIS = re.compile(r"^-?\d+$")
@@ -156,10 +164,18 @@ class SearchClientAdapter(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    @abstractmethod
     def translate(self, error: Exception, action: str) -> WindowpipeError | None:
         """The windowpipe error for an SDK exception; None for exceptions that are not the
-        SDK's (bugs, which propagate as they are)."""
+        SDK's (bugs, which propagate as they are). A soft time limit, raw or wrapped by the SDK
+        into a connection error, is `StageTimeLimitError`: transient, never retried in the step."""
+        limit = as_time_limit(error, f"{self.flavour}: {action}")
+        if limit is not None:
+            return limit
+        return self._translate_sdk_error(error, action)
+
+    @abstractmethod
+    def _translate_sdk_error(self, error: Exception, action: str) -> WindowpipeError | None:
+        """`translate` for errors that are not a soft time limit."""
 
 
 def _classify(flavour: str, action: str, status: Any, detail: str) -> WindowpipeError:
@@ -182,8 +198,7 @@ class ElasticsearchAdapter(SearchClientAdapter):
 
         options: dict[str, Any] = {
             "request_timeout": config.request_timeout,
-            "max_retries": CLIENT_MAX_RETRIES,
-            "retry_on_timeout": True,
+            **CLIENT_OPTIONS,
             "verify_certs": config.verify_certs,
         }
         if config.ca_certs:
@@ -211,7 +226,7 @@ class ElasticsearchAdapter(SearchClientAdapter):
     def close(self) -> None:
         self._client.close()
 
-    def translate(self, error: Exception, action: str) -> WindowpipeError | None:
+    def _translate_sdk_error(self, error: Exception, action: str) -> WindowpipeError | None:
         from elastic_transport import TransportError
         from elasticsearch import ApiError
 
@@ -232,8 +247,7 @@ class OpenSearchAdapter(SearchClientAdapter):
 
         options: dict[str, Any] = {
             "timeout": config.request_timeout,
-            "max_retries": CLIENT_MAX_RETRIES,
-            "retry_on_timeout": True,
+            **CLIENT_OPTIONS,
             "verify_certs": config.verify_certs,
         }
         if config.ca_certs:
@@ -258,7 +272,7 @@ class OpenSearchAdapter(SearchClientAdapter):
     def close(self) -> None:
         self._client.close()
 
-    def translate(self, error: Exception, action: str) -> WindowpipeError | None:
+    def _translate_sdk_error(self, error: Exception, action: str) -> WindowpipeError | None:
         from opensearchpy.exceptions import ConnectionError, TransportError
 
         if isinstance(error, ConnectionError):  # status "N/A": no answer at all
@@ -390,6 +404,8 @@ class SearchEngineSource(ABC):
         finally:
             try:
                 self._call("close point in time", adapter.close_pit, pit_id)
+            except StageTimeLimitError:
+                raise  # the stage must stop now; never hide its soft time limit
             except WindowpipeError as error:
                 # It expires after pit_keep_alive anyway; never hide the real outcome.
                 log.warning("could not close point in time: %s", error)

@@ -29,6 +29,7 @@ from core.errors import (
     TransientError,
     WindowpipeError,
 )
+from core.retry import SDK_RETRIES, as_time_limit
 
 TRANSIENT_ERROR_CODES = frozenset(
     {
@@ -54,17 +55,26 @@ TRANSIENT_ERROR_CODES = frozenset(
 DELETE_BATCH = 1000
 """S3's limit of keys per `DeleteObjects` request."""
 
-_CLIENT_RETRIES = {"mode": "standard", "max_attempts": 3}
-"""botocore's own quick retries for blips; the task retry policy handles longer outages."""
+CLIENT_RETRIES = {"mode": "standard", "total_max_attempts": SDK_RETRIES + 1}
+"""botocore's own retries off: one attempt per request. (In a client `Config`, botocore reads
+`max_attempts` as *retries*, so `{"max_attempts": 1}` would still mean two attempts;
+`total_max_attempts` counts the first one.) Every retry is counted in core/retry.py's budget
+instead; and botocore would take a soft time limit raised mid-request for an HTTPClientError
+and retry it."""
 
 
 def translate_s3_error(exc: Exception, action: str, where: str) -> WindowpipeError | None:
     """The windowpipe error for a botocore exception, or None if `exc` is not one.
 
     The message is one line naming the action, the object and the error code; never the
-    credentials (botocore's messages do not carry them).
+    credentials (botocore's messages do not carry them). A soft time limit, raw or wrapped by
+    botocore into an HTTPClientError, is `StageTimeLimitError` (transient), never terminal.
     """
     from botocore import exceptions as bex
+
+    limit = as_time_limit(exc, f"S3 {action} {where}")
+    if limit is not None:
+        return limit
 
     if isinstance(exc, bex.ClientError):
         error = exc.response.get("Error", {})
@@ -211,7 +221,7 @@ class S3Stage(ObjectStage):
         options: dict[str, Any] = {
             "connect_timeout": 10,
             "read_timeout": 60,
-            "retries": dict(_CLIENT_RETRIES),
+            "retries": dict(CLIENT_RETRIES),
         }
         if self.config.endpoint_url:
             # MinIO, moto and friends answer on one host: address buckets by path.

@@ -24,6 +24,7 @@ from connectors.base import Batch, Document, Rejection
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError
 from core.instants import format_instant
+from core.retry import as_time_limit
 from core.windows import Window
 
 
@@ -70,7 +71,16 @@ def _one_line(text: str, limit: int = 300) -> str:
 def _translate(
     error: sa.exc.SQLAlchemyError, action: str, role: str = "sql source"
 ) -> WindowpipeError:
-    """TransientError for a lost or refused connection, TerminalError for everything else."""
+    """TransientError for a lost or refused connection, TerminalError for everything else.
+
+    A soft time limit raised mid-query reaches here wrapped: psycopg finds the interrupted
+    connection busy when the pool rolls it back, and SQLAlchemy raises that OperationalError
+    with the time limit in its cause chain. It is `StageTimeLimitError` (transient), never
+    terminal. (A time limit outside a driver call is not an SQLAlchemyError: it passes as is.)
+    """
+    limit = as_time_limit(error, f"{role}: {action}")
+    if limit is not None:
+        return limit
     detail = str(error.orig) if isinstance(error, sa.exc.DBAPIError) else str(error)
     message = _one_line(f"{role}: {action} failed: {type(error).__name__}: {detail}")
     if isinstance(error, sa.exc.DBAPIError):

@@ -141,6 +141,10 @@ class SnowflakeTargetConfig(_Strict):
     port: int | None = None
     protocol: Literal["https", "http"] | None = None
     login_timeout: int = Field(default=60, ge=1)
+    network_timeout: int = Field(default=3600, ge=1)
+    """Seconds the Snowflake connector keeps retrying one failing request (it has no switch to
+    turn its retries off), and the longest a statement may run before the connector cancels it.
+    The default is the load stage's soft time limit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -180,6 +184,15 @@ class PipelineConfig(_Strict):
     max_backfill_windows: int = Field(default=4, ge=1)
     """At most this many manual/backfill windows queued or running at once."""
     max_attempts: int = Field(default=5, ge=1)
+    """Attempts of a window before it is dead (the outermost retry layer, core/retry.py)."""
+    step_attempts: int | None = Field(default=None, ge=1, le=100)
+    """Tries of one connector call inside a stage task; unset: the stage's default (3)."""
+    step_backoff: float | None = Field(default=None, ge=0, le=2)
+    """Seconds: the longest wait before a call's second try, doubling up to 2 s; unset: 0.5."""
+    task_retries: int | None = Field(default=None, ge=0, le=100)
+    """Re-sends of a stage task after a transient failure; unset: the stage's default (4)."""
+    task_backoff: float | None = Field(default=None, ge=0, le=120)
+    """Seconds: the longest countdown of the first re-send, doubling up to 120 s; unset: 2."""
     source: SourceConfig
     stage: StageConfig
     target: TargetConfig

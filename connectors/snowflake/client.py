@@ -2,6 +2,17 @@
 
 `snowflake.connector` is imported here, on first connect, so processes that never load into
 Snowflake never import it.
+
+What snowflake-connector-python (4.x) retries on its own, and how windowpipe bounds it (it has
+no switch to turn its retries off, unlike the other SDKs; core/retry.py's budget counts the
+rest):
+- a failing query or result request (HTTP 5xx, 429, a dropped connection) is retried with
+  backoff until `network_timeout` has passed since the request began: infinite by default,
+  set here from the config (default 3600 s, the load stage's soft time limit). The same value
+  is the connector's statement timeout: it cancels a statement running longer;
+- a login is tried at most twice (`MAX_CON_RETRY_ATTEMPTS`, default 1 retry) within
+  `login_timeout`;
+- requests' HTTP adapter retries a failed connect once (`max_retries=1`, not configurable).
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from typing import Any
 
 from core.config import SnowflakeTargetConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError
+from core.retry import as_time_limit
 
 _TRANSIENT_ERRNOS = frozenset({250001, 250002, 250003, 251011, 251012, 252007, 604, 630})
 """Connector and server error numbers worth retrying: cannot connect (250001), connection
@@ -45,6 +57,7 @@ def connect(config: SnowflakeTargetConfig) -> Any:
         "database": config.database,
         "schema": config.schema_,
         "login_timeout": config.login_timeout,
+        "network_timeout": config.network_timeout,
         "paramstyle": "qmark",
         "application": "windowpipe",
         # Out-of-band telemetry posts to Snowflake's own endpoint, outside the session.
@@ -69,9 +82,16 @@ def connect(config: SnowflakeTargetConfig) -> Any:
 
 def translate(error: Exception, action: str, secret: str | None = None) -> WindowpipeError:
     """TransientError for lost connections, timeouts and throttling; TerminalError for
-    authentication, missing objects, SQL and data errors. One line, no secrets."""
+    authentication, missing objects, SQL and data errors. One line, no secrets.
+
+    A soft time limit (which the connector lets through as it is) is `StageTimeLimitError`:
+    transient, never terminal.
+    """
     from snowflake.connector import errors
 
+    limit = as_time_limit(error, f"snowflake target: {action}")
+    if limit is not None:
+        return limit
     errno = getattr(error, "errno", None)
     detail = getattr(error, "raw_msg", None) or str(error)
     text = f"snowflake target: {action} failed: {type(error).__name__}: {detail}"
