@@ -438,6 +438,8 @@ def test_the_liveness_probe_is_the_heartbeat_check_and_fails_on_a_stale_heartbea
         command = probe_command(deployment, "livenessProbe")
         assert command == probe_command(deployment, "startupProbe"), queue
         assert command[:3] == ["python", "-m", "workers.liveness"], queue
+        # A worker killed for hanging is not given its stage-sized grace period.
+        assert container(deployment)["livenessProbe"]["terminationGracePeriodSeconds"] <= 30
         heartbeat = env_of(deployment)["WINDOWPIPE_HEARTBEAT_FILE"]["value"]
         # The heartbeat lives on a writable volume (the root filesystem is read-only).
         mounts = [m["mountPath"] for m in container(deployment)["volumeMounts"]]
