@@ -199,8 +199,10 @@ class Target(Protocol):
         """Replace the window's rows with the manifest's files, atomically; rows loaded.
 
         Fenced: the target keeps, per window, the newest fencing token that loaded it, updated
-        in the same transaction as the rows. A load whose `fence` is not newer than that is
-        refused with `StaleFenceError` and changes nothing."""
+        in the same transaction as the rows. A load whose `fence` is older than that is
+        refused with `StaleFenceError` and changes nothing. The same fence loads again: only
+        the owner of a fence holds it (each claim takes a new one), so that is its own retry,
+        e.g. after a commit whose acknowledgement was lost."""
         ...
 
     def count_window(self, pipeline: str, window: Window) -> int:

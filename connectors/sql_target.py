@@ -8,7 +8,7 @@ staged document exactly once.
 
 Loads are fenced: beside the table, in the same schema, `windowpipe_ledger` keeps per window
 the newest fencing token that loaded it, and a load's transaction starts by moving that token
-forward, guarded by `fence < :fence`. A load whose token is not newer is refused
+forward, guarded by `fence <= :fence`. A load whose token is older is refused
 (`StaleFenceError`) and changes nothing. See `SqlTarget.load_window` for the timeline.
 """
 
@@ -27,9 +27,20 @@ from sqlalchemy.dialects.postgresql import JSONB
 from connectors.base import Manifest, Stage, decode_line
 from connectors.sql import _one_line, _translate, create_engine
 from core.config import SqlTargetConfig
-from core.errors import StaleFenceError, TerminalError, TransientError, WindowpipeError
+from core.errors import (
+    StagedDataLostError,
+    StaleFenceError,
+    TerminalError,
+    TransientError,
+    WindowpipeError,
+)
 from core.instants import format_instant, utc_now
+from core.retry import as_time_limit
 from core.windows import Window
+
+IDLE_LOAD_SECONDS = 300
+"""PostgreSQL ends a load's session that sits idle inside its transaction this long (a frozen
+worker), releasing the window's ledger row for the next owner."""
 
 LEDGER_TABLE = "windowpipe_ledger"
 """The target's ledger, beside the target table (same schema): per window, the newest fence
@@ -88,7 +99,7 @@ def record_fence(
     row exists yet), inside the caller's transaction. Returns None when it did (the row is now
     locked by this transaction until it ends), else the recorded fence that refuses this one.
 
-    PostgreSQL and SQLite: one `INSERT ... ON CONFLICT DO UPDATE ... WHERE fence < :fence
+    PostgreSQL and SQLite: one `INSERT ... ON CONFLICT DO UPDATE ... WHERE fence <= :fence
     RETURNING`. Other databases (or `dialect_upsert=False`): a guarded UPDATE, then an INSERT
     if no row exists; an INSERT that loses a race with another first load of the window
     raises TransientError (the retry then finds the row and applies the guard).
@@ -114,7 +125,7 @@ def record_fence(
                     "row_count": excluded.row_count,
                     "loaded_at": excluded.loaded_at,
                 },
-                where=ledger.c.fence < excluded.fence,
+                where=ledger.c.fence <= excluded.fence,
             )
             .returning(ledger.c.fence)
         )
@@ -123,7 +134,7 @@ def record_fence(
     else:
         update = (
             sa.update(ledger)
-            .where(*key, ledger.c.fence < fence)
+            .where(*key, ledger.c.fence <= fence)
             .values(fence=fence, row_count=rows, loaded_at=loaded_at)
         )
         if conn.execute(update).rowcount == 1:
@@ -155,7 +166,7 @@ def stale_fence_error(pipeline: str, window_start: datetime, fence: int, recorde
     """The one-line message of a refused load (the same for every target)."""
     return (
         f"refused a stale load of window {pipeline} {_utc_text(window_start)}: "
-        f"its fence {fence} is not newer than fence {recorded}, which loaded the window last"
+        f"its fence {fence} is older than fence {recorded}, which loaded the window last"
     )
 
 
@@ -213,7 +224,9 @@ def _copy_into_postgresql(
                     )
                 loaded += len(rows)
     except psycopg.OperationalError as error:
-        raise TransientError(_one_line(f"sql target: load window failed: {error}")) from None
+        raise as_time_limit(error, "sql target: load window") or TransientError(
+            _one_line(f"sql target: load window failed: {error}")
+        ) from None
     except psycopg.Error as error:
         raise TerminalError(_one_line(f"sql target: load window failed: {error}")) from None
     return loaded
@@ -267,7 +280,7 @@ class SqlTarget:
         """Replace the window's rows with the manifest's documents in one transaction, fenced.
 
         The transaction's first statement moves the window's ledger row to `fence`, guarded by
-        `fence < :fence` (`record_fence`); then the window's rows are deleted and the staged
+        `fence <= :fence` (`record_fence`); then the window's rows are deleted and the staged
         ones inserted (COPY on PostgreSQL). If the guard matches nothing, the transaction rolls
         back and this raises `StaleFenceError`. Taking the ledger row first serialises two
         loads of one window: on PostgreSQL the later one waits on the row lock, on SQLite at
@@ -294,6 +307,13 @@ class SqlTarget:
         loaded = 0
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    # A worker frozen between two statements of this transaction holds the
+                    # ledger row, and every later load of the window waits on it: the server
+                    # ends such a session after this long, so the wait is bounded.
+                    conn.exec_driver_sql(
+                        f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_LOAD_SECONDS}s'"
+                    )
                 recorded = record_fence(
                     conn,
                     ledger,
@@ -323,8 +343,9 @@ class SqlTarget:
                         conn.execute(sa.insert(table), rows)
                         loaded += len(rows)
                 if loaded != manifest.rows:
-                    # Raised inside the transaction: nothing of this load is committed.
-                    raise TerminalError(
+                    # Raised inside the transaction: nothing of this load is committed. The
+                    # stage does not hold what extract wrote: the next attempt extracts again.
+                    raise StagedDataLostError(
                         f"sql target: the staged files of run {manifest.run} hold {loaded} "
                         f"rows but the manifest lists {manifest.rows}"
                     )

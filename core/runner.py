@@ -38,7 +38,7 @@ from core.instants import format_instant
 from core.locks import WindowLock
 from core.logs import get_logger
 from core.records import ACTIVE, STAGE_ORDER, Stage, WindowRecord, WindowStatus
-from core.retry import STAGE_POLICIES, StagePolicy, backoff_seconds, call_with_retries
+from core.retry import StagePolicy, backoff_seconds, call_with_retries, stage_policy
 from core.store import StateStore
 from core.windows import Window
 
@@ -160,7 +160,7 @@ def run_stage(
         if record is None:
             return why_not("window changed meanwhile")
         fence = record.fence
-        step = _Step(runtime, pipeline, record, fence, STAGE_POLICIES[stage])
+        step = _Step(runtime, pipeline, record, fence, stage_policy(stage, pipeline))
         log.info("stage started", fence=fence, attempt=record.attempts, retry=retry)
         with lock.renewing():
             return _run_guarded(step, stage, retry, result)

@@ -649,7 +649,7 @@ class StateStore:
         with self._writing() as conn:
             _refuse_finished(conn, pipeline, touched)
             # Fences never go back for a (pipeline, window_start): a target's ledger refuses a
-            # load whose fence is not newer than the last one it took for that window, so a
+            # load whose fence is older than the last one it took for that window, so a
             # record re-created where one was deleted carries the old record's fence on.
             fences: dict[datetime, int] = {}
             for chunk in _chunks(sorted(set(plan.delete_starts)), INSERT_CHUNK_ROWS):

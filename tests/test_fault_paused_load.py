@@ -453,6 +453,6 @@ def test_a_load_frozen_before_its_ledger_write_is_refused_by_the_target_when_it_
         why = refused[format_instant(start)]
         newer = before_wake[start][0]
         assert why.startswith("lost the window to a newer owner: sql target: refused a stale"), why
-        assert f"its fence {fence} is not newer than fence {newer}" in why, why
+        assert f"its fence {fence} is older than fence {newer}" in why, why
         assert fence < newer
         assert stage_starts(dep, start) == {"precheck": 1, "extract": 1, "load": 2, "audit": 1}

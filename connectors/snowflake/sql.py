@@ -9,7 +9,7 @@ A window is loaded in three steps on one session:
    row's lineage: `METADATA$FILENAME` and `METADATA$FILE_ROW_NUMBER`.
 2. One explicit transaction: `BEGIN`; move the window's row in the ledger table
    (`WINDOWPIPE_LEDGER`, beside the target table) to this load's fencing token, guarded by
-   `fence < ?` (`advance_fence_sql`, else `insert_fence_sql` when the window has no row yet);
+   `fence <= ?` (`advance_fence_sql`, else `insert_fence_sql` when the window has no row yet);
    if neither changed a row, a newer load already happened: `ROLLBACK` and refuse. Else
    `DELETE` the window's rows; `INSERT ... SELECT` from the landing table; `COMMIT`. A
    retried, duplicated or forced load replaces the window, never adds to it, and a stale one
@@ -137,7 +137,7 @@ def advance_fence_sql(ledger: str) -> str:
     when the window has no row yet."""
     return (
         f"UPDATE {ledger} SET fence = ?, row_count = ?, loaded_at = ? "
-        "WHERE pipeline = ? AND window_start = ? AND fence < ?"
+        "WHERE pipeline = ? AND window_start = ? AND fence <= ?"
     )
 
 

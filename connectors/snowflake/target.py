@@ -18,7 +18,13 @@ from connectors.base import Manifest, Stage
 from connectors.snowflake import sql
 from connectors.snowflake.client import connect, translate
 from core.config import SnowflakeTargetConfig
-from core.errors import StaleFenceError, TerminalError, TransientError, WindowpipeError
+from core.errors import (
+    StagedDataLostError,
+    StaleFenceError,
+    TerminalError,
+    TransientError,
+    WindowpipeError,
+)
 from core.instants import format_instant, utc_now
 from core.windows import Window
 
@@ -70,7 +76,7 @@ class SnowflakeTarget:
         """Replace the window's rows with the manifest's files in one transaction, fenced.
 
         Inside the transaction, before touching the rows, the window's ledger row moves to
-        `fence`, guarded by `fence < ?`; if that changes no row, the transaction rolls back and
+        `fence`, guarded by `fence <= ?`; if that changes no row, the transaction rolls back and
         this raises `StaleFenceError`. Snowflake holds the ledger UPDATE's table lock until
         COMMIT, so a second load of the window waits at its own ledger UPDATE, then sees the
         first one's fence.
@@ -116,7 +122,8 @@ class SnowflakeTarget:
             for statement in sql.copy_statements(landing, self.names.stage, paths):
                 landed += _rows_loaded(cursor.execute(statement))
             if landed != manifest.rows:
-                raise TerminalError(
+                # The stage does not hold what extract wrote: the next attempt extracts again.
+                raise StagedDataLostError(
                     f"snowflake target: COPY loaded {landed} rows but the manifest of run "
                     f"{manifest.run} lists {manifest.rows}"
                 )
@@ -126,8 +133,8 @@ class SnowflakeTarget:
                 if recorded is not None:
                     raise StaleFenceError(
                         f"snowflake target: refused a stale load of window {pipeline} "
-                        f"{format_instant(manifest.window_start)}: its fence {fence} is not "
-                        f"newer than fence {recorded}, which loaded the window last"
+                        f"{format_instant(manifest.window_start)}: its fence {fence} is "
+                        f"older than fence {recorded}, which loaded the window last"
                     )
                 cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
                 cursor.execute(
