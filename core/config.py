@@ -69,6 +69,9 @@ class ElasticsearchSourceConfig(_Strict):
     hosts: list[str] = Field(min_length=1)
     index: str = Field(min_length=1)
     timestamp_field: str = "@timestamp"
+    version_field: str | None = None
+    """A field that changes on every update (`updated_at`, `_seq_no`): rechecks and reconcile
+    compare its max per window with what was loaded, to see in-place updates."""
     page_size: int = Field(default=1000, ge=1, le=10000)
     slices: int = Field(default=1, ge=1, le=64)
     username: str | None = None
@@ -95,6 +98,9 @@ class SqlSourceConfig(_Strict):
     table: str = Field(min_length=1)
     timestamp_column: str = "created_at"
     id_column: str = "id"
+    version_column: str | None = None
+    """A column that changes on every update (`updated_at`, a row version): rechecks and
+    reconcile compare its max per window with what was loaded, to see in-place updates."""
     page_size: int = Field(default=5000, ge=1)
     password_env: str | None = None
     max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
@@ -183,6 +189,11 @@ class PipelineConfig(_Strict):
     """At most this many scheduled windows queued or running at once."""
     max_backfill_windows: int = Field(default=4, ge=1)
     """At most this many manual/backfill windows queued or running at once."""
+    recheck: list[Duration] = Field(default_factory=list, max_length=16)
+    """Ages after a window's end at which a finished window is compared with its source again
+    (`["1h", "1d", "7d"]`); a window that drifted is re-run. Empty: never."""
+    max_rechecks_per_tick: int = Field(default=200, ge=1, le=100_000)
+    """At most this many windows compared per recheck task (one count query each)."""
     max_attempts: int = Field(default=5, ge=1)
     """Attempts of a window before it is dead (the outermost retry layer, core/retry.py)."""
     step_attempts: int | None = Field(default=None, ge=1, le=100)
@@ -209,6 +220,15 @@ class PipelineConfig(_Strict):
     def _every_positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):
             raise ValueError("every must be longer than zero")
+        return value
+
+    @field_validator("recheck")
+    @classmethod
+    def _recheck_ascending(cls, value: list[timedelta]) -> list[timedelta]:
+        if any(horizon <= timedelta(0) for horizon in value):
+            raise ValueError("recheck horizons must be longer than zero")
+        if value != sorted(set(value)):
+            raise ValueError('recheck horizons must be distinct and ascending, e.g. ["1h", "1d"]')
         return value
 
     @field_validator("lag")

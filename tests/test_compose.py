@@ -18,7 +18,7 @@ import yaml
 from tests.deployment import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
-QUEUES = ("precheck", "extract", "load", "audit", "control")
+QUEUES = ("precheck", "extract", "load", "audit", "control", "recheck")
 
 
 @pytest.fixture(scope="module")

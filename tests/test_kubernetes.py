@@ -372,7 +372,7 @@ def test_no_pod_gets_service_links(resources: list[dict[str, Any]]) -> None:
 
 
 def time_limit(queue: str) -> float:
-    if queue == "control":
+    if queue in ("control", "recheck"):
         return CONTROL_TIME_LIMIT
     return STAGE_POLICIES[Stage(queue)].time_limit
 
@@ -422,6 +422,8 @@ def test_control_runs_two_replicas_and_the_stage_pools_leave_replicas_to_keda(
     for queue, deployment in workers_by_queue(resources).items():
         if queue == "control":
             assert deployment["spec"]["replicas"] == 2
+        elif queue == "recheck":
+            assert deployment["spec"]["replicas"] == 1  # not a stage: no ScaledObject
         else:
             assert "replicas" not in deployment["spec"], queue
 

@@ -11,12 +11,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from workers import audit, control, extract, load, precheck
+    from workers import audit, control, extract, load, precheck, recheck
     from workers.celery_app import QUEUES, app
 
-__all__ = ["QUEUES", "app", "audit", "control", "extract", "load", "precheck"]
+__all__ = ["QUEUES", "app", "audit", "control", "extract", "load", "precheck", "recheck"]
 
-_TASK_MODULES = ("audit", "control", "extract", "load", "precheck")
+_TASK_MODULES = ("audit", "control", "extract", "load", "precheck", "recheck")
 
 
 def __getattr__(name: str) -> Any:

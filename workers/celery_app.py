@@ -22,7 +22,11 @@ from workers.liveness import LivenessSettings, install
 CONTROL_QUEUE = "control"
 """Generation, dispatch and stale-lock cleanup run here."""
 
-QUEUES = (*(stage.value for stage in STAGE_ORDER), CONTROL_QUEUE)
+RECHECK_QUEUE = "recheck"
+"""Rechecks of finished windows at their horizons: a pool of its own, so a backlog of rechecks
+never holds up live windows."""
+
+QUEUES = (*(stage.value for stage in STAGE_ORDER), CONTROL_QUEUE, RECHECK_QUEUE)
 """Every queue a windowpipe deployment needs a worker pool for."""
 
 
@@ -73,6 +77,7 @@ app.conf.update(
         "windowpipe.generate": {"queue": CONTROL_QUEUE},
         "windowpipe.dispatch": {"queue": CONTROL_QUEUE},
         "windowpipe.cleanup": {"queue": CONTROL_QUEUE},
+        "windowpipe.recheck": {"queue": RECHECK_QUEUE},
     },
     task_annotations={
         **{
@@ -84,7 +89,7 @@ app.conf.update(
         },
         **{
             f"windowpipe.{name}": {"time_limit": CONTROL_TIME_LIMIT}
-            for name in ("generate", "dispatch", "cleanup")
+            for name in ("generate", "dispatch", "cleanup", "recheck")
         },
     },
     # Beat: celery-redbeat keeps the schedule in Redis and holds a Redis lock, so a second
