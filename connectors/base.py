@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 
 from core.instants import format_instant, parse_instant
+from core.recheck import Fingerprint
 from core.windows import Window
 
 
@@ -151,6 +152,11 @@ class Source(Protocol):
 
     def count(self, window: Window) -> int:
         """How many documents have `window.start <= timestamp < window.end`."""
+        ...
+
+    def fingerprint(self, window: Window) -> Fingerprint:
+        """The window's count and, with the source's version field configured, that field's
+        max: what precheck records and a recheck compares (`core.recheck`)."""
         ...
 
     def iter_batches(self, window: Window) -> Iterator[Batch]:

@@ -37,6 +37,7 @@ from core.errors import (
     WindowpipeError,
 )
 from core.instants import format_instant
+from core.recheck import Fingerprint
 from core.retry import SDK_RETRIES, as_time_limit
 from core.windows import Window
 
@@ -152,6 +153,10 @@ class SearchClientAdapter(ABC):
     def count(self, index: str, query: dict[str, Any]) -> int: ...
 
     @abstractmethod
+    def search_index(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A search of `index` (no point in time): for the fingerprint's count and max."""
+
+    @abstractmethod
     def open_pit(self, index: str, keep_alive: str) -> str: ...
 
     @abstractmethod
@@ -214,6 +219,9 @@ class ElasticsearchAdapter(SearchClientAdapter):
     def count(self, index: str, query: dict[str, Any]) -> int:
         return int(self._client.count(index=index, query=query)["count"])
 
+    def search_index(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._client.search(index=index, body=body).body)
+
     def open_pit(self, index: str, keep_alive: str) -> str:
         return str(self._client.open_point_in_time(index=index, keep_alive=keep_alive)["id"])
 
@@ -258,6 +266,9 @@ class OpenSearchAdapter(SearchClientAdapter):
 
     def count(self, index: str, query: dict[str, Any]) -> int:
         return int(self._client.count(index=index, body={"query": query})["count"])
+
+    def search_index(self, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._client.search(index=index, body=body))
 
     def open_pit(self, index: str, keep_alive: str) -> str:
         reply = self._client.create_pit(index=index, params={"keep_alive": keep_alive})
@@ -351,6 +362,28 @@ class SearchEngineSource(ABC):
         return int(
             self._call(f"count on {self.config.index}", adapter.count, self.config.index, query)
         )
+
+    def fingerprint(self, window: Window) -> Fingerprint:
+        """The window's count and, with `version_field`, the max of that field (a `max`
+        aggregation in the same request; its `value_as_string` for dates)."""
+        field = self.config.version_field
+        if field is None:
+            return Fingerprint(self.count(window))
+        body = {
+            "size": 0,
+            "track_total_hits": True,
+            "query": range_query(self.config.timestamp_field, window),
+            "aggs": {"version": {"max": {"field": field}}},
+        }
+        adapter = self.adapter
+        reply = self._call(
+            f"fingerprint on {self.config.index}", adapter.search_index, self.config.index, body
+        )
+        total = reply.get("hits", {}).get("total", {})
+        count = int(total.get("value", 0) if isinstance(total, dict) else total)
+        version = reply.get("aggregations", {}).get("version", {})
+        value = version.get("value_as_string", version.get("value"))
+        return Fingerprint(count, None if value is None else str(value))
 
     def iter_batches(self, window: Window) -> Iterator[Batch]:
         """Every document of the window once, a page (`page_size` hits) per batch.

@@ -24,6 +24,7 @@ from connectors.base import Batch, Document, Rejection
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError
 from core.instants import format_instant
+from core.recheck import Fingerprint
 from core.retry import as_time_limit
 from core.windows import Window
 
@@ -216,6 +217,25 @@ class SqlSource:
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"count on {self.config.table!r}") from error
 
+    def fingerprint(self, window: Window) -> Fingerprint:
+        """The window's row count and, with `version_column`, that column's max, in one query."""
+        engine, table = self._connect()
+        ts = table.c[self.config.timestamp_column]
+        start, end = self._bounds(table, window)
+        column = self.config.version_column
+        if column is not None and column not in table.c:
+            raise TerminalError(
+                f"sql source: table {self.config.table!r} has no column {column!r} (version_column)"
+            )
+        newest = sa.func.max(table.c[column]) if column is not None else sa.null()
+        query = sa.select(sa.func.count(), newest).select_from(table).where(ts >= start, ts < end)
+        try:
+            with engine.connect() as conn:
+                count, version = conn.execute(query).one()
+        except sa.exc.SQLAlchemyError as error:
+            raise _translate(error, f"fingerprint on {self.config.table!r}") from error
+        return Fingerprint(int(count), _version_text(version))
+
     def iter_batches(self, window: Window) -> Iterator[Batch]:
         """Every row of the window once, `page_size` rows per batch, ordered by (ts, id).
 
@@ -277,3 +297,12 @@ class SqlSource:
             engine, self._engine, self._table = self._engine, None, None
         if engine is not None:
             engine.dispose()
+
+
+def _version_text(value: Any) -> str | None:
+    """A version column's max as text: instants in ISO 8601 (aware ones in UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat() if value.tzinfo else value.isoformat()
+    return str(value)

@@ -239,12 +239,25 @@ def _run_guarded(
 
 def _precheck(step: _Step) -> WindowRecord:
     source = step.connector("source")
-    count = call_with_retries(step.policy, lambda: source.count(step.window))
-    if count == 0:
+    # The count, and the max of the version field where one is configured: what a recheck
+    # compares the source with later (core/recheck.py).
+    found = call_with_retries(step.policy, lambda: source.fingerprint(step.window))
+    if found.count == 0:
         return step.commit(
-            WindowStatus.SKIPPED, source_count=0, staged_count=0, target_count=0, error=None
+            WindowStatus.SKIPPED,
+            source_count=0,
+            staged_count=0,
+            target_count=0,
+            source_version=found.version,
+            error=None,
         )
-    return step.commit(WindowStatus.QUEUED, stage=Stage.EXTRACT, source_count=count, error=None)
+    return step.commit(
+        WindowStatus.QUEUED,
+        stage=Stage.EXTRACT,
+        source_count=found.count,
+        source_version=found.version,
+        error=None,
+    )
 
 
 def _extract(step: _Step) -> WindowRecord:

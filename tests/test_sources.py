@@ -28,6 +28,7 @@ from connectors.elasticsearch import ElasticsearchSource, OpenSearchSource
 from connectors.sql import SqlSource
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, SqlSourceConfig
 from core.errors import TerminalError, TransientError
+from core.recheck import Fingerprint
 from core.windows import Window
 from tests.osmem_support import OsmemCompatibleNode, open_pit_ids
 
@@ -713,3 +714,39 @@ def test_streaming_200k_rows_keeps_memory_flat(sqlite_url: str) -> None:
     assert peak_large < peak_small * 1.5 + 512 * 1024, (peak_small, peak_large)
     assert peak_large < 16 * 1024 * 1024
     source.close()
+
+
+def test_fingerprint_counts_the_window_and_takes_the_max_of_the_version_field(
+    flavour: Flavour,
+) -> None:
+    records = [Record(1, START), Record(2, START + timedelta(minutes=1)), Record(3, WINDOW.end)]
+    if isinstance(flavour, SearchFlavour):
+        flavour.load_raw(
+            [(str(r.id), {"@timestamp": r.ts.isoformat(), "seq": r.id}) for r in records]
+        )
+        versioned = flavour.source(version_field="seq")
+    else:
+        flavour.load(records)
+        versioned = flavour.source(version_column="id")
+    # Without a version field: the count alone, as precheck recorded it before.
+    assert flavour.source().fingerprint(WINDOW) == Fingerprint(2, None)
+    found = versioned.fingerprint(WINDOW)
+    assert found.count == 2 and found.version is not None and float(found.version) == 2
+    # An in-place update that moves the version: same count, another fingerprint.
+    if isinstance(flavour, SearchFlavour):
+        flavour.load_raw([("1", {"@timestamp": START.isoformat(), "seq": 10})])
+    else:
+        with flavour.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE events SET id = 10 WHERE id = 1"))
+    updated = versioned.fingerprint(WINDOW)
+    assert updated.count == 2 and updated.version is not None and float(updated.version) == 10
+    # An empty window: zero and no version.
+    empty = Window(START - timedelta(hours=1), START)
+    assert versioned.fingerprint(empty) == Fingerprint(0, None)
+
+
+def test_fingerprint_of_a_missing_version_column_is_terminal(sqlite_url: str) -> None:
+    flavour = SqlFlavour("sql-sqlite", sqlite_url)
+    flavour.load([Record(1, START)])
+    with pytest.raises(TerminalError, match="no column 'updated_at' \\(version_column\\)"):
+        flavour.source(version_column="updated_at").fingerprint(WINDOW)
