@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import orjson
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -604,6 +605,8 @@ def _print_status_table(records: list[WindowRecord]) -> None:
         "source",
         "staged",
         "target",
+        "checked",
+        "drift",
         "error",
     )
     for r in records:
@@ -616,6 +619,9 @@ def _print_status_table(records: list[WindowRecord]) -> None:
             _count(r.source_count),
             _count(r.staged_count),
             _count(r.target_count),
+            # When a recheck or reconcile last compared the window with its source.
+            format_instant(r.checked_at) if r.checked_at else "",
+            _drift_text(r),
             (r.error or "")[:80],
         )
     out.print(table)
@@ -625,8 +631,100 @@ def _print_status_table(records: list[WindowRecord]) -> None:
     out.print(", ".join(f"{k}: {v}" for k, v in sorted(totals.items())) or "no windows")
 
 
+def _drift_text(record: WindowRecord) -> str:
+    """The drift found on a window: how often, and the last one's source count before -> after."""
+    if not record.drift:
+        return ""
+    last = record.drift[-1]
+    return f"{len(record.drift)}x, {last.get('count_before')}->{last.get('count_after')}"
+
+
 def _count(value: int | None) -> str:
     return "" if value is None else str(value)
+
+
+# --- reconcile --------------------------------------------------------------------------------
+
+
+@app.command()
+def reconcile(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.")],
+    start: Annotated[str, typer.Option(help="Compare windows starting at or after this.")],
+    end: Annotated[str, typer.Option(help="... and before this (exclusive).")],
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Re-run the windows that do not match.")
+    ] = False,
+    json: JsonOption = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Compare closed windows with the source now (late or deleted documents); --repair
+    re-runs the ones that drifted."""
+    from core.recheck import closed_windows
+    from core.recheck import reconcile as compare_windows
+
+    config = _config(config_path)
+    settings = guarded(lambda: config.pipeline(pipeline))
+    first, last = _instant(start, "--start"), _instant(end, "--end")
+    if last <= first:
+        fail(f"--end {format_instant(last)} must be after --start {format_instant(first)}")
+    if repair:
+        # A repair sends work: everything it needs must answer before a record changes.
+        problems = _unreachable(config)
+        if problems:
+            fail(problems[0], 1)
+    store = _read_store(config)
+    records = guarded(
+        lambda: _reaching_store(store, lambda: closed_windows(store, pipeline, first, last))
+    )
+    from connectors.registry import connector_for
+
+    source = guarded(lambda: connector_for("source", settings))
+    target = guarded(lambda: connector_for("target", settings))
+    with Progress(
+        TextColumn("reconcile {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
+        task = progress.add_task(pipeline, total=len(records))
+        rows = guarded(
+            lambda: compare_windows(
+                store,
+                records,
+                source.fingerprint,
+                lambda window: target.count_window(pipeline, window),
+                utc_now(),
+                repair=repair,
+                progress=lambda: progress.advance(task),
+            )
+        )
+    mismatched = [row for row in rows if not row.matches]
+    repaired = [row for row in rows if row.repaired]
+    if json:
+        _print_json([row.to_json() for row in rows])
+    else:
+        table = Table("window_start", "status", "recorded", "source now", "target now", "match")
+        for row in rows:
+            table.add_row(
+                format_instant(row.record.window_start),
+                row.record.status.value,
+                str(row.recorded),
+                str(row.source_now.count),
+                str(row.target_now),
+                "yes" if row.matches else ("no: re-run" if row.repaired else "no"),
+            )
+        out.print(table)
+        print(
+            f"{pipeline}: {len(rows)} closed window(s) compared, {len(mismatched)} do not "
+            f"match the source or target now, {len(repaired)} put back to run"
+        )
+    if repaired:
+        from workers.runtime import send_chain
+
+        _dispatch_now(config, settings, store, send_chain)
 
 
 # --- validate ---------------------------------------------------------------------------------

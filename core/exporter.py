@@ -32,7 +32,7 @@ from core.metrics import CHAIN_STAGE, PrefixTallies, WindowMetrics, read_window_
 from core.records import STAGE_ORDER
 from core.store import StateStore
 
-QUEUES: tuple[str, ...] = (*(stage.value for stage in STAGE_ORDER), "control")
+QUEUES: tuple[str, ...] = (*(stage.value for stage in STAGE_ORDER), "control", "recheck")
 """The Celery queues whose depth is reported: one per stage, and control. The same as
 `workers.QUEUES` (tested); not imported from there because building the Celery app needs the
 connectors' secrets, which the exporter has no use for."""
@@ -108,6 +108,7 @@ class WindowpipeCollector(Collector):
         up.add_metric(["state_store"], 1 if windows is not None else 0)
         if windows is not None:
             yield from self._window_families(windows)
+            yield from self._recheck_families()
         yield from self._config_families()
         if self.broker is not None:
             depths = self._read_depths()
@@ -160,6 +161,39 @@ class WindowpipeCollector(Collector):
             return None
 
     # --- families ------------------------------------------------------------------------------
+
+    def _recheck_families(self) -> Iterable[Metric]:
+        """Rechecks of closed windows (core/recheck.py), for pipelines with `recheck` horizons
+        (drifted windows for every pipeline: reconcile finds drift too)."""
+        drifted = CounterMetricFamily(
+            "windowpipe_drift_windows",
+            "Windows whose source no longer matched what was loaded (found by a recheck or "
+            "reconcile) and were re-run.",
+            labels=["pipeline"],
+        )
+        done = CounterMetricFamily(
+            "windowpipe_rechecks",
+            "Recheck horizons passed by finished windows (one source count each).",
+            labels=["pipeline"],
+        )
+        pending = GaugeMetricFamily(
+            "windowpipe_rechecks_pending",
+            "Finished windows that reached a recheck horizon and wait for their recheck.",
+            labels=["pipeline"],
+        )
+        now = self.clock()
+        try:
+            for name, pipeline in sorted(self.config.pipelines.items()):
+                passed, drift = self.store.recheck_tally(name)
+                drifted.add_metric([name], drift)
+                done.add_metric([name], passed)
+                pending.add_metric(
+                    [name], self.store.count_due_rechecks(name, pipeline.recheck, now)
+                )
+        except Exception as error:
+            self._store_down(f"cannot read the state store: {type(error).__name__}: {error}")
+            return
+        yield from (drifted, done, pending)
 
     def _config_families(self) -> Iterable[Metric]:
         settings = (

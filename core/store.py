@@ -125,6 +125,12 @@ WINDOWS = sa.Table(
     sa.Index("ix_windows_pipeline_status", "pipeline", "status"),
     sa.Index("ix_windows_frontier", "pipeline", "kind", "window_end"),
     sa.Index("ix_windows_recheck", "pipeline", "rechecks_done", "window_end"),
+    sa.Index(
+        "ix_windows_drifted",
+        "pipeline",
+        sqlite_where=sa.text("drift IS NOT NULL"),
+        postgresql_where=sa.text("drift IS NOT NULL"),
+    ),
 )
 """One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
 
@@ -572,6 +578,21 @@ class StateStore:
         )
         with self._reading() as conn:
             return int(conn.execute(query).scalar_one())
+
+    def recheck_tally(self, pipeline: str) -> tuple[int, int]:
+        """`(rechecks done, windows that ever drifted)` of a pipeline, for the metrics: an
+        index-only count per `rechecks_done` value and a partial index on drifted windows."""
+        done = sa.select(WINDOWS.c.rechecks_done, sa.func.count()).where(
+            WINDOWS.c.pipeline == pipeline, WINDOWS.c.rechecks_done > 0
+        )
+        drifted = sa.select(sa.func.count()).where(
+            WINDOWS.c.pipeline == pipeline, WINDOWS.c.drift.is_not(None)
+        )
+        with self._reading() as conn:
+            total = sum(
+                int(k) * int(n) for k, n in conn.execute(done.group_by(WINDOWS.c.rechecks_done))
+            )
+            return total, int(conn.execute(drifted).scalar_one())
 
     def record_check(
         self,

@@ -535,6 +535,14 @@ COMMANDS: dict[str, list[str]] = {
     "locks-cleanup": ["locks", "--cleanup"],
     "migrate": ["migrate"],
     "metrics": ["metrics", "--once"],
+    "reconcile": [
+        *("reconcile", "orders"),
+        *("--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"),
+    ],
+    "reconcile-repair": [
+        *("reconcile", "orders", "--repair"),
+        *("--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"),
+    ],
 }
 """A good invocation of every command that reads the config (and of its writing variants)."""
 
@@ -590,6 +598,13 @@ BAD_ARGUMENTS: list[tuple[str, list[str], str]] = [
     ("metrics-port-out-of-range", ["metrics", "--port", "70000"], "invalid value for '--port'"),
     ("metrics-unknown-option", ["metrics", "--bogus"], "metrics: no such option: --bogus"),
     ("plan-unknown-pipeline", ["plan", "nope"], "unknown pipeline 'nope' (configured: "),
+    (
+        "reconcile-end-before-start",
+        ["reconcile", "orders", "--start", "2026-11-01T01:00:00Z", "--end", "2026-11-01T00:00:00Z"],
+        "must be after --start",
+    ),
+    ("reconcile-unknown-pipeline", ["reconcile", "nope", *COMMANDS["reconcile"][2:]], "'nope'"),
+    ("reconcile-missing-option", ["reconcile", "orders"], "missing option '--start'"),
     ("plan-bad-instant", ["plan", "orders", "--now", "tomorrow"], "--now: expected an ISO 8601"),
     ("plan-naive-instant", ["plan", "orders", "--now", "2026-11-01T02:07:00"], "no UTC offset"),
     ("plan-missing-argument", ["plan"], "plan: missing argument"),

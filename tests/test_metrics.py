@@ -497,6 +497,7 @@ def test_queue_depth_counts_messages_of_every_priority_and_no_other_queue(redis_
         "load": 1,
         "audit": 0,
         "control": 0,
+        "recheck": 0,
     }
 
 
