@@ -150,7 +150,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
+# Piped (not a terminal), tables get room for every column instead of rich's default 80.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 ConfigOption = Annotated[
     Path | None,
