@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from core.config import Config
 from core.instants import utc_now
+from core.liveness import read_last_runs
 from core.logs import get_logger
 from core.metrics import CHAIN_STAGE, PrefixTallies, WindowMetrics, read_window_metrics
 from core.records import STAGE_ORDER
@@ -110,6 +111,7 @@ class WindowpipeCollector(Collector):
             yield from self._window_families(windows)
             yield from self._recheck_families()
         yield from self._config_families()
+        yield from self._control_families()
         if self.broker is not None:
             depths = self._read_depths()
             up.add_metric(["broker"], 1 if depths is not None else 0)
@@ -194,6 +196,35 @@ class WindowpipeCollector(Collector):
             self._store_down(f"cannot read the state store: {type(error).__name__}: {error}")
             return
         yield from (drifted, done, pending)
+
+    def _control_families(self) -> Iterable[Metric]:
+        """When generation (per pipeline) and cleanup last completed (core/liveness.py), read
+        from Redis: a timestamp that stops moving means nobody consumes the control queue."""
+        try:
+            client = redis.Redis.from_url(
+                self.config.settings.redis_url,
+                socket_timeout=BROKER_TIMEOUT_SECONDS,
+                socket_connect_timeout=BROKER_TIMEOUT_SECONDS,
+            )
+            try:
+                activity = read_last_runs(client, sorted(self.config.pipelines))
+            finally:
+                client.close()
+        except redis.RedisError as error:
+            log.warning("control activity not reported", error=str(error))
+            return
+        last = GaugeMetricFamily(
+            "windowpipe_control_last_run_timestamp_seconds",
+            "Unix time the control task last completed: generation per pipeline, cleanup "
+            '(pipeline="").',
+            labels=["task", "pipeline"],
+        )
+        if activity.cleanup is not None:
+            last.add_metric(["cleanup", ""], activity.cleanup.at.timestamp())
+        for name, run in sorted(activity.generation.items()):
+            if run is not None:
+                last.add_metric(["generate", name], run.at.timestamp())
+        yield last
 
     def _config_families(self) -> Iterable[Metric]:
         settings = (

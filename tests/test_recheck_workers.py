@@ -210,6 +210,12 @@ def test_a_recheck_re_runs_exactly_the_windows_whose_source_changed(
     assert 'windowpipe_drift_windows_total{pipeline="events"} 4.0' in exported
     assert f'windowpipe_rechecks_total{{pipeline="events"}} {float(WINDOWS)}' in exported
     assert 'windowpipe_rechecks_pending{pipeline="events"} 0.0' in exported
+    # And when the control work last ran (the liveness alert reads it).
+    assert 'windowpipe_control_last_run_timestamp_seconds{pipeline="events",task="generate"}' in (
+        exported
+    ) or 'windowpipe_control_last_run_timestamp_seconds{task="generate",pipeline="events"}' in (
+        exported
+    )
 
 
 def test_reconcile_finds_the_same_windows_changes_nothing_then_repairs_them(
