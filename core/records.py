@@ -1,8 +1,26 @@
-"""Window record states, the transitions between them, and the record as plain data.
+"""Window record states, the chain's stages, and the record as plain data.
 
-pending -> queued -> running -> succeeded
-                       |   \\-> skipped        (precheck found 0 documents)
-                       \\-> failed -> (retried: queued) ... -> dead (attempts exhausted)
+The moves between states, as `core.transitions.MOVES` names them (tests check that this diagram
+and the table agree: `A ──MOVE──▶ B` and `B ◀──MOVE── A` are edges, `a|b` is several states):
+
+    pending ──ENQUEUE──▶ queued ──CLAIM──▶ running ──SUCCEED──▶ succeeded
+                         queued ◀──ADVANCE── running ──SKIP──▶ skipped
+                         queued ◀──REQUEUE_LOST── running ──FAIL──▶ failed ──BURY──▶ dead
+                         queued ◀──ENQUEUE── failed
+                         queued ──RESEND──▶ queued
+                         running ──CLAIM──▶ running
+    succeeded|skipped|dead ──ENQUEUE──▶ queued
+    succeeded|skipped|dead ──RESET──▶ pending
+    succeeded|skipped ──RECHECK_RERUN──▶ pending
+    pending|queued|running|failed|dead ──REBUILD_RESET──▶ pending
+
+ADVANCE, the most frequent move, sends a window back to queued between stages with `stage`
+naming the next step (or the same step after a transient failure); SKIP is precheck finding 0
+documents; a failed window is queued again (ENQUEUE) at its recorded stage until BURY finds its
+attempts exhausted; RESEND is cleanup sending a waiting window's message again (no attempt),
+REQUEUE_LOST cleanup requeueing a window whose worker died (an attempt); a second CLAIM of a
+running window fences the first owner out. RESET is `enqueue --force`, RECHECK_RERUN a recheck
+or reconcile that found drift, REBUILD_RESET `validate --rebuild`.
 """
 
 from __future__ import annotations
@@ -46,39 +64,11 @@ class WindowKind(StrEnum):
     """Created by `windowpipe enqueue` (manual runs and backfills); runs under its own cap."""
 
 
-ALLOWED_TRANSITIONS: dict[WindowStatus, frozenset[WindowStatus]] = {
-    WindowStatus.PENDING: frozenset({WindowStatus.QUEUED}),
-    # queued -> queued: a requeue of a lost message (stale cleanup).
-    WindowStatus.QUEUED: frozenset(
-        {WindowStatus.QUEUED, WindowStatus.RUNNING, WindowStatus.FAILED, WindowStatus.PENDING}
-    ),
-    WindowStatus.RUNNING: frozenset(
-        {
-            WindowStatus.RUNNING,
-            WindowStatus.SUCCEEDED,
-            WindowStatus.SKIPPED,
-            WindowStatus.FAILED,
-            WindowStatus.QUEUED,
-        }
-    ),
-    WindowStatus.FAILED: frozenset({WindowStatus.QUEUED, WindowStatus.DEAD}),
-    # --force re-runs finished windows.
-    WindowStatus.SUCCEEDED: frozenset({WindowStatus.QUEUED}),
-    WindowStatus.SKIPPED: frozenset({WindowStatus.QUEUED}),
-    WindowStatus.DEAD: frozenset({WindowStatus.QUEUED}),
-}
-"""Which status may follow which. Anything else is refused by the store."""
-
 FINISHED = frozenset({WindowStatus.SUCCEEDED, WindowStatus.SKIPPED})
 """States whose work is done and must survive a rebuild."""
 
 ACTIVE = frozenset({WindowStatus.QUEUED, WindowStatus.RUNNING})
 """States in which a chain is (or should be) in flight."""
-
-
-def can_transition(current: WindowStatus, new: WindowStatus) -> bool:
-    """True when the state machine allows `current -> new`."""
-    return new in ALLOWED_TRANSITIONS[current]
 
 
 @dataclass

@@ -266,8 +266,9 @@ def test_holder_whose_lock_expired_cannot_overwrite_the_new_owners_result(
     # Worker A takes the window and is then paused past its lock's TTL (no renewal).
     lock_a = WindowLock(client, "events", start, ttl_seconds=0.5)
     assert lock_a.acquire()
-    fence_a = store.bump_fence("events", start)
-    store.transition("events", start, WindowStatus.RUNNING, fence=fence_a, stage=Stage.PRECHECK)
+    claimed_a = store.claim_stage("events", start, Stage.PRECHECK)
+    assert claimed_a is not None
+    fence_a = claimed_a.fence
     time.sleep(0.8)
     assert not client.exists(lock_a.key)
 

@@ -46,6 +46,13 @@ def store(state_url: str) -> Iterator[StateStore]:
     store.dispose()
 
 
+def claim(store: StateStore, index: int, stage: Stage = Stage.PRECHECK) -> int:
+    """Claim window `index` at `stage` as a worker does; returns the new fencing token."""
+    claimed = store.claim_stage(PIPELINE, start(index), stage)
+    assert claimed is not None
+    return claimed.fence
+
+
 def drive(store: StateStore, index: int, *path: WindowStatus, **fields: Any) -> None:
     """Walk window `index` through `path` (queue() for queued, transition() otherwise)."""
     for status in path:
@@ -178,19 +185,19 @@ def test_transition_from_a_wrong_state_is_refused(store: StateStore) -> None:
 def test_transition_with_a_stale_fence_raises_lost_ownership(store: StateStore) -> None:
     store.create_windows(PIPELINE, windows(1))
     drive(store, 0, S.QUEUED)
-    old = store.bump_fence(PIPELINE, start(0))
-    new = store.bump_fence(PIPELINE, start(0))
+    old = claim(store, 0)
+    new = claim(store, 0)
     with pytest.raises(LostOwnershipError, match=f"fence is {new} now"):
-        store.transition(PIPELINE, start(0), S.RUNNING, expect=[S.QUEUED], fence=old)
-    record = store.transition(PIPELINE, start(0), S.RUNNING, expect=[S.QUEUED], fence=new)
-    assert record.status == S.RUNNING and record.fence == new
+        store.transition(PIPELINE, start(0), S.QUEUED, expect=[S.RUNNING], fence=old)
+    record = store.transition(PIPELINE, start(0), S.QUEUED, expect=[S.RUNNING], fence=new)
+    assert record.status == S.QUEUED and record.fence == new
 
 
 def test_transition_of_a_missing_record_raises_not_found(store: StateStore) -> None:
     with pytest.raises(RecordNotFoundError):
         store.transition(PIPELINE, start(0), S.QUEUED)
     with pytest.raises(RecordNotFoundError):
-        store.bump_fence(PIPELINE, start(0))
+        store.transition(PIPELINE, start(0), S.RUNNING)
 
 
 def test_expecting_a_status_the_state_machine_forbids_is_a_caller_bug(store: StateStore) -> None:
@@ -203,7 +210,7 @@ def test_unknown_fields_are_refused(store: StateStore) -> None:
     with pytest.raises(TypeError, match="cannot set window_end"):
         store.transition(PIPELINE, start(0), S.QUEUED, window_end=start(5))
     with pytest.raises(TypeError, match="cannot set status"):
-        store.update_fields(PIPELINE, start(0), fence=0, status=S.SUCCEEDED)
+        store.transition(PIPELINE, start(0), S.QUEUED, status=S.SUCCEEDED)
     record = store.get(PIPELINE, start(0))
     assert record is not None and (record.status, record.window_end) == (S.PENDING, start(1))
 
@@ -222,28 +229,16 @@ def test_transition_sets_fields_and_attempt_instants(store: StateStore) -> None:
     assert done.updated_at == done.finished_at
 
 
-def test_update_fields_is_guarded_by_the_fence(store: StateStore) -> None:
-    store.create_windows(PIPELINE, windows(1))
-    fence = store.bump_fence(PIPELINE, start(0))
-    record = store.update_fields(
-        PIPELINE, start(0), fence=fence, stage=Stage.EXTRACT, staged_count=3
-    )
-    assert (record.stage, record.staged_count, record.status) == (Stage.EXTRACT, 3, S.PENDING)
-    store.bump_fence(PIPELINE, start(0))
-    with pytest.raises(LostOwnershipError):
-        store.update_fields(PIPELINE, start(0), fence=fence, staged_count=4)
-    after = store.get(PIPELINE, start(0))
-    assert after is not None and after.staged_count == 3
-
-
-def test_bump_fence_is_monotonic(store: StateStore) -> None:
+def test_each_claim_takes_the_next_fence_of_its_own_window(store: StateStore) -> None:
     store.create_windows(PIPELINE, windows(2))
+    drive(store, 0, S.QUEUED)
+    drive(store, 1, S.QUEUED)
     first = store.get(PIPELINE, start(0))
     assert first is not None
-    tokens = [store.bump_fence(PIPELINE, start(0)) for _ in range(5)]
+    tokens = [claim(store, 0) for _ in range(5)]
     assert tokens == [first.fence + n for n in range(1, 6)]
     other = store.get(PIPELINE, start(1))
-    assert other is not None and store.bump_fence(PIPELINE, start(1)) == other.fence + 1
+    assert other is not None and claim(store, 1) == other.fence + 1
 
 
 def test_claiming_a_stage_takes_a_new_fence_and_marks_the_window_running(
@@ -348,7 +343,8 @@ def test_apply_rebuild_deletes_resets_creates_and_keeps_finished_work(store: Sta
     store.create_windows(PIPELINE, windows(4))
     drive(store, 0, S.QUEUED, S.RUNNING, S.SUCCEEDED)
     drive(store, 1, S.QUEUED, S.RUNNING, S.FAILED)
-    owner = store.bump_fence(PIPELINE, start(2))
+    drive(store, 2, S.QUEUED)
+    owner = claim(store, 2)
     plan = RebuildPlan(
         delete_starts=[start(3)], reset_starts=[start(1), start(2)], create=windows(2, first=4)
     )
@@ -359,7 +355,7 @@ def test_apply_rebuild_deletes_resets_creates_and_keeps_finished_work(store: Sta
     reset = by_start[start(1)]
     assert (reset.status, reset.stage, reset.error, reset.attempts) == (S.PENDING, None, None, 0)
     with pytest.raises(LostOwnershipError):  # an owner of a reset window cannot write into it
-        store.update_fields(PIPELINE, start(2), fence=owner, staged_count=1)
+        store.transition(PIPELINE, start(2), S.QUEUED, fence=owner, stage=Stage.EXTRACT)
 
 
 def test_apply_rebuild_refuses_to_delete_succeeded_work(store: StateStore) -> None:
@@ -477,8 +473,9 @@ def test_a_record_created_again_in_a_new_store_starts_above_the_old_fences(
     store.create_windows(PIPELINE, windows(1))
     old = store.get(PIPELINE, start(0))
     assert old is not None
+    drive(store, 0, S.QUEUED)
     for _ in range(50):
-        store.bump_fence(PIPELINE, start(0))
+        claim(store, 0)
     with store.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM windows"))
     time.sleep(0.001)
