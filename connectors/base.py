@@ -1,16 +1,20 @@
 """The contracts every connector fulfils, and the staged file format they share.
 
 - A `Source` counts a window and streams its documents in batches.
-- A `Stage` writes a window's documents to files plus a manifest, and reads them back.
-- A `Target` loads a window from the stage idempotently and counts it.
+- A `StagingArea` writes a window's documents to files plus a manifest, and reads them back.
+- A `Target` loads a window from the staging area idempotently and counts it.
+
+(`core.records.Stage` is a step of a window's chain; the storage between extract and load is
+the staging area. The config still calls it a pipeline's `stage`, as S3 and Snowflake do.)
+The runner sees these through the smaller protocols of `core.ports`, which they satisfy.
 
 Connectors translate their SDK's exceptions into `TransientError` (worth retrying) or
 `TerminalError` (fail the window now); see `core.errors`.
 
 Staged files are gzip NDJSON; each line is one document:
     {"id": "<document id>", "ts": "2026-11-01T00:00:00Z", "doc": {...the whole document...}}
-Paths in a manifest are relative to the stage's root (bucket + prefix, or directory + prefix),
-so a Snowflake stage over that root can name them in `COPY INTO ... FILES=(...)`.
+Paths in a manifest are relative to the staging area's root (bucket + prefix, or directory +
+prefix), so a Snowflake stage over that root can name them in `COPY INTO ... FILES=(...)`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 
 from core.instants import format_instant, parse_instant
+from core.ports import StagedLines
 from core.recheck import Fingerprint
 from core.windows import Window
 
@@ -58,7 +63,7 @@ class Batch:
 @dataclass(frozen=True, slots=True)
 class StagedFile:
     path: str
-    """Relative to the stage root: `<pipeline>/YYYY/MM/DD/<window>/<run>-part-00000.ndjson.gz`."""
+    """Relative to the staging root: `<pipeline>/YYYY/MM/DD/<window>/<run>-part-00000.ndjson.gz`."""
     rows: int
     bytes: int
     sha256: str
@@ -66,7 +71,7 @@ class StagedFile:
 
 @dataclass(slots=True)
 class Manifest:
-    """What one extraction run of one window wrote to the stage."""
+    """What one extraction run of one window wrote to the staging area."""
 
     pipeline: str
     window_start: datetime
@@ -81,7 +86,7 @@ class Manifest:
     rejected_ids: list[str] = field(default_factory=list)
     """Ids of rejected documents (the first 100), for the error message and the operator."""
     path: str = ""
-    """Where this manifest itself lives, relative to the stage root."""
+    """Where this manifest itself lives, relative to the staging root."""
 
     @property
     def window(self) -> Window:
@@ -167,7 +172,7 @@ class Source(Protocol):
 
 
 @runtime_checkable
-class Stage(Protocol):
+class StagingArea(Protocol):
     """Where documents wait between extract and load."""
 
     def write_window(
@@ -201,8 +206,13 @@ class Stage(Protocol):
 class Target(Protocol):
     """Where documents end up; one row per source document."""
 
-    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage, fence: int) -> int:
+    def load_window(
+        self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
+    ) -> int:
         """Replace the window's rows with the manifest's files, atomically; rows loaded.
+
+        `staging` is the staging area the manifest came from (a target that reads the files
+        itself, like Snowflake through its own stage, ignores it).
 
         Fenced: the target keeps, per window, the newest fencing token that loaded it, updated
         in the same transaction as the rows. A load whose `fence` is older than that is
@@ -218,9 +228,9 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-def iter_documents(stage: Stage, manifest: Manifest) -> Iterator[dict[str, Any]]:
+def iter_documents(staging: StagedLines, manifest: Manifest) -> Iterator[dict[str, Any]]:
     """Every staged line of a manifest's files, decoded, file by file."""
     for staged in manifest.files:
-        for line in stage.iter_lines(staged.path):
+        for line in staging.iter_lines(staged.path):
             if line.strip():
                 yield decode_line(line)

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
-from connectors.base import Manifest, Stage, decode_line
-from connectors.sql import _one_line, _translate, create_engine
+from connectors.base import Manifest, decode_line
+from connectors.sql import _translate, create_engine
 from core.config import SqlTargetConfig
 from core.errors import (
     StagedDataLostError,
@@ -33,8 +33,10 @@ from core.errors import (
     TerminalError,
     TransientError,
     WindowpipeError,
+    one_line,
 )
 from core.instants import format_instant, utc_now
+from core.ports import StagedLines
 from core.retry import as_time_limit
 from core.windows import Window
 
@@ -225,10 +227,10 @@ def _copy_into_postgresql(
                 loaded += len(rows)
     except psycopg.OperationalError as error:
         raise as_time_limit(error, "sql target: load window") or TransientError(
-            _one_line(f"sql target: load window failed: {error}")
+            one_line(f"sql target: load window failed: {error}")
         ) from None
     except psycopg.Error as error:
-        raise TerminalError(_one_line(f"sql target: load window failed: {error}")) from None
+        raise TerminalError(one_line(f"sql target: load window failed: {error}")) from None
     return loaded
 
 
@@ -276,7 +278,9 @@ class SqlTarget:
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
-    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage, fence: int) -> int:
+    def load_window(
+        self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
+    ) -> int:
         """Replace the window's rows with the manifest's documents in one transaction, fenced.
 
         The transaction's first statement moves the window's ledger row to `fence`, guarded by
@@ -335,7 +339,7 @@ class SqlTarget:
                         table.c.pipeline == pipeline, table.c.window_start == start
                     )
                 )
-                batches = self._row_batches(manifest, stage, pipeline, start, end, loaded_at)
+                batches = self._row_batches(manifest, staging, pipeline, start, end, loaded_at)
                 if engine.dialect.name == "postgresql":
                     loaded = _copy_into_postgresql(conn, table, batches)
                 else:
@@ -356,7 +360,7 @@ class SqlTarget:
     def _row_batches(
         self,
         manifest: Manifest,
-        stage: Stage,
+        staging: StagedLines,
         pipeline: str,
         start: datetime,
         end: datetime,
@@ -365,7 +369,7 @@ class SqlTarget:
         batch: list[dict[str, Any]] = []
         for staged in manifest.files:
             for number, line in enumerate(
-                stage.iter_lines(staged.path, sha256=staged.sha256), start=1
+                staging.iter_lines(staged.path, sha256=staged.sha256), start=1
             ):
                 if not line.strip():
                     continue

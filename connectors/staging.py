@@ -7,7 +7,7 @@ about *what* it stores lives here, once:
   part's uncompressed NDJSON would exceed `max_file_bytes`, and counts rows, stored bytes,
   sha256 and rejections as the bytes stream past. It holds one line and the compressor's
   buffer in memory, never the window.
-- `ObjectStage` implements the `connectors.base.Stage` protocol on top of five storage
+- `ObjectStage` implements the `connectors.base.StagingArea` protocol on top of five storage
   primitives (open a part for writing, put small bytes, open for reading, list, delete), which
   is all `LocalStage` and `S3Stage` supply.
 
@@ -224,7 +224,7 @@ class StagedFileWriter:
 
 
 class ObjectStage(ABC):
-    """A `Stage` over a store of bytes at relative paths; subclasses supply the storage.
+    """A `StagingArea` over a store of bytes at relative paths; subclasses supply the storage.
 
     Paths handed to and returned by the primitives are relative to the stage root (they never
     include the configured prefix); each subclass maps them to where bytes really live.
@@ -267,7 +267,7 @@ class ObjectStage(ABC):
         """Release the storage client, if any."""
         return
 
-    # --- the Stage protocol --------------------------------------------------------------------
+    # --- the StagingArea protocol --------------------------------------------------------------
 
     def write_window(
         self, pipeline: str, window: Window, run: str, batches: Iterable[Batch]

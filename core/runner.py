@@ -16,11 +16,11 @@ window's rows in one transaction, so a redelivered or duplicated message changes
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, Protocol
 
 import redis
 
@@ -37,13 +37,18 @@ from core.errors import (
 from core.instants import format_instant
 from core.locks import WindowLock
 from core.logs import get_logger
+from core.ports import (
+    BatchT,
+    ConnectorFactory,
+    RunT,
+    WindowSource,
+    WindowStaging,
+    WindowTarget,
+)
 from core.records import ACTIVE, STAGE_ORDER, Stage, WindowRecord, WindowStatus
 from core.retry import StagePolicy, backoff_seconds, call_with_retries, stage_policy
 from core.store import StateStore
 from core.windows import Window
-
-ConnectorFactory = Callable[[Any, PipelineConfig], Any]
-"""(role, pipeline) -> the process-wide connector; `connectors.registry.connector_for`."""
 
 
 class Outcome(StrEnum):
@@ -87,18 +92,22 @@ class StageResult:
 
 
 @dataclass
-class Runtime:
-    """What a stage needs from the process: config, store, Redis and connectors."""
+class Runtime(Generic[BatchT, RunT]):
+    """What a stage needs from the process: config, store, Redis and connectors.
+
+    Generic in the connectors' batch and manifest types (`core.ports`), which the runner
+    passes from source to staging area to target without looking inside.
+    """
 
     config: Config
     store: StateStore
     redis: redis.Redis
-    connectors: ConnectorFactory
+    connectors: ConnectorFactory[BatchT, RunT]
 
 
 @dataclass
-class _Step:
-    runtime: Runtime
+class _Step(Generic[BatchT, RunT]):
+    runtime: Runtime[BatchT, RunT]
     pipeline: PipelineConfig
     record: WindowRecord
     fence: int
@@ -108,8 +117,14 @@ class _Step:
     def window(self) -> Window:
         return self.record.window
 
-    def connector(self, role: str) -> Any:
-        return self.runtime.connectors(role, self.pipeline)
+    def source(self) -> WindowSource[BatchT]:
+        return self.runtime.connectors("source", self.pipeline)
+
+    def staging(self) -> WindowStaging[BatchT, RunT]:
+        return self.runtime.connectors("stage", self.pipeline)
+
+    def target(self) -> WindowTarget[RunT]:
+        return self.runtime.connectors("target", self.pipeline)
 
     def commit(self, status: WindowStatus, **fields: Any) -> WindowRecord:
         return self.runtime.store.transition(
@@ -127,7 +142,11 @@ def _position(stage: Stage | None) -> int:
 
 
 def run_stage(
-    runtime: Runtime, stage: Stage, pipeline_name: str, window_start: datetime, retry: int = 0
+    runtime: Runtime[BatchT, RunT],
+    stage: Stage,
+    pipeline_name: str,
+    window_start: datetime,
+    retry: int = 0,
 ) -> StageResult:
     """Run `stage` of one window, as described in the module docstring."""
     pipeline = runtime.config.pipeline(pipeline_name)
@@ -187,7 +206,7 @@ def _not_for_this_stage(record: WindowRecord | None, stage: Stage) -> tuple[Outc
 
 
 def _run_guarded(
-    step: _Step, stage: Stage, retry: int, result: Callable[..., StageResult]
+    step: _Step[BatchT, RunT], stage: Stage, retry: int, result: Callable[..., StageResult]
 ) -> StageResult:
     try:
         try:
@@ -237,8 +256,8 @@ def _run_guarded(
     return result(Outcome.FINISHED, status=record.status)
 
 
-def _precheck(step: _Step) -> WindowRecord:
-    source = step.connector("source")
+def _precheck(step: _Step[BatchT, RunT]) -> WindowRecord:
+    source = step.source()
     # The count, and the max of the version field where one is configured: what a recheck
     # compares the source with later (core/recheck.py).
     found = call_with_retries(step.policy, lambda: source.fingerprint(step.window))
@@ -260,13 +279,13 @@ def _precheck(step: _Step) -> WindowRecord:
     )
 
 
-def _extract(step: _Step) -> WindowRecord:
-    source = step.connector("source")
-    stage = step.connector("stage")
+def _extract(step: _Step[BatchT, RunT]) -> WindowRecord:
+    source = step.source()
+    staging = step.staging()
     run = f"f{step.fence:08d}"
     manifest = call_with_retries(
         step.policy,
-        lambda: stage.write_window(
+        lambda: staging.write_window(
             step.pipeline.name, step.window, run, source.iter_batches(step.window)
         ),
     )
@@ -280,15 +299,15 @@ def _extract(step: _Step) -> WindowRecord:
     )
 
 
-def _load(step: _Step) -> WindowRecord:
-    stage = step.connector("stage")
-    target = step.connector("target")
+def _load(step: _Step[BatchT, RunT]) -> WindowRecord:
+    staging = step.staging()
+    target = step.target()
     if not step.record.manifest:
         raise TerminalError("no manifest recorded for this window; extract must run first")
     manifest_path = step.record.manifest
-    manifest = call_with_retries(step.policy, lambda: stage.read_manifest(manifest_path))
+    manifest = call_with_retries(step.policy, lambda: staging.read_manifest(manifest_path))
     staged = set(
-        call_with_retries(step.policy, lambda: stage.list_files(step.pipeline.name, step.window))
+        call_with_retries(step.policy, lambda: staging.list_files(step.pipeline.name, step.window))
     )
     missing = [f.path for f in manifest.files if f.path not in staged]
     if missing:
@@ -297,7 +316,7 @@ def _load(step: _Step) -> WindowRecord:
         )
     call_with_retries(
         step.policy,
-        lambda: target.load_window(step.pipeline.name, manifest, stage, fence=step.fence),
+        lambda: target.load_window(step.pipeline.name, manifest, staging, fence=step.fence),
     )
     count = call_with_retries(
         step.policy, lambda: target.count_window(step.pipeline.name, step.window)
@@ -305,8 +324,8 @@ def _load(step: _Step) -> WindowRecord:
     return step.commit(WindowStatus.QUEUED, stage=Stage.AUDIT, target_count=count)
 
 
-def _audit(step: _Step) -> WindowRecord:
-    target = step.connector("target")
+def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
+    target = step.target()
     record = step.record
     target_count = call_with_retries(
         step.policy, lambda: target.count_window(step.pipeline.name, step.window)
@@ -343,7 +362,7 @@ def audit_problems(
     return problems
 
 
-def _rejections_text(rejected: dict[str, int], ids: list[str]) -> str:
+def _rejections_text(rejected: Mapping[str, int], ids: Sequence[str]) -> str:
     if not rejected:
         return ""
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(rejected.items()))
@@ -351,7 +370,13 @@ def _rejections_text(rejected: dict[str, int], ids: list[str]) -> str:
     return f"rejected documents ({reasons}); first ids: {sample}"
 
 
-STAGE_STEPS: dict[Stage, Callable[[_Step], WindowRecord]] = {
+class _StageWork(Protocol):
+    """The work of one stage, for any connectors' types."""
+
+    def __call__(self, step: _Step[BatchT, RunT]) -> WindowRecord: ...
+
+
+STAGE_STEPS: dict[Stage, _StageWork] = {
     Stage.PRECHECK: _precheck,
     Stage.EXTRACT: _extract,
     Stage.LOAD: _load,

@@ -25,7 +25,7 @@ from connectors.base import (
     Document,
     Manifest,
     Rejection,
-    Stage,
+    StagingArea,
     decode_line,
     iter_documents,
     window_dir,
@@ -83,7 +83,7 @@ def bucket(s3_client: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 class StageKit:
     """A way to build one kind of stage, and to read what it stored behind its back."""
 
-    make: Callable[..., Stage]
+    make: Callable[..., StagingArea]
     """`make(max_file_bytes=..., multipart_chunk_bytes=...)`; S3-only keys ignored locally."""
     raw: Callable[[str], bytes]
     """The stored bytes at a path relative to the stage root."""
@@ -108,11 +108,11 @@ def _s3_config(url: str, bucket: str, **overrides: Any) -> S3StageConfig:
 
 @pytest.fixture(params=["local", "s3"])
 def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StageKit]:
-    stages: list[Stage] = []
+    stages: list[StagingArea] = []
     if request.param == "local":
         root = tmp_path / "stage-dir"
 
-        def make_local(**options: Any) -> Stage:
+        def make_local(**options: Any) -> StagingArea:
             options.pop("multipart_chunk_bytes", None)
             stage = LocalStage(
                 LocalStageConfig(type="local", path=str(root), prefix="stage/", **options)
@@ -131,7 +131,7 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StageKit]:
         name = request.getfixturevalue("bucket")
         client = request.getfixturevalue("s3_client")
 
-        def make_s3(**options: Any) -> Stage:
+        def make_s3(**options: Any) -> StagingArea:
             stage = S3Stage(_s3_config(url, name, **options))
             stages.append(stage)
             return stage
@@ -171,7 +171,7 @@ def batches(total: int, size: int = 1000, body: Callable[[int], dict[str, Any]] 
         )
 
 
-def staged_ids(stage: Stage, manifest: Manifest) -> list[str]:
+def staged_ids(stage: StagingArea, manifest: Manifest) -> list[str]:
     return [line["id"] for line in iter_documents(stage, manifest)]
 
 
@@ -179,7 +179,7 @@ def staged_ids(stage: Stage, manifest: Manifest) -> list[str]:
 
 
 def test_stage_satisfies_the_protocol(kit: StageKit) -> None:
-    assert isinstance(kit.make(), Stage)
+    assert isinstance(kit.make(), StagingArea)
 
 
 def test_documents_round_trip_with_unicode_and_megabyte_bodies(kit: StageKit) -> None:

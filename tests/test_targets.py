@@ -39,7 +39,7 @@ import sqlglot
 from snowflake.connector import errors as sf_errors
 from sqlglot import exp
 
-from connectors.base import Batch, Document, Manifest, Stage, Target
+from connectors.base import Batch, Document, Manifest, StagingArea, Target
 from connectors.local import LocalStage
 from connectors.snowflake import SnowflakeTarget, sql
 from connectors.snowflake.client import translate
@@ -242,7 +242,7 @@ def documents(window: Window, count: int, tag: str = "a") -> list[Document]:
     ]
 
 
-def stage_window(stage: Stage, window: Window, docs: list[Document], run: str) -> Manifest:
+def stage_window(stage: StagingArea, window: Window, docs: list[Document], run: str) -> Manifest:
     return stage.write_window(PIPELINE, window, run, [Batch(documents=docs)])
 
 

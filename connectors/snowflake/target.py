@@ -14,7 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from connectors.base import Manifest, Stage
+from connectors.base import Manifest
 from connectors.snowflake import sql
 from connectors.snowflake.client import connect, translate
 from core.config import SnowflakeTargetConfig
@@ -26,6 +26,7 @@ from core.errors import (
     WindowpipeError,
 )
 from core.instants import format_instant, utc_now
+from core.ports import StagedLines
 from core.windows import Window
 
 
@@ -72,7 +73,9 @@ class SnowflakeTarget:
 
     # -- the Target contract --
 
-    def load_window(self, pipeline: str, manifest: Manifest, stage: Stage, fence: int) -> int:
+    def load_window(
+        self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
+    ) -> int:
         """Replace the window's rows with the manifest's files in one transaction, fenced.
 
         Inside the transaction, before touching the rows, the window's ledger row moves to
@@ -95,7 +98,7 @@ class SnowflakeTarget:
         Also raises TerminalError if Snowflake loaded a different number of rows than the
         manifest says the files hold (nothing is committed then).
         """
-        del stage  # Snowflake reads the files itself, through its own stage
+        del staging  # Snowflake reads the files itself, through its own stage
         with self._lock:
             try:
                 return self._load(pipeline, manifest, fence)
