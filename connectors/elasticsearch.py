@@ -35,6 +35,7 @@ from core.errors import (
     TerminalError,
     TransientError,
     WindowpipeError,
+    one_line,
 )
 from core.instants import format_instant
 from core.recheck import Fingerprint
@@ -53,7 +54,6 @@ the SDKs would take a soft time limit for a connection error and retry it."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_MILLIS = re.compile(r"^-?\d+$")
-_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
 
 
 # --- timestamps and hits ---------------------------------------------------------------------
@@ -132,12 +132,6 @@ def range_query(timestamp_field: str, window: Window) -> dict[str, Any]:
             }
         }
     }
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """`text` on one line, credentials in URLs masked, at most `limit` characters."""
-    text = _URL_CREDENTIALS.sub("***@", " ".join(str(text).split()))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --- client adapters ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from core.errors import (
     TerminalError,
     TransientError,
     WindowpipeError,
+    one_line,
 )
 from core.retry import SDK_RETRIES, as_time_limit
 
@@ -80,7 +81,7 @@ def translate_s3_error(exc: Exception, action: str, where: str) -> WindowpipeErr
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or "Unknown")
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        message = _one_line(str(error.get("Message") or ""))
+        message = one_line(str(error.get("Message") or ""))
         text = f"S3 {action} {where} failed: {code} (HTTP {status})" + (
             f": {message}" if message else ""
         )
@@ -92,15 +93,11 @@ def translate_s3_error(exc: Exception, action: str, where: str) -> WindowpipeErr
         bex.IncompleteReadError,
     )
     if isinstance(exc, transient_types):
-        return TransientError(f"S3 {action} {where} failed: {_one_line(str(exc))}")
+        return TransientError(f"S3 {action} {where} failed: {one_line(str(exc))}")
     if isinstance(exc, bex.BotoCoreError):
         # No credentials, bad parameters, no region: retrying changes nothing.
-        return TerminalError(f"S3 {action} {where} failed: {_one_line(str(exc))}")
+        return TerminalError(f"S3 {action} {where} failed: {one_line(str(exc))}")
     return None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @contextmanager

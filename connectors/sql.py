@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from connectors.base import Batch, Document, Rejection
 from core.config import SqlSourceConfig, resolve_secret
-from core.errors import TerminalError, TransientError, WindowpipeError
+from core.errors import TerminalError, TransientError, WindowpipeError, one_line
 from core.instants import format_instant
 from core.recheck import Fingerprint
 from core.retry import as_time_limit
@@ -44,12 +44,10 @@ def create_engine(raw_url: str, password_env: str | None, role: str, **options: 
             connect_args["timeout"] = 30
         return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **options)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
-        raise TerminalError(_one_line(f"{role}: bad url: {error}")) from None
+        raise TerminalError(one_line(f"{role}: bad url: {error}")) from None
 
 
 # --- source -------------------------------------------------------------------------------------
-
-_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
 
 _TERMINAL_SQLSTATE_PREFIXES = ("28", "3D")
 """SQLSTATE classes an OperationalError can carry that retrying cannot fix: bad credentials
@@ -62,11 +60,6 @@ _TERMINAL_LOGIN_FAILURE = re.compile(
 )
 """PostgreSQL refusing a login: psycopg raises these at connect time without a SQLSTATE, so
 they are recognized by the server's message (terminal, like SQLSTATE classes 28 and 3D)."""
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = _URL_CREDENTIALS.sub("***@", " ".join(str(text).split()))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _translate(
@@ -83,7 +76,7 @@ def _translate(
     if limit is not None:
         return limit
     detail = str(error.orig) if isinstance(error, sa.exc.DBAPIError) else str(error)
-    message = _one_line(f"{role}: {action} failed: {type(error).__name__}: {detail}")
+    message = one_line(f"{role}: {action} failed: {type(error).__name__}: {detail}")
     if isinstance(error, sa.exc.DBAPIError):
         sqlstate = str(getattr(error.orig, "sqlstate", "") or "")
         refused_login = _TERMINAL_LOGIN_FAILURE.search(detail) is not None

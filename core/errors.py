@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from billiard.exceptions import SoftTimeLimitExceeded
 
 
@@ -51,3 +53,24 @@ class StageTimeLimitError(TransientError):
 TIME_LIMIT_ERRORS: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded,)
 """What Celery's pool raises inside a task at its soft time limit. Connectors must not translate
 these into TerminalError: they re-raise them (or raise StageTimeLimitError)."""
+
+
+ONE_LINE_LIMIT = 300
+"""The most characters `one_line` keeps of an error text (a record's `error`, a log line)."""
+
+_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
+"""The `user:password@` of a URL, masked in error texts."""
+
+
+def one_line(text: object, limit: int = ONE_LINE_LIMIT) -> str:
+    """`text` as one line: white space folded, credentials in URLs masked (`//***@host`), and
+    at most `limit` characters (cut with `…`)."""
+    line = _URL_CREDENTIALS.sub("***@", " ".join(str(text).split()))
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (database drivers add hints and URLs below
+    it); the exception's type name when the message is empty."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
