@@ -8,7 +8,6 @@ Scheduled and manual (backfill) windows have separate caps per pipeline, so a ba
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -18,20 +17,17 @@ import redis
 from core.config import PipelineConfig
 from core.errors import BadInputError
 from core.instants import format_instant
+from core.locks import DispatchLock
 from core.logs import get_logger
 from core.records import Stage, WindowKind, WindowRecord, WindowStatus
+from core.retry import FAILED_RETRY_BASE, failed_retry_delay
 from core.store import StateStore
+from core.transitions import resume_stage
 from core.validation import ChainProblem, validate_chain
 from core.windows import Window, due_windows
 
 SendChain = Callable[[str, datetime, Stage], str | None]
 """(pipeline, window start, first stage) -> the id of the chain sent to the broker."""
-
-DISPATCH_LOCK_SECONDS = 20
-"""TTL of the per-pipeline dispatch lock. Dispatch takes milliseconds to a second; the lock
-only keeps two dispatchers from overrunning the caps together (each window's enqueue is
-guarded anyway), so a control worker frozen while holding it stalls the pipeline's dispatch
-for at most this long."""
 
 
 @dataclass
@@ -100,13 +96,6 @@ def create_due_windows(store: StateStore, pipeline: PipelineConfig, now: datetim
     return store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED) if due else []
 
 
-def failed_retry_delay(attempts: int, base: timedelta) -> timedelta:
-    """How long a failed window waits before its next attempt: base, 2 base, 4 base, ... 1 h."""
-    if base <= timedelta(0):
-        return timedelta(0)
-    return min(timedelta(hours=1), base * (2 ** max(attempts - 1, 0)))
-
-
 def dispatch(
     store: StateStore,
     client: redis.Redis,
@@ -114,20 +103,15 @@ def dispatch(
     send: SendChain,
     now: datetime,
     *,
-    failed_retry_base: timedelta = timedelta(seconds=30),
+    failed_retry_base: timedelta = FAILED_RETRY_BASE,
 ) -> tuple[list[WindowRecord], int]:
     """Enqueue runnable windows up to the pipeline's caps; returns (queued, newly dead).
 
-    One dispatcher per pipeline at a time (a Redis lock); the guarded `queue()` transition
+    One dispatcher per pipeline at a time (`DispatchLock`); the guarded `queue()` (ENQUEUE)
     makes each window's enqueue happen once even if two dispatchers raced anyway.
     """
     log = get_logger("windowpipe.dispatch", pipeline=pipeline.name)
-    lock = client.lock(
-        f"windowpipe:dispatch:{pipeline.name}",
-        timeout=DISPATCH_LOCK_SECONDS,
-        blocking_timeout=5,
-        thread_local=False,
-    )
+    lock = DispatchLock(client, pipeline.name)
     if not lock.acquire():
         log.info("dispatch already running elsewhere")
         return [], 0
@@ -157,14 +141,15 @@ def dispatch(
                 claimed = store.queue(pipeline.name, record.window_start, expect=[record.status])
                 if claimed is None:
                     continue
-                send(pipeline.name, claimed.window_start, claimed.stage or Stage.PRECHECK)
+                send(
+                    pipeline.name, claimed.window_start, resume_stage(claimed.status, claimed.stage)
+                )
                 queued.append(claimed)
         if queued or dead:
             log.info("dispatched", queued=len(queued), dead=dead)
         return queued, dead
     finally:
-        with contextlib.suppress(redis.exceptions.LockError):
-            lock.release()
+        lock.release()
 
 
 def generation_tick(
@@ -174,7 +159,7 @@ def generation_tick(
     send: SendChain,
     now: datetime,
     *,
-    failed_retry_base: timedelta = timedelta(seconds=30),
+    failed_retry_base: timedelta = FAILED_RETRY_BASE,
 ) -> TickReport:
     """Beat's job for one pipeline: create due windows, validate the chain, dispatch."""
     report = TickReport(pipeline.name)

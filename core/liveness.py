@@ -1,8 +1,9 @@
 """When the control work last ran: generation per pipeline and the stale-lock cleanup.
 
-The control tasks record each completed run in Redis; `windowpipe status` reads the records
-back and says how long ago each one ran, so "nothing consumes the control queue" shows as an
-age that keeps growing instead of as silence. A Redis restart or wipe removes the records:
+The control tasks record each completed run in Redis (`core.keys.CLEANUP_RAN_KEY` and
+`core.keys.generate_ran_key`); `windowpipe status` reads the records back and says how long ago
+each one ran, so "nothing consumes the control queue" shows as an age that keeps growing
+instead of as silence. A Redis restart or wipe removes the records:
 they read as "never" until the next run writes them again.
 
 Reading and printing are pure functions of the records and `now`; `read_last_runs` is the one
@@ -18,12 +19,7 @@ from datetime import datetime
 import redis
 
 from core.instants import format_instant, parse_instant
-
-CLEANUP_RAN_KEY = "windowpipe:ran:cleanup"
-"""Redis hash: the last completed stale-lock cleanup (`at`: ISO instant, `worker`: node name)."""
-
-GENERATE_RAN_KEY = "windowpipe:ran:generate:{pipeline}"
-"""Redis hash: the last completed generation tick of a pipeline (`at`, `worker`)."""
+from core.keys import CLEANUP_RAN_KEY, generate_ran_key
 
 STATUS_REDIS_TIMEOUT = 2.0
 """Seconds `status` waits for Redis before it prints the records without the control lines."""
@@ -43,11 +39,6 @@ class ControlActivity:
 
     cleanup: LastRun | None
     generation: Mapping[str, LastRun | None]
-
-
-def generate_ran_key(pipeline: str) -> str:
-    """The Redis key of a pipeline's last generation run."""
-    return GENERATE_RAN_KEY.format(pipeline=pipeline)
 
 
 def record_run(client: redis.Redis, key: str, at: datetime, worker: str) -> None:

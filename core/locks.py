@@ -1,4 +1,6 @@
-"""Window locks in Redis: one owner per (pipeline, window) at a time, with a TTL and renewal.
+"""Every Redis lock windowpipe takes: window locks and the per-pipeline dispatch lock.
+
+Window locks: one owner per (pipeline, window) at a time, with a TTL and renewal.
 
 Built on redis-py's `Lock` (a token-owned key released only by its owner, via Lua). A taken
 lock means "someone else has this window": callers skip, they never wait.
@@ -28,15 +30,17 @@ from datetime import datetime
 import redis
 from redis.exceptions import LockError, LockNotOwnedError
 
-from core.instants import format_instant, parse_instant
+from core.instants import parse_instant
+from core.keys import WINDOW_LOCK_PREFIX, dispatch_lock_key, window_lock_key
 
-LOCK_PREFIX = "windowpipe:lock:"
-"""Redis key prefix of window locks: `windowpipe:lock:<pipeline>:<window start>`."""
+DISPATCH_LOCK_SECONDS = 20
+"""TTL of the per-pipeline dispatch lock. Dispatch takes milliseconds to a second; the lock
+only keeps two dispatchers from overrunning the caps together (each window's enqueue is
+guarded anyway), so a control worker frozen while holding it stalls the pipeline's dispatch
+for at most this long."""
 
-
-def lock_key(pipeline: str, window_start: datetime) -> str:
-    """The Redis key of a window's lock."""
-    return f"{LOCK_PREFIX}{pipeline}:{format_instant(window_start)}"
+DISPATCH_LOCK_WAIT_SECONDS = 5
+"""How long a dispatcher waits for another one of the same pipeline to finish."""
 
 
 def owner_token() -> str:
@@ -81,7 +85,7 @@ class WindowLock:
     def __init__(
         self, client: redis.Redis, pipeline: str, window_start: datetime, ttl_seconds: float
     ) -> None:
-        self.key = lock_key(pipeline, window_start)
+        self.key = window_lock_key(pipeline, window_start)
         self.ttl_seconds = ttl_seconds
         self.renew_every = max(ttl_seconds / 3, 0.05)
         self.token = owner_token()
@@ -199,14 +203,14 @@ def _process_renewer() -> _Renewer:
 def held_locks(client: redis.Redis) -> list[HeldLock]:
     """Every window lock currently in Redis, sorted by pipeline and window."""
     found = []
-    for raw_key in client.scan_iter(match=f"{LOCK_PREFIX}*", count=500):
+    for raw_key in client.scan_iter(match=f"{WINDOW_LOCK_PREFIX}*", count=500):
         key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
         value = client.get(key)
         if value is None:
             continue
         owner = value.decode() if isinstance(value, bytes) else str(value)
         ttl_ms = client.pttl(key)
-        pipeline, _, start = key[len(LOCK_PREFIX) :].partition(":")
+        pipeline, _, start = key[len(WINDOW_LOCK_PREFIX) :].partition(":")
         try:
             window_start = parse_instant(start)
         except ValueError:
@@ -215,9 +219,40 @@ def held_locks(client: redis.Redis) -> list[HeldLock]:
     return sorted(found, key=lambda lock: (lock.pipeline, lock.window_start))
 
 
+class DispatchLock:
+    """The dispatch lock of one pipeline: one dispatcher at a time, so two do not overrun the
+    pipeline's caps together.
+
+    Not renewed and not fenced, because what it guards is only the caps, not correctness:
+        t0  dispatcher A takes the lock, counts 3 free slots, freezes
+        t1  the lock expires (`DISPATCH_LOCK_SECONDS`); B takes it, queues 3 windows
+        t2  A wakes and queues its 3: the cap is exceeded once, by A's batch
+    No window is queued twice: each enqueue is one guarded UPDATE (`StateStore.queue`, ENQUEUE
+    from the status the dispatcher read), and only one dispatcher's UPDATE matches.
+    """
+
+    def __init__(self, client: redis.Redis, pipeline: str) -> None:
+        self.key = dispatch_lock_key(pipeline)
+        self._lock = client.lock(
+            self.key,
+            timeout=DISPATCH_LOCK_SECONDS,
+            blocking_timeout=DISPATCH_LOCK_WAIT_SECONDS,
+            thread_local=False,
+        )
+
+    def acquire(self) -> bool:
+        """Take the lock, waiting up to `DISPATCH_LOCK_WAIT_SECONDS`; False if still held."""
+        return bool(self._lock.acquire())
+
+    def release(self) -> None:
+        """Release the lock; a no-op when it expired (or was taken over) meanwhile."""
+        with suppress(LockError):
+            self._lock.release()
+
+
 def force_release(client: redis.Redis, held: HeldLock) -> bool:
     """Release a lock whose owner is dead, only if the same owner still holds it."""
-    lock = client.lock(lock_key(held.pipeline, held.window_start), thread_local=False)
+    lock = client.lock(window_lock_key(held.pipeline, held.window_start), thread_local=False)
     lock.local.token = held.owner.encode()
     try:
         lock.release()

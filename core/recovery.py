@@ -26,10 +26,12 @@ import redis
 from core.config import Config
 from core.dispatch import SendChain
 from core.instants import format_instant
-from core.locks import HeldLock, force_release, held_locks, lock_key
+from core.keys import window_lock_key
+from core.locks import HeldLock, force_release, held_locks
 from core.logs import get_logger
-from core.records import Stage, WindowRecord, WindowStatus
+from core.records import WindowRecord, WindowStatus
 from core.store import StateStore
+from core.transitions import resume_stage
 
 
 @dataclass
@@ -60,7 +62,7 @@ def stale_windows(
     for record in store.stale_candidates(older_than=now - running_grace):
         if record.pipeline not in config.pipelines:
             continue
-        if client.exists(lock_key(record.pipeline, record.window_start)):
+        if client.exists(window_lock_key(record.pipeline, record.window_start)):
             continue
         idle = now - (record.updated_at or now)
         if record.status == WindowStatus.RUNNING:
@@ -96,7 +98,7 @@ def cleanup(
             )
             if touched is None:
                 continue  # claimed meanwhile: its message was not lost after all
-            send(record.pipeline, record.window_start, record.stage or Stage.PRECHECK)
+            send(record.pipeline, record.window_start, resume_stage(record.status, record.stage))
             report.requeued.append((record, f"{reason}; message sent again, no attempt used"))
             log.warning("sent a waiting window's message again", reason=reason, **context)
             continue
@@ -123,7 +125,7 @@ def cleanup(
         )
         if requeued is None:
             continue
-        send(record.pipeline, requeued.window_start, requeued.stage or Stage.PRECHECK)
+        send(record.pipeline, requeued.window_start, resume_stage(requeued.status, requeued.stage))
         report.requeued.append((record, reason))
         log.warning("requeued lost window", reason=reason, stage=str(requeued.stage), **context)
     return report

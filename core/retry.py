@@ -8,8 +8,12 @@ A failing call is retried by exactly these layers, innermost first, and by nothi
   (default 3), with short jittered waits;
 - task: a stage whose step gave up, or that reached its soft time limit, is re-sent
   `task_retries` times (default 4) with a growing countdown, then the window is failed;
-- window: a failed window is queued again, from its recorded stage, until it has had
-  `max_attempts` attempts (default 5); then it is dead.
+- window: a failed window is queued again, from its recorded stage, after
+  `failed_retry_delay`, until it has had `max_attempts` attempts (default 5); then it is dead.
+
+Every wait grows by the one formula `backoff_ceiling` (base, 2 base, 4 base, ... up to a cap):
+the task countdown and the step waits with jitter (`backoff_seconds`), the failed-window delay
+without.
 
 So a window whose source always fails transiently makes exactly
 `max_attempts * (task_retries + 1) * step_attempts` calls before it is dead (`worst_case`).
@@ -87,6 +91,13 @@ largest backoff, or Redis redelivers tasks that are still running (celery/celery
 CONTROL_TIME_LIMIT = 300.0
 """Hard time limit of generation, dispatch and cleanup tasks."""
 
+FAILED_RETRY_BASE = timedelta(seconds=30)
+"""How long a window failed once waits before dispatch queues it again (the default of the
+`failed_retry_base` setting); doubles per attempt."""
+
+FAILED_RETRY_CAP = timedelta(hours=1)
+"""The longest a failed window waits for its next attempt."""
+
 
 def stage_policy(stage: Stage, pipeline: PipelineConfig | None = None) -> StagePolicy:
     """The policy `stage` runs under for `pipeline`: the stage's time limits and defaults, with
@@ -124,15 +135,27 @@ def backoff_seconds(
 
     retry 0 -> [0.5, 1] * base, retry 1 -> [0.5, 1] * 2 base, ... never above cap.
     """
-    ceiling = _ceiling(retry_number, base, cap)
+    ceiling = backoff_ceiling(retry_number, base, cap)
     return ceiling / 2 + jitter(0, ceiling / 2)
 
 
-def _ceiling(retry_number: int, base: float, cap: float) -> float:
-    """The longest `backoff_seconds(retry_number)` can be."""
+def backoff_ceiling(retry_number: int, base: float, cap: float) -> float:
+    """The exponential backoff every retry follows: `base * 2**retry_number`, at most `cap`
+    (the longest `backoff_seconds(retry_number)` can be)."""
     if retry_number < 0:
         raise ValueError("retry_number must not be negative")
     return min(cap, base * (2**retry_number))
+
+
+def failed_retry_delay(attempts: int, base: timedelta) -> timedelta:
+    """How long a failed window waits before its next attempt: base, 2 base, 4 base, ... 1 h
+    (`FAILED_RETRY_CAP`), after its first, second, third... attempt; no wait when base is 0."""
+    if base <= timedelta(0):
+        return timedelta(0)
+    seconds = backoff_ceiling(
+        max(attempts - 1, 0), base.total_seconds(), FAILED_RETRY_CAP.total_seconds()
+    )
+    return timedelta(seconds=seconds)
 
 
 def call_with_retries(policy: StagePolicy, function: Callable[[], T]) -> T:
@@ -235,20 +258,19 @@ def worst_case(
 
     - a run tries the call `step_attempts` times, waiting `backoff_seconds` between tries;
     - a window attempt runs the stage `task_retries + 1` times, with countdowns between runs;
-    - a failed window is queued again after `failed_retry_delay` (core/dispatch.py), by the
+    - a failed window is queued again after `failed_retry_delay`, by the
       first dispatch after that: at most one generation tick (`dispatch_every`) later, or at
       once when the delay is zero (a finishing window asks for a dispatch);
     - after `max_attempts` attempts it is dead.
     """
-    from core.dispatch import failed_retry_delay
-
     runs_per_attempt = policy.task_retries + 1
     step_waits = sum(
-        _ceiling(n, policy.step_backoff, policy.step_wait_max)
+        backoff_ceiling(n, policy.step_backoff, policy.step_wait_max)
         for n in range(policy.step_attempts - 1)
     )
     countdowns = sum(
-        _ceiling(r, policy.backoff_base, policy.backoff_cap) for r in range(policy.task_retries)
+        backoff_ceiling(r, policy.backoff_base, policy.backoff_cap)
+        for r in range(policy.task_retries)
     )
     between_attempts = 0.0
     for attempt in range(1, max_attempts):
