@@ -226,11 +226,3 @@ class Target(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def iter_documents(staging: StagedLines, manifest: Manifest) -> Iterator[dict[str, Any]]:
-    """Every staged line of a manifest's files, decoded, file by file."""
-    for staged in manifest.files:
-        for line in staging.iter_lines(staged.path):
-            if line.strip():
-                yield decode_line(line)

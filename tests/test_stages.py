@@ -26,7 +26,6 @@ from connectors.base import (
     Rejection,
     StagingArea,
     decode_line,
-    iter_documents,
     window_dir,
 )
 from connectors.local import LocalStage
@@ -171,8 +170,16 @@ def batches(total: int, size: int = 1000, body: Callable[[int], dict[str, Any]] 
         )
 
 
+def staged_documents(stage: StagingArea, manifest: Manifest) -> Iterator[dict[str, Any]]:
+    """Every staged line of a manifest's files, decoded, file by file."""
+    for staged in manifest.files:
+        for line in stage.iter_lines(staged.path):
+            if line.strip():
+                yield decode_line(line)
+
+
 def staged_ids(stage: StagingArea, manifest: Manifest) -> list[str]:
-    return [line["id"] for line in iter_documents(stage, manifest)]
+    return [line["id"] for line in staged_documents(stage, manifest)]
 
 
 # --- the contract -----------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def test_documents_round_trip_with_unicode_and_megabyte_bodies(kit: StageKit) ->
     manifest = stage.write_window(PIPELINE, WINDOW, "r1", [Batch(documents=documents)])
 
     assert manifest.rows == 4
-    lines = list(iter_documents(stage, manifest))
+    lines = list(staged_documents(stage, manifest))
     assert [line["id"] for line in lines] == ["d0000000", "d0000001", "d0000002", "d0000003"]
     assert [line["doc"] for line in lines] == [d.body for d in documents]
     assert lines[1]["ts"] == format_instant(documents[1].timestamp)
@@ -299,7 +306,7 @@ def test_an_empty_window_writes_a_manifest_with_no_files(kit: StageKit) -> None:
     assert manifest.files == [] and manifest.rows == 0
     assert stage.list_files(PIPELINE, WINDOW) == [manifest.path]
     assert stage.read_manifest(manifest.path) == manifest
-    assert list(iter_documents(stage, manifest)) == []
+    assert list(staged_documents(stage, manifest)) == []
 
 
 def test_rejections_are_counted_by_reason_in_the_manifest(kit: StageKit) -> None:
@@ -321,7 +328,7 @@ def test_rejections_are_counted_by_reason_in_the_manifest(kit: StageKit) -> None
     assert manifest.rows == 1
 
 
-def test_iter_documents_returns_exactly_the_written_ids(kit: StageKit) -> None:
+def test_staged_documents_are_exactly_the_written_ids(kit: StageKit) -> None:
     stage = kit.make(max_file_bytes=8192)
 
     manifest = stage.write_window(PIPELINE, WINDOW, "1", batches(2500, size=333))
