@@ -27,16 +27,20 @@ services:
 	  pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1 && exit 0; sleep 1; done; \
 	  echo "redis or postgresql did not come up" >&2; exit 1
 
-test: venv services
+# `make lint` first, so CI checks it too.
+test: lint services
 	$(VENV)/bin/pytest -q
 
 test-fast: venv
 	$(VENV)/bin/pytest -q -m "not integration"
 
+# ruff, mypy, and import-linter: imports go windowpipe -> workers -> connectors -> core only
+# (the contracts are in pyproject.toml).
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 demo: venv
 	$(VENV)/bin/windowpipe demo

@@ -23,6 +23,8 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from core.config import config_toml
+
 REPO = Path(__file__).resolve().parent.parent
 """The repository root (workers import `core`, `connectors`, `workers` and `bench` from it)."""
 
@@ -110,28 +112,11 @@ def schema_url(database_url: str, schema: str) -> str:
 # --- config -------------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def write_config(
     path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
 ) -> Path:
     """A windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
-    lines = ["[windowpipe]", *(f"{k} = {_toml_value(v)}" for k, v in settings.items())]
-    for name, body in pipelines.items():
-        lines.append(f"\n[pipelines.{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if not isinstance(v, dict)]
-        for key, table in body.items():
-            if isinstance(table, dict):
-                lines.append(f"\n[pipelines.{name}.{key}]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_toml(settings, pipelines))
     return path
 
 

@@ -1,8 +1,8 @@
 """The orchestration baseline: a bare Celery chain of four no-op tasks on the stage queues.
 
 `celery -A bench.noop_app worker -Q <stage>` with the same broker, result backend and task
-settings as windowpipe's app (copied from `workers.celery_app`, so both read the same config
-file), so the only difference measured is windowpipe's work around each task.
+settings as windowpipe's app (`workers.celery_app.celery_settings` of the same config file),
+so the only difference measured is windowpipe's work around each task.
 
 The last task records when it finished in Redis (`NOOP_DONE_KEY`, `NOOP_LAST_KEY`), which
 is how the bench knows a chain completed without polling a result per chain.
@@ -17,8 +17,12 @@ import redis
 from celery import Celery
 
 from bench.common import NOOP_DONE_KEY, NOOP_LAST_KEY, STAGE_QUEUES
-from workers.celery_app import app as windowpipe_app
-from workers.celery_app import settings
+from core.config import load_config
+from workers.celery_app import celery_settings
+
+config = load_config()
+settings = config.settings
+windowpipe_settings = celery_settings(config)
 
 SHARED_SETTINGS = (
     "broker_url",
@@ -43,7 +47,7 @@ SHARED_SETTINGS = (
 
 
 app = Celery("bench-noop")
-app.conf.update({name: windowpipe_app.conf[name] for name in SHARED_SETTINGS})
+app.conf.update({name: windowpipe_settings[name] for name in SHARED_SETTINGS})
 app.conf.task_default_queue = "control"
 app.conf.task_routes = {f"bench.noop.{queue}": {"queue": queue} for queue in STAGE_QUEUES}
 

@@ -602,3 +602,22 @@ def resolve_secret(env_name: str | None) -> str | None:
         return os.environ[env_name]
     except KeyError:
         raise ConfigError(f"environment variable {env_name} (a secret) is not set") from None
+
+
+def config_toml(settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]) -> str:
+    """A windowpipe.toml's text from plain dicts: `settings` as `[windowpipe]`, each pipeline as
+    `[pipelines.NAME]` with its `source`/`stage`/`target` sub-tables (the inverse of
+    `config_from_dict`). Values that are not TOML's own (a Path, say) are written as strings."""
+    import tomli_w
+
+    return tomli_w.dumps({"windowpipe": _toml_plain(settings), "pipelines": _toml_plain(pipelines)})
+
+
+def _toml_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _toml_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_toml_plain(item) for item in value]
+    if isinstance(value, bool | int | float | str):
+        return value
+    return str(value)

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from core.config import Config, load_config
+from core.config import Config, config_toml, load_config
 from core.records import FINISHED, WindowRecord, WindowStatus
 from core.store import StateStore
 
@@ -39,33 +39,11 @@ def release_redis_db(base_url: str, number: int) -> None:
     redis.Redis.from_url(f"{base_url}/0").delete(f"windowpipe-test:db:{number}")
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def write_config(
     path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
 ) -> Path:
     """Write a windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
-    lines = ["[windowpipe]"]
-    lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
-    for name, body in pipelines.items():
-        lines.append(f"\n[pipelines.{name}]")
-        for key, value in body.items():
-            if not isinstance(value, dict):
-                lines.append(f"{key} = {toml_value(value)}")
-        for key, value in body.items():
-            if isinstance(value, dict):
-                lines.append(f"\n[pipelines.{name}.{key}]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_toml(settings, pipelines))
     return path
 
 
@@ -89,12 +67,7 @@ class Deployment:
 
     @property
     def config(self) -> Config:
-        old = os.environ.get("WINDOWPIPE_CONFIG")
-        try:
-            return load_config(self.config_path)
-        finally:
-            if old is not None:
-                os.environ["WINDOWPIPE_CONFIG"] = old
+        return load_config(self.config_path)
 
     def store(self) -> StateStore:
         store = StateStore(self.config.settings.state_url)
@@ -243,7 +216,7 @@ class Deployment:
         self, *args: str, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "core.cli", *args],
+            [sys.executable, "-m", "windowpipe", *args],
             cwd=self.workdir,
             env=self.env,
             capture_output=True,

@@ -23,11 +23,12 @@ import typer
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
-from core.cli import MAX_ENQUEUE_WINDOWS, app
 from tests.conftest import REDIS_TEST_URL
 from tests.console import Run, StateWorld, assert_one_error_line, run_windowpipe
 from tests.deployment import REPO, free_redis_db, release_redis_db, write_config
-from tests.faults import free_port
+from tests.support import free_port
+from windowpipe.cli import app
+from windowpipe.cli.windows import MAX_ENQUEUE_WINDOWS
 
 GOOD_PIPELINE: dict[str, Any] = {
     "window": "15m",
@@ -369,7 +370,7 @@ def test_console_script_reports_bad_config_in_one_line(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "core.cli",
+            "windowpipe",
             "plan",
             "orders",
             "--config",

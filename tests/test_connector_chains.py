@@ -36,7 +36,7 @@ from core.windows import windows_in_range
 from tests.conftest import REDIS_TEST_URL
 from tests.deployment import free_redis_db, release_redis_db
 from tests.osmem_support import OsmemCompatibleNode
-from workers.demo import teach_fakesnow_metadata_copy
+from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy
 
 pytestmark = pytest.mark.integration
 

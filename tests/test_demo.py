@@ -24,7 +24,7 @@ import pytest
 
 from core.config import config_from_dict
 from core.records import WindowKind, WindowRecord, WindowStatus
-from workers import demo
+from windowpipe.demo import processes, run, seeding, services, view
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -41,9 +41,9 @@ AUDIT_ROW = re.compile(
 
 
 def test_synthetic_events_fill_every_hour_but_the_empty_one() -> None:
-    events = list(demo.synthetic_events(2000, START, 6))
-    per_hour = Counter(demo.window_of(e["@timestamp"], START) for e in events)
-    empty = START + demo.empty_window_index(6) * HOUR
+    events = list(seeding.synthetic_events(2000, START, 6))
+    per_hour = Counter(seeding.window_of(e["@timestamp"], START) for e in events)
+    empty = START + seeding.empty_window_index(6) * HOUR
     assert len(events) == 2000
     assert per_hour[empty] == 0
     assert set(per_hour) == {START + n * HOUR for n in range(6)} - {empty}
@@ -51,18 +51,19 @@ def test_synthetic_events_fill_every_hour_but_the_empty_one() -> None:
 
 
 def test_synthetic_events_are_the_same_every_run() -> None:
-    assert list(demo.synthetic_events(50, START, 4)) == list(demo.synthetic_events(50, START, 4))
+    first, again = (list(seeding.synthetic_events(50, START, 4)) for _ in range(2))
+    assert first == again
 
 
 def test_synthetic_events_share_timestamps_so_paging_must_break_ties() -> None:
-    stamps = Counter(e["@timestamp"] for e in demo.synthetic_events(5000, START, 2))
+    stamps = Counter(e["@timestamp"] for e in seeding.synthetic_events(5000, START, 2))
     assert max(stamps.values()) > 1
 
 
 def _record(start: datetime, status: WindowStatus, *counts: int | None) -> WindowRecord:
     source, staged, target = (*counts, None, None, None)[:3]
     return WindowRecord(
-        pipeline=demo.PIPELINE,
+        pipeline=run.PIPELINE,
         window_start=start,
         window_end=start + HOUR,
         status=status,
@@ -79,7 +80,7 @@ def test_audit_passes_windows_whose_counts_all_equal_what_was_seeded() -> None:
         _record(START, WindowStatus.SUCCEEDED, 5, 5, 5),
         _record(START + HOUR, WindowStatus.SKIPPED, 0),
     ]
-    rows = demo.audit(records, seeded, [START, START + HOUR])
+    rows = view.audit(records, seeded, [START, START + HOUR])
     assert [row.ok for row in rows] == [True, True]
     assert (rows[1].staged, rows[1].target) == (0, 0)
 
@@ -97,12 +98,12 @@ def test_audit_passes_windows_whose_counts_all_equal_what_was_seeded() -> None:
 def test_audit_fails_a_window_that_did_not_move_exactly_what_was_seeded(
     status: WindowStatus, counts: tuple[int | None, ...]
 ) -> None:
-    rows = demo.audit([_record(START, status, *counts)], Counter({START: 5}), [START])
+    rows = view.audit([_record(START, status, *counts)], Counter({START: 5}), [START])
     assert not rows[0].ok
 
 
 def test_audit_fails_an_expected_window_without_a_record() -> None:
-    rows = demo.audit([], Counter({START: 5}), [START])
+    rows = view.audit([], Counter({START: 5}), [START])
     assert [(row.status, row.ok) for row in rows] == [("missing", False)]
 
 
@@ -112,7 +113,7 @@ def test_audit_accepts_a_later_empty_window_beat_created_across_the_hour() -> No
         _record(START, WindowStatus.SUCCEEDED, 5, 5, 5),
         _record(later, WindowStatus.SKIPPED, 0),
     ]
-    rows = demo.audit(records, Counter({START: 5}), [START])
+    rows = view.audit(records, Counter({START: 5}), [START])
     assert [row.ok for row in rows] == [True, True]
 
 
@@ -120,15 +121,15 @@ def test_audit_accepts_a_later_empty_window_beat_created_across_the_hour() -> No
 def test_the_generated_config_is_valid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
-    monkeypatch.setenv(demo.SNOWFLAKE_PASSWORD_ENV, "snow")
+    monkeypatch.setenv(services.SNOWFLAKE_PASSWORD_ENV, "snow")
     target_config = (
-        demo.sql_target(tmp_path).config
+        services.sql_target(tmp_path).config
         if target == "sql"
         else {
             "type": "snowflake",
             "account": "fakesnow",
             "user": "fake",
-            "password_env": demo.SNOWFLAKE_PASSWORD_ENV,
+            "password_env": services.SNOWFLAKE_PASSWORD_ENV,
             "database": "DEMO",
             "schema": "RAW",
             "table": "EVENTS",
@@ -138,7 +139,7 @@ def test_the_generated_config_is_valid(
             "protocol": "http",
         }
     )
-    text = demo.demo_config(
+    text = run.demo_config(
         redis_url="redis://127.0.0.1:1/0",
         state_url=f"sqlite:///{tmp_path / 'state.db'}",
         start=START,
@@ -148,7 +149,7 @@ def test_the_generated_config_is_valid(
         target=target_config,
     )
     config = config_from_dict(tomllib.loads(text), tmp_path / "windowpipe.toml")
-    pipeline = config.pipeline(demo.PIPELINE)
+    pipeline = config.pipeline(run.PIPELINE)
     assert (pipeline.window, pipeline.start, pipeline.lag) == (HOUR, START, timedelta(0))
     assert pipeline.max_windows_per_tick >= 24
     assert pipeline.target.type == target
@@ -157,24 +158,24 @@ def test_the_generated_config_is_valid(
 
 def test_a_directory_that_is_not_a_demo_work_dir_is_never_wiped(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(demo.DemoError, match="refusing to wipe"):
-        demo.prepare_workdir(tmp_path)
+    with pytest.raises(processes.DemoError, match="refusing to wipe"):
+        run.prepare_workdir(tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_a_previous_demo_work_dir_is_wiped(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    demo.prepare_workdir(workdir)
+    run.prepare_workdir(workdir)
     (workdir / "state.db").write_text("old")
-    demo.prepare_workdir(workdir)
-    assert sorted(p.name for p in workdir.iterdir()) == [demo.MARKER]
+    run.prepare_workdir(workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == [run.MARKER]
 
 
 def test_demo_processes_inherit_no_windowpipe_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WINDOWPIPE_STATE_URL", "postgresql://elsewhere/db")
-    env = demo.base_env(tmp_path)
+    env = run.base_env(tmp_path)
     assert "WINDOWPIPE_STATE_URL" not in env
     assert env["WINDOWPIPE_DEMO_DIR"] == str(tmp_path)
 
@@ -200,7 +201,7 @@ def _command(workdir: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "core.cli",
+        "windowpipe",
         "demo",
         "--events",
         "3000",
@@ -336,7 +337,7 @@ def test_keep_leaves_everything_up_until_ctrl_c_then_stops_it(tmp_path: Path) ->
         _wait_for_output(process, output, "Ctrl-C stops it", timeout=DEMO_TIMEOUT)
         flower = re.search(r"Flower: (http://\S+)", output.read_text())
         assert flower is not None
-        assert demo.http_status(f"{flower[1]}/healthcheck") == 200
+        assert processes.http_status(f"{flower[1]}/healthcheck") == 200
         assert _demo_pids(workdir), "--keep stopped the demo's processes"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0, output.read_text()

@@ -566,7 +566,7 @@ def test_window_enqueued_twenty_times_at_once_from_every_entry_point_runs_each_s
     stop_all.append(dep)
     dep.start_workers(ALL_QUEUES, concurrency=3)
     start, end = format_instant(ORIGIN), format_instant(ORIGIN + SIZE)
-    enqueue = [sys.executable, "-m", "core.cli", "enqueue", "events", "--start", start]
+    enqueue = [sys.executable, "-m", "windowpipe", "enqueue", "events", "--start", start]
     clis = [
         subprocess.Popen(
             [*enqueue, "--end", end],

@@ -31,7 +31,7 @@ from core.records import Stage, WindowStatus
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
 from tests.conftest import PG_ADMIN_URL
 from tests.deployment import REPO, Deployment, write_config
-from tests.faults import free_port
+from tests.support import free_port
 from tests.test_compose import QUEUES as COMPOSE_QUEUES
 
 # Fixtures: the parsed compose file, a Redis DB of our own, deployments stopped after the test.
@@ -265,7 +265,7 @@ def test_the_exporter_command_is_windowpipe_metrics(resources: list[dict[str, An
     command = container(deployment)["command"]
     assert command[:2] == ["windowpipe", "metrics"]
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", *command[1:], "--help"],
+        [sys.executable, "-m", "windowpipe", *command[1:], "--help"],
         cwd=REPO,
         env={**os.environ, **EXAMPLE_ENV},
         capture_output=True,
@@ -396,7 +396,7 @@ def test_the_app_acks_late_so_an_interrupted_task_is_delivered_again() -> None:
         [
             sys.executable,
             "-c",
-            "from workers.celery_app import app; c = app.conf; "
+            "import workers; c = workers.app.conf; "
             "print(c.task_acks_late, c.task_reject_on_worker_lost, c.worker_prefetch_multiplier, "
             "c.beat_scheduler, c.redbeat_lock_key)",
         ],

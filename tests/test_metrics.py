@@ -24,7 +24,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.config import Config, load_config
-from core.exporter import QUEUES, WindowpipeCollector, queue_depths, queue_list_names, render
 from core.instants import format_instant
 from core.metrics import (
     CHAIN_SECONDS_BUCKETS,
@@ -41,6 +40,7 @@ from tests.deployment import REPO, Deployment, write_config
 # Fixtures: a Redis DB of our own, deployments stopped after the test.
 from tests.test_faults import redis_db as redis_db
 from tests.test_faults import stop_all as stop_all
+from windowpipe.exporter import QUEUES, WindowpipeCollector, queue_depths, queue_list_names, render
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
 SIZE = timedelta(minutes=15)
@@ -460,7 +460,7 @@ def test_a_store_without_the_schema_is_reported_down_and_left_alone(
     assert not database.exists()  # the exporter never creates or migrates a store
     # `--once`, like every read command, refuses in one line, exit 2.
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "metrics", "--once", "--config", config.path],
+        [sys.executable, "-m", "windowpipe", "metrics", "--once", "--config", config.path],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -602,7 +602,16 @@ class Exporter:
 
     def __init__(self, dep: Deployment) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "metrics", "--port", "0", "--address", "127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "windowpipe",
+                "metrics",
+                "--port",
+                "0",
+                "--address",
+                "127.0.0.1",
+            ],
             cwd=dep.workdir,
             env=dep.env,
             stdout=subprocess.PIPE,

@@ -12,8 +12,8 @@ orders are tested; the waiting is Snowflake's documented DML locking, not verifi
 
 fakesnow 0.12 cannot run a transforming COPY (`COPY INTO t FROM (SELECT $1, METADATA$FILENAME,
 METADATA$FILE_ROW_NUMBER FROM @stage/...)`), which the target uses to keep each row's lineage.
-`workers.demo.teach_fakesnow_metadata_copy` extends its COPY translation for exactly that
-select list (the file's JSON value, its path relative to the stage, its 1-based line number);
+`windowpipe.demo.fakesnow.teach_fakesnow_metadata_copy` extends its COPY translation for exactly
+that select list (the file's JSON value, its path relative to the stage, its 1-based line number);
 everything else (stage resolution, FILES=, gzip JSON parsing, ON_ERROR, transactions, VARIANT paths,
 binding) is fakesnow's own.
 """
@@ -47,7 +47,7 @@ from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_
 from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
 from core.windows import Window
-from workers.demo import teach_fakesnow_metadata_copy
+from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy
 
 PIPELINE = "orders"
 WINDOW = Window(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 1, 0, 15, tzinfo=UTC))

@@ -1,30 +1,26 @@
-"""Celery workers: `celery -A workers worker -Q <precheck|extract|load|audit|control>`.
+"""Celery workers: `celery -A workers worker -Q <precheck|extract|load|audit|control|recheck>`,
+`celery -A workers beat`, `celery -A workers flower`.
 
-The Celery app and its tasks load on first use of `workers.app` (or `QUEUES`, or a task
-module), not on `import workers`: the app reads the config when it is built, and
-`workers.demo` must be importable before the demo has written its config.
+`import workers` reads no config: the `windowpipe` command imports worker modules with the
+config it already loaded (and builds the app from it, `workers.celery_app.create_app`). Celery
+asks for `workers.app`; only then is the config loaded, once, and the app built with every task.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from workers.celery_app import QUEUES, process_app
+
 if TYPE_CHECKING:
-    from workers import audit, control, extract, load, precheck, recheck
-    from workers.celery_app import QUEUES, app
+    from celery import Celery
 
-__all__ = ["QUEUES", "app", "audit", "control", "extract", "load", "precheck", "recheck"]
+    app: Celery
 
-_TASK_MODULES = ("audit", "control", "extract", "load", "precheck", "recheck")
+__all__ = ["QUEUES", "app"]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module 'workers' has no attribute {name!r}")
-    # Importing the stage modules registers their tasks on the app.
-    for module in _TASK_MODULES:
-        importlib.import_module(f"workers.{module}")
-    celery_app = importlib.import_module("workers.celery_app")
-    globals().update(app=celery_app.app, QUEUES=celery_app.QUEUES)
-    return globals()[name]
+    if name == "app":
+        return process_app()
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

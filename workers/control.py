@@ -8,21 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 
 from core.dispatch import dispatch as dispatch_windows
 from core.dispatch import generation_tick
 from core.instants import utc_now
 from core.liveness import CLEANUP_RAN_KEY, generate_ran_key, record_run
 from core.recovery import cleanup as cleanup_stale
-from workers.celery_app import app, config
+from workers.celery_app import process_config
 from workers.runtime import dispatch_started, runtime, send_chain
 
 
-@app.task(name="windowpipe.generate", bind=True)
+@shared_task(name="windowpipe.generate", bind=True)
 def generate(self: Task, pipeline: str) -> dict[str, Any]:
     """Create the pipeline's due windows, validate its chain, enqueue runnable windows."""
-    rt = runtime()
+    rt, config = runtime(), process_config()
     report = generation_tick(
         rt.store,
         rt.redis,
@@ -35,11 +35,11 @@ def generate(self: Task, pipeline: str) -> dict[str, Any]:
     return report.summary()
 
 
-@app.task(name="windowpipe.dispatch")
+@shared_task(name="windowpipe.dispatch")
 def dispatch(pipeline: str) -> dict[str, Any]:
     """Enqueue the pipeline's runnable windows up to its caps (after a window finished)."""
     dispatch_started(pipeline)
-    rt = runtime()
+    rt, config = runtime(), process_config()
     queued, dead = dispatch_windows(
         rt.store,
         rt.redis,
@@ -51,10 +51,10 @@ def dispatch(pipeline: str) -> dict[str, Any]:
     return {"pipeline": pipeline, "queued": len(queued), "dead": dead}
 
 
-@app.task(name="windowpipe.cleanup", bind=True)
+@shared_task(name="windowpipe.cleanup", bind=True)
 def cleanup(self: Task) -> dict[str, Any]:
     """Release locks of dead owners and requeue windows nobody is working on."""
-    rt = runtime()
+    rt, config = runtime(), process_config()
     report = cleanup_stale(rt.store, rt.redis, config, send_chain, utc_now())
     record_run(rt.redis, CLEANUP_RAN_KEY, utc_now(), str(self.request.hostname or ""))
     return report.summary()

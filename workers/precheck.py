@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 
 from core.records import Stage
-from workers.celery_app import app
 from workers.stage_task import execute_stage
 
 
-@app.task(name="windowpipe.precheck", bind=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(name="windowpipe.precheck", bind=True, acks_late=True, reject_on_worker_lost=True)
 def precheck(self: Task, pipeline: str, window_start: str, retry: int = 0) -> Any:
     """Count the window in the source; an empty window is skipped."""
     return execute_stage(self, Stage.PRECHECK, pipeline, window_start, retry)

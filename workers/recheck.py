@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import shared_task
+
 from connectors.registry import connector_for
 from core.instants import utc_now
 from core.recheck import Fingerprint, recheck_due
 from core.windows import Window
-from workers.celery_app import app, config
+from workers.celery_app import process_config
 from workers.runtime import request_dispatch, runtime
 
 
-@app.task(name="windowpipe.recheck")
+@shared_task(name="windowpipe.recheck")
 def recheck(pipeline: str) -> dict[str, Any]:
     """Recheck the pipeline's windows due at a horizon (at most `max_rechecks_per_tick`)."""
-    settings = config.pipeline(pipeline)
+    rt = runtime()
+    settings = process_config().pipeline(pipeline)
     source = connector_for("source", settings)
 
     def fingerprint(window: Window) -> Fingerprint:
@@ -28,7 +31,7 @@ def recheck(pipeline: str) -> dict[str, Any]:
         return result
 
     report = recheck_due(
-        runtime().store,
+        rt.store,
         pipeline,
         settings.recheck,
         fingerprint,

@@ -17,7 +17,7 @@ from core.instants import format_instant
 from core.records import STAGE_ORDER, Stage
 from core.runner import Runtime
 from core.store import StateStore
-from workers.celery_app import app, config
+from workers.celery_app import process_app, process_config
 
 _runtime: Runtime | None = None
 
@@ -26,6 +26,7 @@ def runtime() -> Runtime:
     """This process's runtime, built on first use."""
     global _runtime
     if _runtime is None:
+        config = process_config()
         store = StateStore(config.settings.state_url)
         store.migrate()
         client = redis.Redis.from_url(config.settings.redis_url)
@@ -49,6 +50,7 @@ def send_chain(
     countdown: float | None = None,
 ) -> str:
     """Send the chain of a window from `first_stage` on; arguments are identifiers only."""
+    app = process_app()
     start = format_instant(window_start)
     stages = STAGE_ORDER[STAGE_ORDER.index(first_stage) :]
     signatures = []
@@ -92,7 +94,7 @@ def request_dispatch(pipeline: str) -> None:
     ):
         wait_ms = client.pttl(DISPATCH_RECENT.format(pipeline=pipeline))
         countdown = wait_ms / 1000 if wait_ms > 0 else None
-        app.send_task("windowpipe.dispatch", (pipeline,), countdown=countdown)
+        process_app().send_task("windowpipe.dispatch", (pipeline,), countdown=countdown)
 
 
 def dispatch_started(pipeline: str) -> None:

@@ -4,7 +4,9 @@ numbers are right whatever the number of worker hosts.
 
 It never writes: a state store without the newest schema is reported as a source that is down
 (`windowpipe_exporter_source_up{source="state_store"} 0`) until something migrates it, and the
-exporter keeps serving. What each window metric measures is in `core/metrics.py`.
+exporter keeps serving. What each window metric measures is in `core/metrics.py`. The queues
+whose depth it reports are `workers.QUEUES` (reading them builds no Celery app and reads no
+config).
 """
 
 from __future__ import annotations
@@ -30,13 +32,8 @@ from core.instants import utc_now
 from core.liveness import read_last_runs
 from core.logs import get_logger
 from core.metrics import CHAIN_STAGE, PrefixTallies, WindowMetrics, read_window_metrics
-from core.records import STAGE_ORDER
 from core.store import StateStore
-
-QUEUES: tuple[str, ...] = (*(stage.value for stage in STAGE_ORDER), "control", "recheck")
-"""The Celery queues whose depth is reported: one per stage, and control. The same as
-`workers.QUEUES` (tested); not imported from there because building the Celery app needs the
-connectors' secrets, which the exporter has no use for."""
+from workers.celery_app import QUEUES
 
 BROKER_TIMEOUT_SECONDS = 5.0
 """How long a scrape waits for the Redis broker before reporting it down."""
