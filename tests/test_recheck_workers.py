@@ -25,6 +25,7 @@ from core.instants import format_instant
 from core.records import WindowRecord, WindowStatus
 from tests import test_faults as faults
 from tests.deployment import Deployment, statuses
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +146,16 @@ def _wait_rerun(dep: Deployment, before: dict[int, WindowRecord]) -> list[Window
         store.dispose()
 
 
+def _recheck_runs(dep: Deployment) -> int:
+    """How many recheck tasks the workers finished."""
+    return sum(
+        1
+        for e in faults.log_events(dep)
+        if str(e.get("event", "")).startswith("Task windowpipe.recheck[")
+        and " succeeded in " in str(e["event"])
+    )
+
+
 def _assert_exactly_the_changed_windows_reran(
     dep: Deployment, url: str, before: dict[int, WindowRecord], after: list[WindowRecord]
 ) -> None:
@@ -196,7 +207,7 @@ def test_a_recheck_re_runs_exactly_the_windows_whose_source_changed(
     app = Celery(broker=redis_db)
     app.send_task("windowpipe.recheck", ("events",), queue="recheck")
     app.close()
-    time.sleep(2)
+    wait_until(lambda: _recheck_runs(dep) >= 2, timeout=60, what="the second recheck to run")
     again = dep.store()
     assert [r.fence for r in again.list_records("events")] == [r.fence for r in after]
     again.dispose()

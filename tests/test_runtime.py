@@ -30,6 +30,7 @@ from tests.deployment import (
     statuses,
     write_config,
 )
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -269,7 +270,7 @@ def test_holder_whose_lock_expired_cannot_overwrite_the_new_owners_result(
     claimed_a = store.claim_stage("events", start, Stage.PRECHECK)
     assert claimed_a is not None
     fence_a = claimed_a.fence
-    time.sleep(0.8)
+    wait_until(lambda: not client.exists(lock_a.key), timeout=30, what="A's lock to expire")
     assert not client.exists(lock_a.key)
 
     # Worker B finds the lock gone, takes over and runs precheck for real.
@@ -305,11 +306,19 @@ def test_only_one_of_two_beats_schedules(tmp_path: Path, pg_schema_url: str, red
     try:
         dep.start_beat("beat-a")
         dep.start_beat("beat-b")
-        time.sleep(14)
-        sent = {
-            name: dep.log_path(name).read_text(errors="replace").count("Sending due task")
-            for name in ("beat-a", "beat-b")
-        }
+
+        def sent_by_each() -> dict[str, int]:
+            return {
+                name: dep.log_path(name).read_text(errors="replace").count("Sending due task")
+                for name in ("beat-a", "beat-b")
+            }
+
+        # Three ticks of cleanup_every (2 s) by whichever beat holds the lock, while the other
+        # one tries to take it.
+        wait_until(
+            lambda: max(sent_by_each().values()) >= 3, timeout=120, what="a beat sending 3 tasks"
+        )
+        sent = sent_by_each()
     finally:
         dep.stop_all()
     assert sorted(sent.values())[0] == 0, sent
