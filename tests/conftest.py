@@ -1,6 +1,11 @@
 """Shared fixtures: real PostgreSQL and Redis, fresh per test session; SQLite in tmp dirs.
 
-Integration tests fail (never skip) when a service is missing: `make test` starts them.
+A test that reaches a real service (PostgreSQL, Redis, RabbitMQ, worker processes) or an
+emulator server (fakesnow, moto, osmem) is marked `integration`, by its module, itself or the
+fixture param that brings the service in (`state_url`'s PostgreSQL run). Integration tests fail
+(never skip) when a service is missing: `make test` starts them. The rest, `pytest -m "not
+integration"`, needs no service and runs in seconds (runner, dispatch and recovery on in-memory
+systems: tests/test_window_lifecycle.py).
 """
 
 from __future__ import annotations
@@ -79,9 +84,9 @@ def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     return f"sqlite:///{tmp_path}/state.db"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def state_url(request: pytest.FixtureRequest) -> str:
-    """The same test on SQLite and on PostgreSQL."""
+    """The same test on SQLite and on PostgreSQL (that run is an integration test)."""
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("pg_schema_url"))

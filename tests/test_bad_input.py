@@ -364,6 +364,7 @@ def test_bad_cli_arguments_are_refused_in_one_line_with_status_2(
     assert_refused(run_cli(tmp_path, *args), fragment, tmp_path)
 
 
+@pytest.mark.integration  # starts another program
 def test_console_script_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     write_config(tmp_path / "windowpipe.toml", {}, {"orders": _with("window", "15x")})
     result = subprocess.run(

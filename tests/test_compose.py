@@ -87,6 +87,7 @@ def test_worker_services_can_be_scaled(compose: dict[str, Any]) -> None:
             assert "container_name" not in body and "ports" not in body, name
 
 
+@pytest.mark.integration  # starts another program
 @pytest.mark.parametrize(
     "service",
     [
@@ -179,6 +180,7 @@ def test_the_control_queue_has_two_consumers(compose: dict[str, Any]) -> None:
     assert compose["services"]["worker-control"]["deploy"]["replicas"] >= 2
 
 
+@pytest.mark.integration  # starts another program
 def test_the_healthcheck_command_runs(compose: dict[str, Any], tmp_path: Path) -> None:
     command = compose["services"]["worker-control"]["healthcheck"]["test"][1:]
     env = {**os.environ, "WINDOWPIPE_HEARTBEAT_FILE": str(tmp_path / "heartbeat")}

@@ -156,6 +156,7 @@ def validate_files(*paths: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration  # starts another program
 def test_every_manifest_validates_against_the_kubernetes_schemas() -> None:
     files = [*manifest_files(), BASE / "secret.example.yaml"]
     result = validate_files(*files)
@@ -175,6 +176,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas() -> None:
     assert all("keda.sh/v1alpha1" in line for line in warned), warned
 
 
+@pytest.mark.integration  # starts another program
 def test_the_validator_refuses_an_unknown_field(tmp_path: Path) -> None:
     (deployment,) = documents(BASE / "beat.yaml")
     deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 30  # the name is ...Seconds
@@ -192,6 +194,7 @@ def test_the_kustomization_applies_every_manifest_and_never_the_example_secret()
     assert listed <= on_disk
 
 
+@pytest.mark.integration  # starts another program
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 def test_kustomize_builds_the_base_and_the_output_validates(tmp_path: Path) -> None:
     built = subprocess.run(
@@ -211,6 +214,7 @@ def test_kustomize_builds_the_base_and_the_output_validates(tmp_path: Path) -> N
 # --- the workers match the app -------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts another program
 def test_every_queue_of_the_app_has_its_own_worker_deployment(
     resources: list[dict[str, Any]],
 ) -> None:
@@ -243,6 +247,7 @@ def celery_commands(resources: list[dict[str, Any]]) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.integration  # starts another program
 def test_celery_accepts_every_celery_command(resources: list[dict[str, Any]]) -> None:
     commands = celery_commands(resources)
     assert {"beat", "flower", *(f"worker-{q}" for q in COMPOSE_QUEUES)} <= set(commands)
@@ -260,6 +265,7 @@ def test_celery_accepts_every_celery_command(resources: list[dict[str, Any]]) ->
         assert "Usage:" in result.stdout, name
 
 
+@pytest.mark.integration  # starts another program
 def test_the_exporter_command_is_windowpipe_metrics(resources: list[dict[str, Any]]) -> None:
     deployment = of_kind(resources, "Deployment")["metrics"]
     command = container(deployment)["command"]
@@ -391,6 +397,7 @@ def test_workers_get_longer_to_stop_than_their_longest_task(
             assert grace >= longest_soft, queue
 
 
+@pytest.mark.integration  # starts another program
 def test_the_app_acks_late_so_an_interrupted_task_is_delivered_again() -> None:
     out = subprocess.run(
         [
@@ -433,6 +440,7 @@ def probe_command(deployment: dict[str, Any], probe: str) -> list[str]:
     return command
 
 
+@pytest.mark.integration  # starts another program
 def test_the_liveness_probe_is_the_heartbeat_check_and_fails_on_a_stale_heartbeat(
     resources: list[dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -474,6 +482,7 @@ def test_the_liveness_probe_is_the_heartbeat_check_and_fails_on_a_stale_heartbea
 # --- Flower behind auth ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_flower_takes_its_basic_auth_from_the_secret_and_refuses_without_it(
     resources: list[dict[str, Any]], redis_url_for_flower: str
 ) -> None:
@@ -677,6 +686,7 @@ def keda_reads(conninfo: str, query: str) -> float:
     return float(row[0])
 
 
+@pytest.mark.integration
 def test_the_keda_query_counts_the_windows_waiting_for_or_running_at_each_stage(
     resources: list[dict[str, Any]],
     keda_database: tuple[str, str],

@@ -47,7 +47,7 @@ from core.records import Stage, WindowRecord, WindowStatus
 from tests.conftest import REDIS_TEST_URL
 from tests.deployment import REPO, Deployment, free_redis_db, release_redis_db, statuses
 from tests.faults import PrivateRedis, TcpFaultProxy
-from tests.support import free_port
+from tests.support import free_port, wait_until
 from tests.test_faults import (
     ORIGIN,
     SIZE,
@@ -143,6 +143,7 @@ def test_liveness_settings_come_from_the_environment_and_bad_values_name_the_var
             LivenessSettings.from_env({name: value})
 
 
+@pytest.mark.integration  # starts another program
 def test_a_bad_liveness_variable_stops_a_worker_in_one_line(tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -789,7 +790,13 @@ def test_the_heartbeat_stops_while_the_broker_is_gone_and_resumes_when_it_is_bac
         assert subprocess.run([*probe, str(heartbeat)], cwd=REPO).returncode == 0
         private.stop()
         lost_at = time.monotonic()
-        time.sleep(8)
+        # The heartbeat goes stale 5 s (--max-age) after the last message the worker consumed.
+        wait_until(
+            lambda: subprocess.run([*probe, str(heartbeat)], cwd=REPO).returncode == 1,
+            timeout=8,
+            what="the probe to fail once the broker is gone",
+            every=1,
+        )
         # The process lives on, reconnecting; it consumes nothing, and the probe says so.
         assert worker.poll() is None
         assert time.monotonic() - lost_at > 5

@@ -85,6 +85,7 @@ def test_queue_lists_are_the_ones_kombu_publishes_to() -> None:
     assert queue_list_names("extract")[0] == "extract"
 
 
+@pytest.mark.integration  # starts another program
 def test_the_exporter_reports_every_queue_of_the_app() -> None:
     env = {
         "WINDOWPIPE_CONFIG": str(REPO / "windowpipe.example.toml"),
@@ -405,6 +406,7 @@ def served_names(text: str) -> set[str]:
     return names
 
 
+@pytest.mark.integration
 def test_the_exporter_serves_every_metric_of_the_issue(
     tmp_path: Path, sqlite_url: str, redis_db: str
 ) -> None:
@@ -443,6 +445,7 @@ def test_the_exporter_serves_every_metric_of_the_issue(
     assert up == {"state_store": 1.0, "broker": 1.0}
 
 
+@pytest.mark.integration
 def test_a_store_without_the_schema_is_reported_down_and_left_alone(
     tmp_path: Path, redis_db: str
 ) -> None:
@@ -471,6 +474,7 @@ def test_a_store_without_the_schema_is_reported_down_and_left_alone(
     assert not database.exists()
 
 
+@pytest.mark.integration
 def test_queue_depth_counts_messages_of_every_priority_and_no_other_queue(redis_db: str) -> None:
     """Real kombu messages on the real Redis broker, no worker consuming: LLEN of the queue's
     own list misses the messages sent with a priority; the exporter's depth does not."""
@@ -553,6 +557,7 @@ def test_the_alert_rules_cover_freshness_dead_windows_and_audit_failures() -> No
     assert "windowpipe_audit_failures" in exprs["WindowpipeAuditFailed"]
 
 
+@pytest.mark.integration  # `exported` scrapes the control activity from the real Redis
 def test_every_metric_the_alerts_and_the_dashboard_name_is_exported(exported: set[str]) -> None:
     named = set()
     for expr in [*rule_expressions().values(), *dashboard_expressions()]:
@@ -574,6 +579,7 @@ def test_every_metric_the_alerts_and_the_dashboard_name_is_exported(exported: se
         assert name in shown, name
 
 
+@pytest.mark.integration  # starts another program
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_accepts_the_rules_and_every_dashboard_query(tmp_path: Path) -> None:
     checked = subprocess.run(
@@ -665,6 +671,7 @@ class Scrape:
         assert low <= freshness <= high, (pipeline, freshness, low, high)
 
 
+@pytest.mark.integration
 def test_the_exporter_over_http_follows_real_workers(
     tmp_path: Path, pg_schema_url: str, redis_db: str, stop_all: list[Deployment]
 ) -> None:

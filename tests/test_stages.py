@@ -105,7 +105,7 @@ def _s3_config(url: str, bucket: str, **overrides: Any) -> S3StageConfig:
     return S3StageConfig(**values)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StageKit]:
     stages: list[StagingArea] = []
     if request.param == "local":
@@ -457,6 +457,7 @@ def test_writer_opens_no_part_without_documents() -> None:
 # --- S3 only ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_s3_file_larger_than_a_chunk_goes_up_as_a_multipart_upload(
     moto_url: str, bucket: str, s3_client: Any
 ) -> None:
@@ -483,6 +484,7 @@ def test_s3_file_larger_than_a_chunk_goes_up_as_a_multipart_upload(
     stage.close()
 
 
+@pytest.mark.integration
 def test_s3_failed_multipart_upload_is_aborted(moto_url: str, bucket: str, s3_client: Any) -> None:
     import base64
     import os
@@ -502,6 +504,7 @@ def test_s3_failed_multipart_upload_is_aborted(moto_url: str, bucket: str, s3_cl
     stage.close()
 
 
+@pytest.mark.integration
 def test_s3_missing_bucket_is_terminal(moto_url: str, bucket: str) -> None:
     stage = S3Stage(_s3_config(moto_url, "no-such-bucket-here"))
 
@@ -512,6 +515,7 @@ def test_s3_missing_bucket_is_terminal(moto_url: str, bucket: str) -> None:
         stage.list_files(PIPELINE, WINDOW)
 
 
+@pytest.mark.integration
 def test_s3_unreachable_endpoint_is_transient(bucket: str) -> None:
     stage = S3Stage(_s3_config(f"http://127.0.0.1:{free_port()}", bucket))
 
@@ -520,6 +524,7 @@ def test_s3_unreachable_endpoint_is_transient(bucket: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.integration
 def test_s3_uses_the_default_credential_chain_without_env_names(
     moto_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -535,6 +540,7 @@ def test_s3_uses_the_default_credential_chain_without_env_names(
     stage.close()
 
 
+@pytest.mark.integration
 def test_s3_client_is_built_lazily_and_once(moto_url: str, bucket: str) -> None:
     stage = S3Stage(_s3_config(moto_url, bucket))
     assert stage._client is None
@@ -547,6 +553,7 @@ def test_s3_client_is_built_lazily_and_once(moto_url: str, bucket: str) -> None:
     assert stage._client is None
 
 
+@pytest.mark.integration
 def test_s3_prefix_is_normalized_to_a_folder(moto_url: str, bucket: str, s3_client: Any) -> None:
     stage = S3Stage(_s3_config(moto_url, bucket, prefix="/nested/orders"))
 

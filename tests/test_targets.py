@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +46,7 @@ from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_
 from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
 from core.windows import Window
+from tests.support import wait_until
 from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy
 
 PIPELINE = "orders"
@@ -210,7 +210,13 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-@pytest.fixture(params=["snowflake", "postgresql", "sqlite"])
+@pytest.fixture(
+    params=[
+        pytest.param("snowflake", marks=pytest.mark.integration),
+        pytest.param("postgresql", marks=pytest.mark.integration),
+        "sqlite",
+    ]
+)
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
@@ -513,11 +519,21 @@ class PostgresHold:
 
     def wait_inside(self, thread: str) -> None:
         """The first load has its ledger row and waits at its DELETE."""
-        _wait_for(lambda: self._waiting("DELETE FROM%events_loaded%") == 1, "first load blocked")
+        wait_until(
+            lambda: self._waiting("DELETE FROM%events_loaded%") == 1,
+            timeout=30,
+            what="the first load to block",
+            every=0.02,
+        )
 
     def wait_queued(self, thread: str) -> None:
         """The second load waits on the first one's ledger row."""
-        _wait_for(lambda: self._waiting("%windowpipe_ledger%") == 1, "second load queued")
+        wait_until(
+            lambda: self._waiting("%windowpipe_ledger%") == 1,
+            timeout=30,
+            what="the second load to queue",
+            every=0.02,
+        )
 
 
 class SqliteHold:
@@ -574,15 +590,7 @@ class SqliteHold:
         self._wait_seen(thread, "BEGIN IMMEDIATE", "second load at BEGIN IMMEDIATE")
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not seen in {timeout}s")
-        time.sleep(0.02)
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.integration), "sqlite"])
 def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     stage = LocalStage(
         LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
@@ -693,6 +701,7 @@ def snowflake_backend(
     yield from _snowflake_backend(fakesnow_server, stage, monkeypatch)
 
 
+@pytest.mark.integration
 def test_snowflake_loads_more_than_1000_files_in_several_copies(snowflake_backend: Backend) -> None:
     # Each ~900-byte document fills a 1 KiB part on its own: 1,005 documents, 1,005 files.
     docs = [
@@ -709,6 +718,7 @@ def test_snowflake_loads_more_than_1000_files_in_several_copies(snowflake_backen
     assert target.count_window(PIPELINE, WINDOW) == 1005
 
 
+@pytest.mark.integration
 def test_snowflake_missing_stage_is_terminal_and_keeps_the_window(
     snowflake_backend: Backend,
 ) -> None:
@@ -723,6 +733,7 @@ def test_snowflake_missing_stage_is_terminal_and_keeps_the_window(
     assert snowflake_backend.make().count_window(PIPELINE, WINDOW) == 4
 
 
+@pytest.mark.integration
 def test_snowflake_unreachable_host_is_transient(
     fakesnow_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
