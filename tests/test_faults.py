@@ -28,6 +28,7 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
+from kombu.transport.redis import Channel
 
 from core.instants import format_instant
 from core.locks import HeldLock, held_locks
@@ -42,6 +43,8 @@ from tests.deployment import (
     write_config,
 )
 from tests.faults import HttpFaultProxy, PrivateRedis, TcpFaultProxy
+from tests.support import wait_until
+from windowpipe.exporter import queue_depths
 
 pytestmark = pytest.mark.integration
 
@@ -589,7 +592,16 @@ def test_window_enqueued_twenty_times_at_once_from_every_entry_point_runs_each_s
         _, stderr = cli.communicate(timeout=60)
         assert cli.returncode == 0, stderr
     records = dep.wait_finished("events", 1, timeout=90)
-    time.sleep(2)  # let every duplicate message drain
+    # Every duplicate message drains: none waits in a queue, none is reserved by a worker.
+    broker = dep.redis()
+    wait_until(
+        lambda: (
+            sum(queue_depths(broker, ALL_QUEUES).values()) == 0
+            and broker.hlen(Channel.unacked_key) == 0
+        ),
+        timeout=60,
+        what="every duplicate message to drain",
+    )
 
     assert [r.status for r in records] == [WindowStatus.SUCCEEDED]
     assert stage_starts(dep, ORIGIN) == {"precheck": 1, "extract": 1, "load": 1, "audit": 1}
