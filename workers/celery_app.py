@@ -24,6 +24,7 @@ from celery import Celery, signals
 from beat_schedule import build_schedule
 from core.config import Config, load_config
 from core.errors import ConfigError
+from core.keys import REDBEAT_KEY_PREFIX, REDBEAT_LOCK_KEY
 from core.logs import configure_logging
 from core.records import STAGE_ORDER
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
@@ -101,8 +102,8 @@ def celery_settings(config: Config) -> dict[str, Any]:
         # beat started by mistake waits instead of scheduling every job twice.
         "beat_scheduler": "redbeat.RedBeatScheduler",
         "redbeat_redis_url": settings.redis_url,
-        "redbeat_key_prefix": "windowpipe:redbeat:",
-        "redbeat_lock_key": "windowpipe:redbeat:lock",
+        "redbeat_key_prefix": REDBEAT_KEY_PREFIX,
+        "redbeat_lock_key": REDBEAT_LOCK_KEY,
         "redbeat_lock_timeout": 60,
         "beat_max_loop_interval": 5,
         "beat_schedule": build_schedule(config),

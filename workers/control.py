@@ -13,7 +13,8 @@ from celery import Task, shared_task
 from core.dispatch import dispatch as dispatch_windows
 from core.dispatch import generation_tick
 from core.instants import utc_now
-from core.liveness import CLEANUP_RAN_KEY, generate_ran_key, record_run
+from core.keys import CLEANUP_RAN_KEY, generate_ran_key
+from core.liveness import record_run
 from core.recovery import cleanup as cleanup_stale
 from workers.celery_app import process_config
 from workers.runtime import dispatch_started, runtime, send_chain

@@ -1,19 +1,21 @@
 """The per-process runtime of a worker: store, Redis client and connectors, built once.
 
 Built lazily in the process that runs tasks (after the prefork pool forks), so no socket or
-engine is shared between processes.
+engine is shared between processes, and closed when that process shuts down.
 """
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
 import redis
 from celery import chain, signals
 
-from connectors.registry import connector_for, forget_all
+from connectors.registry import close_all, connector_for, forget_all
 from core.instants import format_instant
+from core.keys import dispatch_recent_key, dispatch_requested_key
 from core.records import STAGE_ORDER, Stage
 from core.runner import Runtime
 from core.store import StateStore
@@ -41,6 +43,21 @@ def _fresh_after_fork(**_: Any) -> None:
     forget_all()
 
 
+@signals.worker_process_shutdown.connect  # a pool process ends (prefork)
+@signals.worker_shutdown.connect  # the worker ends (solo and thread pools run tasks here)
+def _close_at_shutdown(**_: Any) -> None:
+    """Close this process's connectors (SDK sessions, engines), state store and Redis client:
+    best effort, the process is ending."""
+    global _runtime
+    close_all()
+    if _runtime is not None:
+        with contextlib.suppress(Exception):
+            _runtime.store.dispose()
+        with contextlib.suppress(Exception):
+            _runtime.redis.close()
+        _runtime = None
+
+
 def send_chain(
     pipeline: str,
     window_start: datetime,
@@ -63,12 +80,6 @@ def send_chain(
     return str(result.id)
 
 
-DISPATCH_REQUESTED = "windowpipe:dispatch-requested:{pipeline}"
-"""Redis flag: a dispatch of the pipeline is queued and has not started yet."""
-
-DISPATCH_RECENT = "windowpipe:dispatch-recent:{pipeline}"
-"""Redis key that lives `DISPATCH_SPACING_MS` after a dispatch of the pipeline started."""
-
 DISPATCH_SPACING_MS = 250
 """Least time between two dispatches a pipeline's finishing windows ask for. When windows
 finish faster than this, one dispatch serves all of them instead of one each; a freed slot
@@ -89,10 +100,8 @@ def request_dispatch(pipeline: str) -> None:
     The flag expires, so a request lost with its message (a Redis restart) is asked again.
     """
     client = runtime().redis
-    if client.set(
-        DISPATCH_REQUESTED.format(pipeline=pipeline), 1, nx=True, ex=DISPATCH_REQUEST_TTL_SECONDS
-    ):
-        wait_ms = client.pttl(DISPATCH_RECENT.format(pipeline=pipeline))
+    if client.set(dispatch_requested_key(pipeline), 1, nx=True, ex=DISPATCH_REQUEST_TTL_SECONDS):
+        wait_ms = client.pttl(dispatch_recent_key(pipeline))
         countdown = wait_ms / 1000 if wait_ms > 0 else None
         process_app().send_task("windowpipe.dispatch", (pipeline,), countdown=countdown)
 
@@ -100,6 +109,6 @@ def request_dispatch(pipeline: str) -> None:
 def dispatch_started(pipeline: str) -> None:
     """Clear the pipeline's dispatch request: from now on a finishing window asks again."""
     pipe = runtime().redis.pipeline(transaction=False)
-    pipe.delete(DISPATCH_REQUESTED.format(pipeline=pipeline))
-    pipe.set(DISPATCH_RECENT.format(pipeline=pipeline), 1, px=DISPATCH_SPACING_MS)
+    pipe.delete(dispatch_requested_key(pipeline))
+    pipe.set(dispatch_recent_key(pipeline), 1, px=DISPATCH_SPACING_MS)
     pipe.execute()
