@@ -144,7 +144,7 @@ def backoff_ceiling(retry_number: int, base: float, cap: float) -> float:
     (the longest `backoff_seconds(retry_number)` can be)."""
     if retry_number < 0:
         raise ValueError("retry_number must not be negative")
-    return min(cap, base * (2**retry_number))
+    return min(cap, base * 2.0**retry_number)
 
 
 def failed_retry_delay(attempts: int, base: timedelta) -> timedelta:
