@@ -396,8 +396,10 @@ def validate(
     if plan_.is_empty:
         print(f"{pipeline}: nothing to rebuild")
         return
-    store.apply_rebuild(pipeline, plan_)
+    # What the store changed, not what was planned: a record that moved meanwhile (finished,
+    # say) is left alone and not counted.
+    done = store.apply_rebuild(pipeline, plan_)
     print(
-        f"{pipeline}: rebuilt: {len(plan_.delete_starts)} deleted, {len(plan_.reset_starts)} "
-        f"reset to pending, {len(plan_.create)} created; succeeded windows kept"
+        f"{pipeline}: rebuilt: {done.deleted} deleted, {done.reset} reset to pending, "
+        f"{done.created} created; succeeded windows kept"
     )
