@@ -90,3 +90,38 @@ def state_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("pg_schema_url"))
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """A Redis URL on a DB number no other test holds, flushed before and after."""
+    import redis
+
+    from tests.deployment import free_redis_db, release_redis_db
+
+    number = free_redis_db(REDIS_TEST_URL)
+    url = f"{REDIS_TEST_URL}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    release_redis_db(REDIS_TEST_URL, number)
+
+
+@pytest.fixture
+def stop_all() -> Iterator[list[Any]]:
+    """Deployments (tests.deployment.Deployment) registered here have every process stopped
+    after the test."""
+    import contextlib
+    import signal
+
+    deployments: list[Any] = []
+    yield deployments
+    for dep in deployments:
+        for _, process in dep.processes:
+            # A worker left stopped by a failed test must be able to die; all of them shut
+            # down at once rather than one after the other.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)
+                os.killpg(process.pid, signal.SIGTERM)
+        dep.stop_all()

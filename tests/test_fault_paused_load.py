@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 
 from connectors.sql_target import SqlTarget
@@ -47,8 +46,7 @@ from core.instants import format_instant
 from core.locks import held_locks
 from core.records import Stage, WindowRecord, WindowStatus
 from core.windows import Window
-from tests.conftest import REDIS_TEST_URL
-from tests.deployment import Deployment, free_redis_db, release_redis_db, statuses, write_config
+from tests.deployment import Deployment, statuses, write_config
 from tests.faults import TcpFaultProxy
 from tests.test_faults import (
     FAST_RECOVERY,
@@ -74,17 +72,6 @@ SETTINGS = {**FAST_RECOVERY, "lock_ttl": "3s", "stale_after": "10s"}
 MAX_ATTEMPTS = 20
 """Cleanup's requeues count attempts; room enough that no window dies of the pause."""
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    number = free_redis_db(REDIS_TEST_URL)
-    url = f"{REDIS_TEST_URL}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    release_redis_db(REDIS_TEST_URL, number)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ in front of PostgreSQL, HTTP 503/429 in front of moto's S3, bad rows, leaked sec
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -33,12 +32,9 @@ from kombu.transport.redis import Channel
 from core.instants import format_instant
 from core.locks import HeldLock, held_locks
 from core.records import Stage, WindowRecord, WindowStatus
-from tests.conftest import REDIS_TEST_URL
 from tests.deployment import (
     STAGE_QUEUES,
     Deployment,
-    free_redis_db,
-    release_redis_db,
     statuses,
     write_config,
 )
@@ -169,32 +165,6 @@ def deploy(
         pipelines,
     )
     return Deployment(config_path=config, workdir=tmp_path, extra_env=dict(env or {}))
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    number = free_redis_db(REDIS_TEST_URL)
-    url = f"{REDIS_TEST_URL}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    release_redis_db(REDIS_TEST_URL, number)
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[Deployment]]:
-    """Deployments registered here have every process stopped after the test."""
-    deployments: list[Deployment] = []
-    yield deployments
-    for dep in deployments:
-        for _, process in dep.processes:
-            # A worker left stopped by a failed test must be able to die; all of them shut
-            # down at once rather than one after the other.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGCONT)
-                os.killpg(process.pid, signal.SIGTERM)
-        dep.stop_all()
 
 
 # --- observing the workers ---------------------------------------------------------------------

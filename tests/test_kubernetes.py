@@ -36,8 +36,6 @@ from tests.test_compose import QUEUES as COMPOSE_QUEUES
 
 # Fixtures: the parsed compose file, a Redis DB of our own, deployments stopped after the test.
 from tests.test_compose import compose as compose
-from tests.test_faults import redis_db as redis_db
-from tests.test_faults import stop_all as stop_all
 
 BASE = REPO / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.31"

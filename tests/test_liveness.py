@@ -44,8 +44,7 @@ from core.liveness import (
     record_run,
 )
 from core.records import Stage, WindowRecord, WindowStatus
-from tests.conftest import REDIS_TEST_URL
-from tests.deployment import REPO, Deployment, free_redis_db, release_redis_db, statuses
+from tests.deployment import REPO, Deployment, statuses
 from tests.faults import PrivateRedis, TcpFaultProxy
 from tests.support import free_port, wait_until
 from tests.test_faults import (
@@ -220,30 +219,6 @@ def test_run_records_are_read_back_per_pipeline(redis_db: str) -> None:
 
 
 # --- helpers for real workers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    number = free_redis_db(REDIS_TEST_URL)
-    url = f"{REDIS_TEST_URL}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    release_redis_db(REDIS_TEST_URL, number)
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[Deployment]]:
-    """Deployments registered here have every process stopped after the test."""
-    deployments: list[Deployment] = []
-    yield deployments
-    for dep in deployments:
-        for _, process in dep.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGCONT)
-                os.killpg(process.pid, signal.SIGKILL)
-        dep.stop_all()
 
 
 @dataclass(frozen=True)

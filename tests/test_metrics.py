@@ -38,8 +38,6 @@ from core.windows import Window
 from tests.deployment import REPO, Deployment, write_config
 
 # Fixtures: a Redis DB of our own, deployments stopped after the test.
-from tests.test_faults import redis_db as redis_db
-from tests.test_faults import stop_all as stop_all
 from windowpipe.exporter import QUEUES, WindowpipeCollector, queue_depths, queue_list_names, render
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)

@@ -29,9 +29,6 @@ from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
-redis_db = faults.redis_db
-stop_all = faults.stop_all
-
 WINDOWS = 8
 DOCS_PER_WINDOW = 3
 ORIGIN, SIZE = faults.ORIGIN, faults.SIZE

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 from billiard.exceptions import SoftTimeLimitExceeded
 
@@ -59,8 +58,7 @@ from core.retry import (
     worst_case,
 )
 from core.windows import Window
-from tests.conftest import REDIS_TEST_URL
-from tests.deployment import Deployment, free_redis_db, release_redis_db, write_config
+from tests.deployment import Deployment, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
@@ -837,17 +835,6 @@ def test_a_soft_time_limit_while_the_local_stage_writes_passes_unchanged_and_lea
 
 
 # --- real workers: the precheck of one window against a source that is down -----------------------
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    number = free_redis_db(REDIS_TEST_URL)
-    url = f"{REDIS_TEST_URL}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    release_redis_db(REDIS_TEST_URL, number)
 
 
 @pytest.mark.integration

@@ -22,11 +22,8 @@ from core.locks import WindowLock
 from core.records import Stage, WindowKind, WindowStatus
 from core.runner import Outcome, Runtime, run_stage
 from core.store import StateStore
-from tests.conftest import REDIS_TEST_URL
 from tests.deployment import (
     Deployment,
-    free_redis_db,
-    release_redis_db,
     statuses,
     write_config,
 )
@@ -70,17 +67,6 @@ def seed_events(url: str, windows: int = WINDOWS) -> dict[int, int]:
         )
     engine.dispose()
     return per_window
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    number = free_redis_db(REDIS_TEST_URL)
-    url = f"{REDIS_TEST_URL}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    release_redis_db(REDIS_TEST_URL, number)
 
 
 def make_deployment(
