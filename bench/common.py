@@ -241,9 +241,14 @@ class Beat:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def log_path(self) -> Path:
+        """Beat's log file (it says when each task was sent)."""
+        return self.workdir / f"{self.app.replace('.', '_')}-beat.log"
+
     def start(self, timeout: float = 90) -> None:
         """Start beat and wait until its log says it is starting to schedule."""
-        log = self.workdir / f"{self.app.replace('.', '_')}-beat.log"
+        log = self.log_path
         offset = log.stat().st_size if log.exists() else 0
         self.process = subprocess.Popen(
             [
