@@ -764,7 +764,6 @@ def test_the_heartbeat_stops_while_the_broker_is_gone_and_resumes_when_it_is_bac
         worker = dep.start_worker("control", 1, name="control-a")
         assert subprocess.run([*probe, str(heartbeat)], cwd=REPO).returncode == 0
         private.stop()
-        lost_at = time.monotonic()
         # The heartbeat goes stale 5 s (--max-age) after the last message the worker consumed.
         wait_until(
             lambda: subprocess.run([*probe, str(heartbeat)], cwd=REPO).returncode == 1,
@@ -774,7 +773,6 @@ def test_the_heartbeat_stops_while_the_broker_is_gone_and_resumes_when_it_is_bac
         )
         # The process lives on, reconnecting; it consumes nothing, and the probe says so.
         assert worker.poll() is None
-        assert time.monotonic() - lost_at > 5
         stale = subprocess.run([*probe, str(heartbeat)], cwd=REPO, capture_output=True, text=True)
         assert stale.returncode == 1, stale.stdout
         private.start()  # same port, empty
