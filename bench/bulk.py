@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 import sqlalchemy as sa
 
-from bench.common import schema_url, write_config
+from bench.common import schema_url, sql_pipeline, write_config
 from connectors.registry import close_all, connector_for
 from core.config import load_config
 from core.instants import format_instant
@@ -81,21 +81,12 @@ def seed(database_url: str, redis_url: str, workdir: Path, sizes: list[int]) -> 
         workdir / "bulk.toml",
         {"redis_url": redis_url, "state_url": state_url, "log_level": "WARNING"},
         {
-            PIPELINE: {
-                "window": "15m",
-                "start": format_instant(ORIGIN),
-                "lag": "0s",
-                "every": "1h",
-                "source": {
-                    "type": "sql",
-                    "url": data_url,
-                    "table": "events",
-                    "timestamp_column": "created_at",
-                    "id_column": "id",
-                },
-                "stage": {"type": "local", "path": str(workdir / "bulk-stage")},
-                "target": {"type": "sql", "url": data_url, "table": TARGET_TABLE},
-            }
+            PIPELINE: sql_pipeline(
+                data_url,
+                workdir / "bulk-stage",
+                TARGET_TABLE,
+                format_instant(ORIGIN),
+            )
         },
     )
     return BulkData(data_url, config_path, dict(enumerate(sizes)))

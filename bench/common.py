@@ -178,6 +178,29 @@ class Workers:
         self.stop()
 
 
+def sql_pipeline(
+    data_url: str, stage_dir: Path, target_table: str, origin: str, **source: Any
+) -> dict[str, Any]:
+    """The benchmarks' pipeline: 15-minute windows from `origin`, an `events` table as the
+    SQL source (`source` adds keys, e.g. page_size), a local stage, a SQL target table."""
+    return {
+        "window": "15m",
+        "start": origin,
+        "lag": "0s",
+        "every": "1h",
+        "source": {
+            "type": "sql",
+            "url": data_url,
+            "table": "events",
+            "timestamp_column": "created_at",
+            "id_column": "id",
+            **source,
+        },
+        "stage": {"type": "local", "path": str(stage_dir)},
+        "target": {"type": "sql", "url": data_url, "table": target_table},
+    }
+
+
 def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

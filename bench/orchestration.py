@@ -28,6 +28,7 @@ from bench.common import (
     median,
     percentile,
     schema_url,
+    sql_pipeline,
     write_config,
 )
 from core.config import load_config
@@ -215,21 +216,12 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
         workdir / "orchestration.toml",
         {"redis_url": redis_url, "state_url": state_url, "log_level": "INFO"},
         {
-            PIPELINE: {
-                "window": "15m",
-                "start": format_instant(ORIGIN),
-                "lag": "0s",
-                "every": "1h",
-                "source": {
-                    "type": "sql",
-                    "url": data_url,
-                    "table": "events",
-                    "timestamp_column": "created_at",
-                    "id_column": "id",
-                },
-                "stage": {"type": "local", "path": str(workdir / "orchestration-stage")},
-                "target": {"type": "sql", "url": data_url, "table": "events_loaded"},
-            }
+            PIPELINE: sql_pipeline(
+                data_url,
+                workdir / "orchestration-stage",
+                "events_loaded",
+                format_instant(ORIGIN),
+            )
         },
     )
     env = {"WINDOWPIPE_CONFIG": str(config_path)}

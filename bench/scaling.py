@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from celery import Celery
 
-from bench.common import Row, Workers, log, schema_url, write_config
+from bench.common import Row, Workers, log, schema_url, sql_pipeline, write_config
 from bench.slow_source import PAGE_LATENCY_ENV
 from connectors.registry import close_all, connector_for
 from core.config import load_config
@@ -104,22 +104,13 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
         workdir / "scaling.toml",
         {"redis_url": redis_url, "state_url": state_url, "log_level": "INFO"},
         {
-            PIPELINE: {
-                "window": "15m",
-                "start": format_instant(ORIGIN),
-                "lag": "0s",
-                "every": "1h",
-                "source": {
-                    "type": "sql",
-                    "url": data_url,
-                    "table": "events",
-                    "timestamp_column": "created_at",
-                    "id_column": "id",
-                    "page_size": PAGE_SIZE,
-                },
-                "stage": {"type": "local", "path": str(workdir / "scaling-stage")},
-                "target": {"type": "sql", "url": data_url, "table": "events_loaded"},
-            }
+            PIPELINE: sql_pipeline(
+                data_url,
+                workdir / "scaling-stage",
+                "events_loaded",
+                format_instant(ORIGIN),
+                page_size=PAGE_SIZE,
+            )
         },
     )
     config = load_config(config_path)
