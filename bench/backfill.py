@@ -9,7 +9,9 @@ per stage queue plus control, prefork `-c 2`. Three phases on the same workers a
 2. live beside two backfills started with `windowpipe enqueue` (what users do): 10,000 windows
    of another pipeline (`archive`) and 10,000 windows of live pipeline 0's own history, on the
    same workers and queues; the same delays, and the backfills' rate from the records;
-3. backfill alone: beat stopped (no live windows), the same two backfills' rate.
+3. backfill alone: beat stopped (no live windows), the same two backfills' rate; it is taken
+   in slices beside | alone, alone | beside (beat stopped, then started again), so a machine
+   getting busier or quieter during the run favours neither side.
 
 One live pipeline gives one window a minute, so several run at once for enough samples (their
 lags, 1, 3, 5, 7, 9 s, spread their due instants over the tick). A live window's delay is the
@@ -96,9 +98,10 @@ class Plan:
     live_pipelines: int
     """Live pipelines (divides 10, so their lags cover the tick evenly)."""
     live_seconds: float
-    """Length of each live phase (alone, and beside the backfill per cap)."""
-    alone_seconds: float
-    """Length of each backfill-alone phase (per cap)."""
+    """Length of each live phase (alone, then beside the backfills)."""
+    rate_slice_seconds: float
+    """The backfill rate is taken over slices of this length: beside live (the end of the
+    live phase), alone twice (beat stopped), beside live again (beat started)."""
     cap: int
     """`max_backfill_windows` of every pipeline."""
     backfills: tuple[str, ...] = ("archive", "live0")
@@ -106,8 +109,8 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(live_pipelines=5, live_seconds=180, alone_seconds=60, cap=DEFAULT_CAP),
-    "quick": Plan(live_pipelines=5, live_seconds=55, alone_seconds=20, cap=DEFAULT_CAP),
+    "full": Plan(live_pipelines=5, live_seconds=150, rate_slice_seconds=45, cap=DEFAULT_CAP),
+    "quick": Plan(live_pipelines=5, live_seconds=40, rate_slice_seconds=15, cap=DEFAULT_CAP),
 }
 
 
@@ -123,10 +126,18 @@ class Phase:
     after_tick: list[float] = field(default_factory=list)
     """Live windows: seconds from that tick to succeeded (control queue, generation, dispatch,
     the four stage queues and the work)."""
-    rate: float | None = None
-    """Backfill windows finished per second (both backfills together)."""
-    rates: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)
+    """Backfill windows finished during the phase's rate slices, per pipeline."""
     seconds: float = 0.0
+    """Length of the phase's rate slices together."""
+
+    @property
+    def rate(self) -> float:
+        """Backfill windows finished per second (every backfill together)."""
+        return sum(self.finished.values()) / self.seconds if self.seconds else 0.0
+
+    def rates(self) -> str:
+        return ", ".join(f"{k} {v / self.seconds:.1f}/s" for k, v in self.finished.items())
 
 
 @dataclass
@@ -421,8 +432,8 @@ def uniform_tick_quantile(after_tick: Sequence[float], fraction: float, tick: fl
     return (low + high) / 2
 
 
-def _backfill_rate(setup: _Setup, phase: Phase, since: datetime, before: datetime) -> None:
-    """Backfill windows (both pipelines) finished in [since, before), per second."""
+def _count_backfill(setup: _Setup, phase: Phase, since: datetime, before: datetime) -> None:
+    """Add the backfill windows finished in [since, before) to `phase`'s rate."""
     query = sa.text(
         "SELECT pipeline, count(*) FROM windows WHERE kind = 'manual' AND window_start >= :first "
         "AND finished_at >= :since AND finished_at < :before GROUP BY pipeline"
@@ -433,10 +444,9 @@ def _backfill_rate(setup: _Setup, phase: Phase, since: datetime, before: datetim
                 query, {"first": setup.backfill_start, "since": since, "before": before}
             ).all()
         )
-    seconds = (before - since).total_seconds()
-    phase.seconds = seconds
-    phase.rates = {name: counts.get(name, 0) / seconds for name in setup.backfills}
-    phase.rate = sum(phase.rates.values())
+    phase.seconds += (before - since).total_seconds()
+    for name in setup.backfills:
+        phase.finished[name] = phase.finished.get(name, 0) + counts.get(name, 0)
 
 
 def _now() -> datetime:
@@ -467,7 +477,7 @@ def _phase_log(phase: Phase) -> None:
             f"{percentile(phase.after_tick, 0.95):.2f}s, tick wait p50 "
             f"{percentile(phase.tick_waits, 0.5):.2f}s"
         )
-    if phase.rate is not None:
+    if phase.seconds:
         parts.append(f"backfill {phase.rate:.1f} windows/s over {phase.seconds:.0f}s")
     log("; ".join(parts))
 
@@ -501,20 +511,25 @@ def measure(plan: Plan, database_url: str, redis_url: str, workdir: Path) -> lis
         log(f"backfill: enqueue {BACKFILL_WINDOWS:,} windows of {', '.join(plan.backfills)}")
         backfill_end = setup.frontier - WINDOW
         _enqueue(setup, [(n, setup.backfill_start, backfill_end) for n in plan.backfills])
-        rate_from = _now() + timedelta(seconds=5)
         end = began + timedelta(seconds=plan.live_seconds)
         _sleep_until(setup, end)
-        _backfill_rate(setup, beside, rate_from, _now())
         _await_live(setup, end)
         _live_samples(setup, beside, began, end)
-        _phase_log(beside)
 
+        # The backfill rate beside live and alone, in slices: beside | alone, alone | beside,
+        # symmetric in time, so a machine getting busier or quieter favours neither side.
+        rate_slice = timedelta(seconds=plan.rate_slice_seconds)
+        _count_backfill(setup, beside, end - rate_slice, end)
         beat.stop()
-        # Live windows already queued finish; from then on only the backfills run.
-        _await_scheduled_idle(setup)
-        began = _now() + timedelta(seconds=2)
-        _sleep_until(setup, began + timedelta(seconds=plan.alone_seconds))
-        _backfill_rate(setup, solo, began, _now())
+        _await_scheduled_idle(setup)  # live windows already queued finish first
+        began = _now()
+        _sleep_until(setup, began + 2 * rate_slice)
+        _count_backfill(setup, solo, began, _now())
+        beat.start()
+        began = _now()
+        _sleep_until(setup, began + rate_slice)
+        _count_backfill(setup, beside, began, _now())
+        _phase_log(beside)
         _phase_log(solo)
         log(f"backfill: at most {setup.peak_connections} PostgreSQL connections seen")
         return [alone, beside, solo]
@@ -578,7 +593,6 @@ def rows_from(plan: Plan, alone: Phase, beside: Phase, solo: Phase) -> list[Row]
                 ),
             )
         )
-    assert beside.rate is not None and solo.rate is not None
     ratio = beside.rate / solo.rate if solo.rate else 0.0
     rows.append(
         Row(
@@ -591,9 +605,8 @@ def rows_from(plan: Plan, alone: Phase, beside: Phase, solo: Phase) -> list[Row]
             ratio >= RATE_GOAL,
             note=(
                 f"backfills together, from finished_at: {beside.seconds:.0f}s beside "
-                f"({', '.join(f'{k} {v:.1f}/s' for k, v in beside.rates.items())}), "
-                f"{solo.seconds:.0f}s alone with beat stopped "
-                f"({', '.join(f'{k} {v:.1f}/s' for k, v in solo.rates.items())})"
+                f"({beside.rates()}), {solo.seconds:.0f}s alone with beat stopped "
+                f"({solo.rates()}), in slices beside | alone, alone | beside"
             ),
         )
     )
