@@ -15,13 +15,14 @@ per stage queue plus control, prefork `-c 2`. Three phases on the same workers a
 
 One live pipeline gives one window a minute, so several run at once for enough samples (their
 lags, 1, 3, 5, 7, 9 s, spread their due instants over the tick). A live window's delay is the
-wait for the next tick (beat's phase against the minute: it has nothing to do with the backfill,
-and it moves when a busy machine delays one tick, since every later tick follows it) plus the
-time from that tick to succeeded (control queue, generation, dispatch, stage queues, work: what
-a backfill can slow). The tick each window waited for is read from beat's log, and the delay
-is reported for a window due at a uniformly random instant between two ticks (a wait uniform on
-0-10 s plus a measured time after the tick), the delay a user sees over time; the delays as
-measured are in the notes.
+wait for the next tick plus the time from that tick to succeeded (control queue, generation,
+dispatch, stage queues, work: what a backfill can slow). The wait for the tick depends on where
+beat's ticks fall against the minute, which no backfill changes; yet with 5 pipelines its
+median moved by up to 2 s from one phase to the next (beat drifts ~10 ms a tick, and a tick sent
+just before a window is due can run late enough to create it). So the tick each window could
+have been created by is read from beat's log, and the delay is reported for a window due at a
+uniformly random instant between two ticks (a wait uniform on 0-10 s plus the measured time
+after the tick), the delay a user sees over time; the delays as measured are in the notes.
 
 `python -m bench.backfill --cap N` runs this benchmark alone with another `max_backfill_windows`
 and prints its rows (how the cap was chosen: docs/BENCHMARKS.md).
@@ -418,8 +419,9 @@ def uniform_tick_quantile(after_tick: Sequence[float], fraction: float, tick: fl
     instant between two ticks: U + A, U uniform on [0, tick) and A one of `after_tick`.
 
     What a live window sees over time whatever the phase of beat: the measured delays
-    themselves depend on where beat's ticks happen to fall against the minute, and beat's
-    phase can move during a run (a tick delayed by a busy machine moves every later one).
+    themselves depend on where beat's ticks happen to fall against the minute. A window created
+    by a tick sent before it was due counts the time from that tick, so a slow control queue
+    makes this estimate longer, never shorter.
     """
     low, high = min(after_tick), max(after_tick) + tick
     for _ in range(60):
@@ -545,8 +547,8 @@ def rows_from(plan: Plan, alone: Phase, beside: Phase, solo: Phase) -> list[Row]
     lags = ", ".join(str(lag) for lag in _lags(plan.live_pipelines))
     setup_note = (
         f"{plan.live_pipelines} live pipelines (1m windows, lags {lags}s, tick every "
-        f"{TICK_SECONDS}s, {DOCS_PER_MINUTE} docs/min) beside {len(plan.backfills)} "
-        f"{BACKFILL_WINDOWS:,}-window "
+        f"{TICK_SECONDS}s, {DOCS_PER_MINUTE} docs/min) beside "
+        f"{('one', 'two')[len(plan.backfills) - 1]} {BACKFILL_WINDOWS:,}-window "
         f"`windowpipe enqueue` backfills ({' and '.join(plan.backfills)}), each capped at "
         f"{plan.cap} in flight; one worker per stage queue + control, prefork -c "
         f"{CONCURRENCY}; {plan.live_seconds:.0f}s per live phase"
