@@ -187,7 +187,12 @@ class PipelineConfig(_Strict):
     every: Duration = timedelta(minutes=5)
     max_active_windows: int = Field(default=16, ge=1)
     """At most this many scheduled windows queued or running at once."""
-    max_backfill_windows: int = Field(default=4, ge=1)
+    # 8, measured (bench 6, docs/BENCHMARKS.md): live windows wait behind the backfill's queued
+    # tasks, about (backfill windows in flight) / (backfill windows/s). With two 10,000-window
+    # backfills beside live pipelines, live p95 was 1.04x at 4, 1.08-1.10x at 8, 1.17x at 16
+    # (goal <= 1.1x); one backfill alone ran 15.7, 19.5 and 25.6 windows/s. Per pipeline, so
+    # concurrent backfills add up.
+    max_backfill_windows: int = Field(default=8, ge=1)
     """At most this many manual/backfill windows queued or running at once."""
     recheck: list[Duration] = Field(default_factory=list, max_length=16)
     """Ages after a window's end at which a finished window is compared with its source again
