@@ -441,11 +441,10 @@ def _count_backfill(setup: _Setup, phase: Phase, since: datetime, before: dateti
         "AND finished_at >= :since AND finished_at < :before GROUP BY pipeline"
     )
     with setup.store.engine.connect() as conn:
-        counts = dict(
-            conn.execute(
-                query, {"first": setup.backfill_start, "since": since, "before": before}
-            ).all()
-        )
+        rows = conn.execute(
+            query, {"first": setup.backfill_start, "since": since, "before": before}
+        ).all()
+    counts: dict[str, int] = {str(pipeline): int(count) for pipeline, count in rows}
     phase.seconds += (before - since).total_seconds()
     for name in setup.backfills:
         phase.finished[name] = phase.finished.get(name, 0) + counts.get(name, 0)
