@@ -13,6 +13,17 @@ per stage queue plus control, prefork `-c 2`. Three phases on the same workers a
    in slices beside | alone, alone | beside (beat stopped, then started again), so a machine
    getting busier or quieter during the run favours neither side.
 
+Between 1 and 2, live beside a recheck backlog: live pipeline 1 has recheck horizons (`1h`, `1d`,
+`7d`) from the start, and a recheck worker (`-Q recheck`, as in compose and Kubernetes) runs
+beside the others throughout; beat sends `windowpipe.recheck` for it every tick. At the start of
+the phase 10,000 succeeded windows of its own history (the week before the live windows) are
+written straight into the state store, each past its horizons and due, as if `recheck` had just
+been added to a pipeline with that history. Ten of them, among the oldest, record one document
+fewer than the source holds, so those rechecks find drift and re-run through the normal chain
+beside the live windows. The same live delays are measured, and the rechecks done from the
+records (`checked_at`). The recheck worker is stopped after the phase so what is left of the
+backlog does not run under the backfill phases.
+
 One live pipeline gives one window a minute, so several run at once for enough samples (their
 lags, 1, 3, 5, 7, 9 s, spread their due instants over the tick). A live window's delay is the
 wait for the next tick plus the time from that tick to succeeded (control queue, generation,
@@ -25,7 +36,8 @@ uniformly random instant between two ticks (a wait uniform on 0-10 s plus the me
 after the tick), the delay a user sees over time; the delays as measured are in the notes.
 
 `python -m bench.backfill --cap N` runs this benchmark alone with another `max_backfill_windows`
-and prints its rows (how the cap was chosen: docs/BENCHMARKS.md).
+and prints its rows (how the cap was chosen: docs/BENCHMARKS.md); `--recheck-only` runs live
+alone and beside the recheck backlog only.
 """
 
 from __future__ import annotations
@@ -63,8 +75,8 @@ from bench.common import (
 )
 from core.config import PipelineConfig
 from core.instants import format_instant
-from core.records import WindowKind
-from core.store import StateStore
+from core.records import WindowKind, WindowStatus
+from core.store import WINDOWS, StateStore
 from core.windows import Window, align_down
 
 BENCHMARK = "6. backfill"
@@ -92,6 +104,17 @@ PG_CONNECTIONS_NOTE = (
 """Why the live pipelines are few and their targets are SQLite files."""
 DEFAULT_CAP: int = PipelineConfig.model_fields["max_backfill_windows"].default
 """`max_backfill_windows` when the config says nothing."""
+RECHECK_PIPELINE = "live1"
+"""The live pipeline with recheck horizons whose history is the recheck backlog."""
+RECHECK_HORIZONS = {"1h": timedelta(hours=1), "1d": timedelta(days=1), "7d": timedelta(days=7)}
+RECHECK_WINDOWS = 10_000
+"""Succeeded windows of its history seeded due for a recheck."""
+RECHECK_DRIFT_EVERY = 100
+RECHECK_DRIFTED = 10
+"""Every `RECHECK_DRIFT_EVERY`-th of the oldest windows, `RECHECK_DRIFTED` in all, records one
+document fewer than the source holds: their recheck finds drift and re-runs them."""
+RECHECK_CAP: int = PipelineConfig.model_fields["max_rechecks_per_tick"].default
+"""`max_rechecks_per_tick` when the config says nothing."""
 
 
 @dataclass
@@ -107,6 +130,12 @@ class Plan:
     """`max_backfill_windows` of every pipeline."""
     backfills: tuple[str, ...] = ("archive", "live0")
     """The pipelines backfilled: another one, and live pipeline 0 itself."""
+    recheck: bool = True
+    """Measure live windows beside the recheck backlog (between alone and the backfills)."""
+    recheck_cap: int = RECHECK_CAP
+    """`max_rechecks_per_tick` of the recheck pipeline."""
+    backfill: bool = True
+    """Measure the backfill phases."""
 
 
 PLANS = {
@@ -131,6 +160,19 @@ class Phase:
     """Backfill windows finished during the phase's rate slices, per pipeline."""
     seconds: float = 0.0
     """Length of the phase's rate slices together."""
+
+    rechecked: int = 0
+    """Recheck phase: windows of the backlog rechecked during it (`checked_at`)."""
+    drifted: int = 0
+    """Recheck phase: of those, the ones whose recheck found drift (re-run)."""
+    reran: int = 0
+    """Recheck phase: drifted windows whose re-run succeeded during it."""
+    backlog_left: int = 0
+    """Recheck phase: windows still due for a recheck at its end."""
+    recheck_cpu: float = 0.0
+    """Recheck phase: CPU seconds of the recheck worker (its pool included) during it."""
+    seed_seconds: float = 0.0
+    """Recheck phase: time to write the backlog's records."""
 
     @property
     def rate(self) -> float:
@@ -158,6 +200,7 @@ class _Setup:
     redis_url: str
     workdir: Path
     backfills: tuple[str, ...] = ()
+    recheck_cap: int = RECHECK_CAP
     beat_log: Path = Path()
     """Beat's log: when each generation tick was sent."""
     peak_connections: int = 0
@@ -168,6 +211,9 @@ class _Setup:
             name: self._pipeline(name, f"{self.lags[name]}s", f"{TICK_SECONDS}s", cap)
             for name in self.live
         }
+        if RECHECK_PIPELINE in pipelines:
+            pipelines[RECHECK_PIPELINE]["recheck"] = list(RECHECK_HORIZONS)
+            pipelines[RECHECK_PIPELINE]["max_rechecks_per_tick"] = self.recheck_cap
         pipelines[ARCHIVE] = self._pipeline(ARCHIVE, "0s", "1h", cap)
         write_config(
             self.config_path,
@@ -231,6 +277,53 @@ def _seed_events(url: str, first: datetime, last: datetime) -> None:
     engine.dispose()
 
 
+def seed_recheck_backlog(
+    store: StateStore,
+    pipeline: str,
+    first: datetime,
+    count: int,
+    *,
+    documents: int,
+    drift_every: int = RECHECK_DRIFT_EVERY,
+    drifted: int = RECHECK_DRIFTED,
+) -> list[datetime]:
+    """`count` succeeded 1-minute windows from `first`, written straight into the store as if
+    they had run (all finished a minute after the last one's end, never rechecked), each
+    recording `documents` source documents, except every `drift_every`-th of the oldest
+    (`drifted` in all), which record one fewer: a recheck finds those drifted. One insert per
+    1,000 windows and one update. Returns the starts of the drifted ones."""
+    windows = [Window(first + i * WINDOW, first + (i + 1) * WINDOW) for i in range(count)]
+    created = store.create_windows(pipeline, windows, kind=WindowKind.SCHEDULED)
+    if len(created) != count:
+        raise RuntimeError(f"{pipeline}: {count - len(created)} backlog windows existed already")
+    short = [windows[i].start for i in range(0, min(count, drift_every * drifted), drift_every)]
+    recorded = sa.case((WINDOWS.c.window_start.in_(short), documents - 1), else_=documents)
+    finished = windows[-1].end + WINDOW
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(WINDOWS)
+            .where(
+                WINDOWS.c.pipeline == pipeline,
+                WINDOWS.c.window_start >= windows[0].start,
+                WINDOWS.c.window_start <= windows[-1].start,
+            )
+            .values(
+                status=WindowStatus.SUCCEEDED.value,
+                stage="audit",
+                attempts=1,
+                fence=4,
+                source_count=recorded,
+                staged_count=recorded,
+                target_count=recorded,
+                started_at=finished - timedelta(seconds=1),
+                finished_at=finished,
+                updated_at=finished,
+                rechecks_done=0,
+            )
+        )
+    return short
+
+
 def _prepare(plan: Plan, database_url: str, redis_url: str, workdir: Path, now: datetime) -> _Setup:
     data_url = schema_url(database_url, "backfill")
     state_url = schema_url(database_url, "backfill_state")
@@ -259,6 +352,7 @@ def _prepare(plan: Plan, database_url: str, redis_url: str, workdir: Path, now: 
         "WINDOWPIPE_HEARTBEAT_FILE": str(workdir / "%n.heartbeat"),
     }
     setup.backfills = plan.backfills
+    setup.recheck_cap = plan.recheck_cap
     setup.write_config(plan.cap)
     setup.store.migrate()
     # The live pipelines start now: one scheduled window just before now makes generation
@@ -483,17 +577,118 @@ def _phase_log(phase: Phase) -> None:
     log("; ".join(parts))
 
 
-def measure(plan: Plan, database_url: str, redis_url: str, workdir: Path) -> list[Phase]:
-    """Run the three phases; returns (live alone, live beside the backfills, backfill alone)."""
+@dataclass
+class Measured:
+    """What the phases measured (None: the phase did not run)."""
+
+    alone: Phase
+    beside: Phase | None = None
+    """Live beside the backfills (and their rate, in slices)."""
+    solo: Phase | None = None
+    """The backfills alone."""
+    recheck: Phase | None = None
+    """Live beside the recheck backlog."""
+
+
+def _group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes in process group `pgid`."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp; utime and stime follow at 11, 12
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _tally_rechecks(setup: _Setup, phase: Phase, since: datetime, before: datetime) -> None:
+    """The backlog's windows rechecked in [since, before), drifted, and re-run since."""
+    backlog = (
+        (WINDOWS.c.pipeline == RECHECK_PIPELINE)
+        & (WINDOWS.c.window_start >= setup.backfill_start)
+        & (WINDOWS.c.window_end <= setup.frontier - WINDOW)
+    )
+    checked = (WINDOWS.c.checked_at >= since) & (WINDOWS.c.checked_at < before)
+    drifted = checked & WINDOWS.c.drift.is_not(None)
+    reran = drifted & (WINDOWS.c.status == WindowStatus.SUCCEEDED.value)
+    reran = reran & (WINDOWS.c.finished_at < before)
+    query = sa.select(
+        *(sa.func.count().filter(condition) for condition in (checked, drifted, reran))
+    ).where(backlog)
+    with setup.store.engine.connect() as conn:
+        row = conn.execute(query).one()
+    phase.rechecked, phase.drifted, phase.reran = (int(value) for value in row)
+    phase.seconds = (before - since).total_seconds()
+    phase.backlog_left = setup.store.count_due_rechecks(
+        RECHECK_PIPELINE, list(RECHECK_HORIZONS.values()), before
+    )
+
+
+def _await_reruns(setup: _Setup, timeout: float = 180) -> None:
+    """Wait until no manual window of the recheck pipeline is pending, queued or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = setup.store.list_records(
+            RECHECK_PIPELINE,
+            kind=WindowKind.MANUAL,
+            statuses=[WindowStatus.PENDING, WindowStatus.QUEUED, WindowStatus.RUNNING],
+        )
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"re-runs of drifted windows did not finish: {busy[:5]}")
+        time.sleep(0.5)
+
+
+def _recheck_phase(setup: _Setup, plan: Plan, rechecker: Workers, phase: Phase) -> None:
+    """Live windows beside the recheck backlog, seeded at the phase's start."""
+    pgid = rechecker.processes[0].pid
+    cpu_before = _group_cpu(pgid)
+    began = _now()
+    seeding = time.monotonic()
+    drifted = seed_recheck_backlog(
+        setup.store,
+        RECHECK_PIPELINE,
+        setup.backfill_start,
+        RECHECK_WINDOWS,
+        documents=DOCS_PER_MINUTE,
+    )
+    phase.seed_seconds = time.monotonic() - seeding
+    log(
+        f"recheck: seeded {RECHECK_WINDOWS:,} succeeded windows of {RECHECK_PIPELINE} due for "
+        f"a recheck ({len(drifted)} drifted) in {phase.seed_seconds:.1f}s"
+    )
+    end = began + timedelta(seconds=plan.live_seconds)
+    _sleep_until(setup, end)
+    phase.recheck_cpu = _group_cpu(pgid) - cpu_before
+    _tally_rechecks(setup, phase, began, end)
+    _await_live(setup, end)
+    _live_samples(setup, phase, began, end)
+    _phase_log(phase)
+    log(
+        f"recheck: {phase.rechecked:,} windows rechecked in {phase.seconds:.0f}s "
+        f"({phase.rechecked / phase.seconds:.1f}/s), {phase.drifted} drifted, {phase.reran} "
+        f"re-run, {phase.backlog_left:,} still due; recheck worker CPU {phase.recheck_cpu:.1f}s"
+    )
+
+
+def measure(plan: Plan, database_url: str, redis_url: str, workdir: Path) -> Measured:
+    """Run the phases: live alone, beside the recheck backlog, beside the backfills, and the
+    backfills alone."""
     setup = _prepare(plan, database_url, redis_url, workdir, _now())
     workers = Workers("workers", workdir, setup.env)
+    rechecker = Workers("workers", workdir, setup.env)
     beat = Beat("workers", workdir, setup.env)
-    alone = Phase("live alone")
-    beside = Phase("live beside the backfills")
-    solo = Phase("backfill alone")
+    measured = Measured(Phase("live alone"))
+    alone = measured.alone
     try:
         setup.beat_log = beat.log_path
         workers.start([*STAGE_QUEUES, "control"], CONCURRENCY)
+        if plan.recheck:
+            rechecker.start(["recheck"], CONCURRENCY)
         log(f"backfill: warm-up, {WARM_WINDOWS} windows of each pipeline")
         warm = setup.origin + WARM_WINDOWS * WINDOW
         _enqueue(setup, [(name, setup.origin, warm) for name in [*setup.live, ARCHIVE]], True)
@@ -507,6 +702,17 @@ def measure(plan: Plan, database_url: str, redis_url: str, workdir: Path) -> lis
         _live_samples(setup, alone, began, end)
         _phase_log(alone)
 
+        if plan.recheck:
+            measured.recheck = Phase("live beside the recheck backlog")
+            _recheck_phase(setup, plan, rechecker, measured.recheck)
+            # What is left of the backlog must not run under the backfill phases.
+            rechecker.stop()
+            _await_reruns(setup)
+        if not plan.backfill:
+            return measured
+
+        beside = measured.beside = Phase("live beside the backfills")
+        solo = measured.solo = Phase("backfill alone")
         # Live windows due from the moment the enqueue starts count as beside the backfill.
         began = _now()
         log(f"backfill: enqueue {BACKFILL_WINDOWS:,} windows of {', '.join(plan.backfills)}")
@@ -532,15 +738,21 @@ def measure(plan: Plan, database_url: str, redis_url: str, workdir: Path) -> lis
         _count_backfill(setup, beside, began, _now())
         _phase_log(beside)
         _phase_log(solo)
-        log(f"backfill: at most {setup.peak_connections} PostgreSQL connections seen")
-        return [alone, beside, solo]
+        return measured
     finally:
+        log(f"backfill: at most {setup.peak_connections} PostgreSQL connections seen")
         beat.stop()
+        rechecker.stop()
         workers.stop()
         setup.store.dispose()
 
 
-def rows_from(plan: Plan, alone: Phase, beside: Phase, solo: Phase) -> list[Row]:
+def rows_from(plan: Plan, result: Measured) -> list[Row]:
+    alone = result.alone
+    rows = [] if result.recheck is None else _recheck_rows(plan, alone, result.recheck)
+    if result.beside is None or result.solo is None:
+        return rows
+    beside, solo = result.beside, result.solo
     cap = f"backfill cap {plan.cap}"
     samples = f"{len(beside.delays)} live windows beside, {len(alone.delays)} alone"
     lags = ", ".join(str(lag) for lag in _lags(plan.live_pipelines))
@@ -551,8 +763,8 @@ def rows_from(plan: Plan, alone: Phase, beside: Phase, solo: Phase) -> list[Row]
         f"`windowpipe enqueue` backfills ({' and '.join(plan.backfills)}), each capped at "
         f"{plan.cap} in flight; one worker per stage queue + control, prefork -c "
         f"{CONCURRENCY}; {plan.live_seconds:.0f}s per live phase"
+        + ("; the recheck worker (idle during live alone) stopped first" if plan.recheck else "")
     )
-    rows = []
     for name, fraction, goal in (("p50", 0.5, None), ("p95", 0.95, P95_GOAL)):
         ours = uniform_tick_quantile(beside.after_tick, fraction, TICK_SECONDS)
         theirs = uniform_tick_quantile(alone.after_tick, fraction, TICK_SECONDS)
@@ -614,6 +826,72 @@ def rows_from(plan: Plan, alone: Phase, beside: Phase, solo: Phase) -> list[Row]
     return rows
 
 
+def _recheck_rows(plan: Plan, alone: Phase, phase: Phase) -> list[Row]:
+    cap = f", max_rechecks_per_tick {plan.recheck_cap}" if plan.recheck_cap != RECHECK_CAP else ""
+    label = f"beside a {RECHECK_WINDOWS:,}-window recheck backlog{cap}"
+    samples = f"{len(phase.delays)} live windows beside, {len(alone.delays)} alone"
+    ceiling = plan.recheck_cap / TICK_SECONDS
+    setup_note = (
+        f"the backlog: {RECHECK_WINDOWS:,} succeeded windows of {RECHECK_PIPELINE}'s own history "
+        f"(recheck = {list(RECHECK_HORIZONS)}), written into the state store at the phase's start "
+        f"({phase.seed_seconds:.1f}s), each due; {RECHECK_DRIFTED} of the oldest record one "
+        "document fewer than the source holds, so their recheck finds drift and re-runs them "
+        "through the normal chain; a recheck worker (-Q recheck, prefork -c "
+        f"{CONCURRENCY}) beside the stage and control workers, beat sending windowpipe.recheck "
+        f"every {TICK_SECONDS}s, max_rechecks_per_tick {plan.recheck_cap}"
+        + (" (the default); " if plan.recheck_cap == RECHECK_CAP else "; ")
+        + f"{plan.live_seconds:.0f}s per live phase, the same {plan.live_pipelines} live "
+        "pipelines as the backfill rows"
+    )
+    rows = []
+    for name, fraction, goal in (("p50", 0.5, None), ("p95", 0.95, P95_GOAL)):
+        ours = uniform_tick_quantile(phase.after_tick, fraction, TICK_SECONDS)
+        theirs = uniform_tick_quantile(alone.after_tick, fraction, TICK_SECONDS)
+        measured = (
+            f"measured {percentile(phase.delays, fraction):.2f}s beside vs "
+            f"{percentile(alone.delays, fraction):.2f}s alone; after the tick "
+            f"{percentile(phase.after_tick, fraction):.2f}s vs "
+            f"{percentile(alone.after_tick, fraction):.2f}s"
+        )
+        rows.append(
+            Row(
+                BENCHMARK,
+                f"live delay due->succeeded {name} (s), {label}",
+                ours,
+                theirs,
+                ours / theirs,
+                f"<= {goal}x" if goal else "report",
+                ours / theirs <= goal if goal else None,
+                note=(
+                    f"{samples}; the delay after the tick plus a wait for the tick uniform on "
+                    f"0-{TICK_SECONDS}s ({measured})" + (f"; {setup_note}" if goal else "")
+                ),
+            )
+        )
+    rate = phase.rechecked / phase.seconds if phase.seconds else 0.0
+    rows.append(
+        Row(
+            BENCHMARK,
+            f"recheck backlog windows rechecked/s beside live{cap}",
+            rate,
+            ceiling,
+            rate / ceiling,
+            "report",
+            None,
+            note=(
+                f"baseline: the ceiling max_rechecks_per_tick / every = {plan.recheck_cap} / "
+                f"{TICK_SECONDS}s; from checked_at: {phase.rechecked:,} of {RECHECK_WINDOWS:,} "
+                f"rechecked in the {phase.seconds:.0f}s phase, {phase.drifted} found drifted "
+                f"and {phase.reran} of those re-run to succeeded within it, "
+                f"{phase.backlog_left:,} still due at its end; the recheck worker used "
+                f"{phase.recheck_cpu:.1f}s of CPU ({phase.recheck_cpu / phase.seconds:.0%} of "
+                "one core)"
+            ),
+        )
+    )
+    return rows
+
+
 def run(
     quick: bool,
     database_url: str,
@@ -621,13 +899,19 @@ def run(
     workdir: Path,
     cap: int | None = None,
     backfills: Sequence[str] = (),
+    recheck: bool = True,
+    backfill: bool = True,
+    recheck_cap: int | None = None,
 ) -> list[Row]:
     plan = PLANS["quick" if quick else "full"]
     if cap is not None:
         plan = dataclasses.replace(plan, cap=cap)
     if backfills:
         plan = dataclasses.replace(plan, backfills=tuple(backfills))
-    return rows_from(plan, *measure(plan, database_url, redis_url, workdir))
+    plan = dataclasses.replace(plan, recheck=recheck, backfill=backfill)
+    if recheck_cap is not None:
+        plan = dataclasses.replace(plan, recheck_cap=recheck_cap)
+    return rows_from(plan, measure(plan, database_url, redis_url, workdir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -636,6 +920,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, help="max_backfill_windows (default: the config's)")
     parser.add_argument(
         "--backfill", nargs="+", choices=("archive", "live0"), help="backfill only these"
+    )
+    phases = parser.add_mutually_exclusive_group()
+    phases.add_argument(
+        "--recheck-only", action="store_true", help="live alone and beside the recheck backlog"
+    )
+    phases.add_argument("--no-recheck", action="store_true", help="skip the recheck backlog phase")
+    parser.add_argument(
+        "--recheck-cap", type=int, help="max_rechecks_per_tick (default: the config's)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
@@ -646,7 +938,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="windowpipe-bench-"))
     try:
         with pg_database() as database_url, redis_db() as redis_url:
-            rows = run(args.quick, database_url, redis_url, workdir, args.cap, args.backfill or ())
+            rows = run(
+                *(args.quick, database_url, redis_url, workdir, args.cap, args.backfill or ()),
+                recheck=not args.no_recheck,
+                backfill=not args.recheck_only,
+                recheck_cap=args.recheck_cap,
+            )
     finally:
         if args.keep:
             log(f"logs kept in {workdir}")
