@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 import orjson
@@ -40,6 +40,9 @@ class Document:
     id: str
     timestamp: datetime
     body: dict[str, Any]
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+    """`body` already serialized by `encode_body`, when the source had to serialize it anyway
+    (to check its size): the staged line reuses these bytes instead of serializing it again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +127,28 @@ def window_dir(pipeline: str, window: Window) -> str:
     )
 
 
+def encode_body(body: dict[str, Any]) -> bytes:
+    """A document's body as JSON, exactly as its staged line holds it under `doc`."""
+    return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS, default=_json_default)
+
+
 def encode_line(document: Document) -> bytes:
-    """One staged NDJSON line (with its newline) for `document`."""
-    return (
-        orjson.dumps(
-            {"id": document.id, "ts": format_instant(document.timestamp), "doc": document.body},
-            option=orjson.OPT_NON_STR_KEYS,
-            default=_json_default,
-        )
-        + b"\n"
+    """One staged NDJSON line (with its newline) for `document`.
+
+    The body is serialized once (`Document.encoded` if the source did it already) and spliced
+    in as a fragment; an aware UTC timestamp is printed by orjson itself (`OPT_UTC_Z` prints
+    what `format_instant` does: `Z`, microseconds only when not zero).
+    """
+    encoded = document.encoded if document.encoded is not None else encode_body(document.body)
+    ts = document.timestamp
+    return orjson.dumps(
+        {
+            "id": document.id,
+            "ts": ts if ts.tzinfo is UTC else format_instant(ts),
+            "doc": orjson.Fragment(encoded),
+        },
+        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE,
+        default=_json_default,
     )
 
 

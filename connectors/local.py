@@ -84,6 +84,7 @@ class LocalStage(ObjectStage):
     def __init__(self, config: LocalStageConfig) -> None:
         self.config = config
         self.max_file_bytes = config.max_file_bytes
+        self.gzip_level = config.gzip_level
         self.root = Path(config.path).resolve() / normalize_prefix(config.prefix)
         """The stage root: `Manifest.path` and `StagedFile.path` are relative to it."""
         with _os_errors("create", str(self.root)):

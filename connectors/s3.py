@@ -190,6 +190,7 @@ class S3Stage(ObjectStage):
     def __init__(self, config: S3StageConfig) -> None:
         self.config = config
         self.max_file_bytes = config.max_file_bytes
+        self.gzip_level = config.gzip_level
         self.bucket = config.bucket
         self.prefix = normalize_prefix(config.prefix)
         """Keys are `prefix + path`; `Manifest.path` and `StagedFile.path` never include it."""

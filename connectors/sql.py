@@ -20,10 +20,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from connectors.base import Batch, Document, Rejection
+from connectors.base import Batch, Document, Rejection, encode_body
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError, one_line
-from core.instants import format_instant
 from core.recheck import Fingerprint
 from core.retry import as_time_limit
 from core.windows import Window
@@ -102,7 +101,7 @@ def json_value(value: Any) -> Any:
             value.encode("utf-8")  # lone surrogates: undecodable bytes the driver let through
         return value
     if isinstance(value, datetime):
-        return format_instant(_utc(value))
+        return _instant_text(value)
     if isinstance(value, date | time):
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):
@@ -114,12 +113,25 @@ def json_value(value: Any) -> Any:
     return str(value)  # Decimal, UUID, intervals: their text form is exact
 
 
-_PLAIN: frozenset[type] = frozenset({type(None), bool, int, float})
-"""Column value types that are JSON as they are (the common case, checked first for speed)."""
+_PLAIN: frozenset[type] = frozenset({type(None), bool, int, float, str})
+"""Column value types that are JSON as they are (the common case, checked first for speed).
+Text is checked for UTF-8 by orjson when the body is serialized (it refuses lone surrogates);
+only then does a row take the slow path through `json_value`."""
 
 
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _instant_text(value: datetime) -> str:
+    """`format_instant(_utc(value))`, without converting a value that is UTC already."""
+    offset = value.utcoffset()
+    if offset is None:
+        value = value.replace(tzinfo=UTC)
+    elif offset:
+        value = value.astimezone(UTC)
+    # isoformat() prints microseconds only when not zero, as format_instant does.
+    return value.isoformat()[:-6] + "Z"
 
 
 def _lenient_text(raw: bytes) -> str:
@@ -275,13 +287,23 @@ class SqlSource:
                     name: value if type(value) in _PLAIN else json_value(value)
                     for name, value in zip(names, row, strict=True)
                 }
+                try:
+                    # Serialized once: for the size check here and for the staged line.
+                    encoded = encode_body(body)
+                except orjson.JSONEncodeError:
+                    # Text that is not UTF-8 (raises UnicodeError here) or a value orjson
+                    # refuses (raises again, as it always did).
+                    body = {name: json_value(value) for name, value in zip(names, row, strict=True)}
+                    encoded = encode_body(body)
             except UnicodeError:
                 batch.rejected.append(Rejection(doc_id, "not UTF-8"))
                 continue
-            if len(orjson.dumps(body)) > limit:
+            if len(encoded) > limit:
                 batch.rejected.append(Rejection(doc_id, "oversized document"))
                 continue
-            batch.documents.append(Document(id=doc_id, timestamp=_utc(row[ts_at]), body=body))
+            batch.documents.append(
+                Document(id=doc_id, timestamp=_utc(row[ts_at]), body=body, encoded=encoded)
+            )
         return batch
 
     def close(self) -> None:

@@ -118,6 +118,9 @@ class S3StageConfig(_Strict):
     secret_access_key_env: str | None = None
     max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     multipart_chunk_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    gzip_level: int = Field(default=1, ge=1, le=9)
+    """zlib level of the staged files: 1 compresses 3x faster than zlib's default 6 for files
+    about 13 % larger (bench 2's rows), and compression is on extract's critical path."""
 
 
 class LocalStageConfig(_Strict):
@@ -127,6 +130,9 @@ class LocalStageConfig(_Strict):
     path: str = Field(min_length=1)
     prefix: str = ""
     max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    gzip_level: int = Field(default=1, ge=1, le=9)
+    """zlib level of the staged files: 1 compresses 3x faster than zlib's default 6 for files
+    about 13 % larger (bench 2's rows), and compression is on extract's critical path."""
 
 
 class SnowflakeTargetConfig(_Strict):
