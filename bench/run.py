@@ -14,7 +14,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import backfill, bulk, generation, memory, orchestration, scaling, throughput
+from bench import (
+    backfill,
+    bulk,
+    extract_search,
+    generation,
+    memory,
+    orchestration,
+    scaling,
+    throughput,
+)
 from bench.common import REPO, Row, log, pg_database, redis_db
 from core.logs import configure_logging
 
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (~3 min)")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 7), help="run only these benchmarks"
+        "--only", type=int, nargs="+", choices=range(1, 8), help="run only these benchmarks"
     )
     parser.add_argument(
         "--output",
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the report (default docs/BENCHMARKS.md)",
     )
     args = parser.parse_args(argv)
-    selected = set(args.only or range(1, 7))
+    selected = set(args.only or range(1, 8))
     large, small = (QUICK_LARGE, QUICK_SMALL) if args.quick else (LARGE, SMALL)
     configure_logging("WARNING")
     began = time.monotonic()
@@ -152,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows += memory.run(args.quick, data, small, large)
             if 6 in selected:
                 rows += backfill.run(args.quick, database_url, redis_url, workdir)
+            if 7 in selected:
+                rows += extract_search.run(args.quick)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows.sort(key=lambda row: row.benchmark)
