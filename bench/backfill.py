@@ -572,7 +572,7 @@ def _phase_log(phase: Phase) -> None:
             f"{percentile(phase.after_tick, 0.95):.2f}s, tick wait p50 "
             f"{percentile(phase.tick_waits, 0.5):.2f}s"
         )
-    if phase.seconds:
+    if phase.finished:
         parts.append(f"backfill {phase.rate:.1f} windows/s over {phase.seconds:.0f}s")
     log("; ".join(parts))
 
