@@ -17,11 +17,15 @@ dropped here.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import queue
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -305,6 +309,97 @@ def _opensearch_detail(error: Any) -> str:
     return f"{error.status_code} {error.error}" + (f": {reason}" if reason else "")
 
 
+# --- concurrent slice readers --------------------------------------------------------------------
+
+
+class _Pit:
+    """The point in time's id, shared by the slice threads (the latest id Elasticsearch gave)."""
+
+    def __init__(self, pit_id: Any) -> None:
+        self.id = str(pit_id)
+
+    def update(self, pit_id: Any) -> None:
+        if pit_id:
+            self.id = str(pit_id)  # one attribute store: atomic under the GIL
+
+
+_DONE = object()
+"""What a slice thread puts on the queue when its slice is read to the end."""
+
+_POLL_SECONDS = 0.1
+"""How often a blocked thread (queue full) or the caller (queue empty) looks up: a thread sees
+the stop event within this, and the caller notices a thread that died without a word."""
+
+
+class _SliceReaders:
+    """Daemon threads, one per slice, each running a batch iterator into one bounded queue.
+
+    `batches()` yields batches as they arrive until every thread is done, raising the first
+    error any thread met; `stop()` (always called) makes every thread stop between pages and
+    waits briefly for them (a thread in the middle of a request is not waited for: it is a
+    daemon, and it puts nothing more once it sees the stop event).
+    """
+
+    def __init__(self, slices: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=slices + 1)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, read: Callable[[], Iterator[Batch]]) -> None:
+        thread = threading.Thread(
+            target=self._run, args=(read,), name=f"windowpipe-slice-{len(self._threads)}"
+        )
+        thread.daemon = True
+        self._threads.append(thread)
+        thread.start()
+
+    def _run(self, read: Callable[[], Iterator[Batch]]) -> None:
+        try:
+            for batch in read():
+                if not self._put(batch):
+                    return
+        except BaseException as error:
+            self._put(error)
+            return
+        self._put(_DONE)
+
+    def _put(self, item: Any) -> bool:
+        """Hand `item` to the caller, waiting while the queue is full; False once stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def batches(self) -> Iterator[Batch]:
+        running = len(self._threads)
+        while running:
+            try:
+                item = self._queue.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if not any(thread.is_alive() for thread in self._threads) and self._queue.empty():
+                    raise RuntimeError("a slice reader stopped without finishing") from None
+                continue
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+
+    def stop(self, wait: float = 1.0) -> None:
+        self._stop.set()
+        # Free any thread blocked on a full queue at once (it re-checks the event anyway).
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        deadline = time.monotonic() + wait
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 # --- the source --------------------------------------------------------------------------------
 
 
@@ -382,60 +477,79 @@ class SearchEngineSource(ABC):
     def iter_batches(self, window: Window) -> Iterator[Batch]:
         """Every document of the window once, a page (`page_size` hits) per batch.
 
-        Slices (`slices > 1`) are read one after the other over the same point in time, so
-        memory stays at one page. The point in time is closed however the iteration ends.
+        Every slice (one when `slices = 1`) is read by its own daemon thread over the same
+        point in time, all at once, so the next page is already on its way while the caller
+        writes this one, and `slices = N` keeps N requests in flight. The threads hand batches
+        over through a queue of at most `slices + 1` batches and wait while it is full, so
+        memory stays at about `2 * slices + 1` pages whatever the window's size.
+
+        The first error of any thread is raised here and stops the others; the threads also
+        stop (between pages) when the caller stops early or is interrupted, e.g. by a soft time
+        limit. The point in time is closed however the iteration ends.
         """
         config = self.config
         if self.count(window) == 0:
             # Nothing to read; also spares opening a PIT over a pattern that matches no index.
             return
         adapter = self.adapter
-        query = range_query(config.timestamp_field, window)
-        pit_id: str = self._call(
-            f"open point in time on {config.index}",
-            adapter.open_pit,
-            config.index,
-            config.pit_keep_alive,
+        pit = _Pit(
+            self._call(
+                f"open point in time on {config.index}",
+                adapter.open_pit,
+                config.index,
+                config.pit_keep_alive,
+            )
         )
+        readers = _SliceReaders(config.slices)
         try:
             slice_ids: list[int | None] = (
                 list(range(config.slices)) if config.slices > 1 else [None]
             )
             for slice_id in slice_ids:
-                search_after: list[Any] | None = None
-                while True:
-                    body: dict[str, Any] = {
-                        "size": config.page_size,
-                        "query": query,
-                        "pit": {"id": pit_id, "keep_alive": config.pit_keep_alive},
-                        "sort": [
-                            {config.timestamp_field: {"order": "asc", "unmapped_type": "date"}},
-                            {"_shard_doc": "asc"},
-                        ],
-                        "track_total_hits": False,
-                    }
-                    if slice_id is not None:
-                        body["slice"] = {"id": slice_id, "max": config.slices}
-                    if search_after is not None:
-                        body["search_after"] = search_after
-                    reply = self._call(f"search on {config.index}", adapter.search, body)
-                    # Elasticsearch may hand back a new id for the same PIT; use the latest.
-                    pit_id = str(reply.get("pit_id") or pit_id)
-                    hits = reply["hits"]["hits"]
-                    if not hits:
-                        break
-                    yield self._batch(hits, window)
-                    if len(hits) < config.page_size:
-                        break
-                    search_after = hits[-1]["sort"]
+                readers.start(functools.partial(self._read_slice, window, pit, slice_id))
+            yield from readers.batches()
         finally:
+            readers.stop()
             try:
-                self._call("close point in time", adapter.close_pit, pit_id)
+                self._call("close point in time", adapter.close_pit, pit.id)
             except StageTimeLimitError:
                 raise  # the stage must stop now; never hide its soft time limit
             except WindowpipeError as error:
                 # It expires after pit_keep_alive anyway; never hide the real outcome.
                 log.warning("could not close point in time: %s", error)
+
+    def _read_slice(self, window: Window, pit: _Pit, slice_id: int | None) -> Iterator[Batch]:
+        """One slice's pages (the whole PIT when `slice_id` is None), as batches."""
+        config = self.config
+        adapter = self.adapter
+        query = range_query(config.timestamp_field, window)
+        sort = [
+            {config.timestamp_field: {"order": "asc", "unmapped_type": "date"}},
+            {"_shard_doc": "asc"},
+        ]
+        search_after: list[Any] | None = None
+        while True:
+            body: dict[str, Any] = {
+                "size": config.page_size,
+                "query": query,
+                "pit": {"id": pit.id, "keep_alive": config.pit_keep_alive},
+                "sort": sort,
+                "track_total_hits": False,
+            }
+            if slice_id is not None:
+                body["slice"] = {"id": slice_id, "max": config.slices}
+            if search_after is not None:
+                body["search_after"] = search_after
+            reply = self._call(f"search on {config.index}", adapter.search, body)
+            # Elasticsearch may hand back a new id for the same PIT; use the latest.
+            pit.update(reply.get("pit_id"))
+            hits = reply["hits"]["hits"]
+            if not hits:
+                return
+            yield self._batch(hits, window)
+            if len(hits) < config.page_size:
+                return
+            search_after = hits[-1]["sort"]
 
     def _batch(self, hits: list[dict[str, Any]], window: Window) -> Batch:
         batch = Batch()

@@ -9,6 +9,9 @@ the contract tests only look at what the `Source` protocol promises. Flavour-spe
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -382,6 +385,110 @@ def test_sliced_point_in_time_yields_each_document_once(flavour: SearchFlavour) 
     assert len(ids) == 2500 and set(ids) == {str(r.id) for r in records}
     assert rejected == []
     assert flavour.open_cursors() == []
+
+
+def _slice_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("windowpipe-slice-")]
+
+
+def _wait_for_no_slice_threads(seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while _slice_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _slice_threads() == []
+
+
+@search_flavours()
+def test_sliced_extract_equals_unsliced_extract_id_for_id(flavour: SearchFlavour) -> None:
+    """Slices are read at once, in threads: together they are the unsliced read, each
+    document exactly once, with the same timestamp and body."""
+    records = [Record(i, START + timedelta(seconds=(i * 13) % 900), f"p{i}") for i in range(3000)]
+    flavour.load(records)
+    one, rejected_one = read_all(flavour.source(page_size=100, slices=1))
+    three, rejected_three = read_all(flavour.source(page_size=100, slices=3))
+    assert rejected_one == rejected_three == []
+    assert len(one) == len(three) == 3000
+    assert len({d.id for d in three}) == 3000
+    key = {d.id: (d.timestamp, d.body) for d in one}
+    assert {d.id: (d.timestamp, d.body) for d in three} == key
+    assert flavour.open_cursors() == []
+    _wait_for_no_slice_threads()
+
+
+@search_flavours()
+def test_an_error_in_one_slice_surfaces_and_stops_the_other_slices(
+    flavour: SearchFlavour, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flavour.load([Record(i, START + timedelta(seconds=i % 600)) for i in range(3000)])
+    source = flavour.source(page_size=100, slices=3)
+    adapter = source.adapter
+    real_search = adapter.search
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def failing_search(body: dict[str, Any]) -> dict[str, Any]:
+        slice_id = body["slice"]["id"]
+        with lock:
+            calls.append(slice_id)
+            nth = calls.count(slice_id)
+        if slice_id == 1 and nth == 2:
+            raise _api_error(flavour.name, 429)
+        return real_search(body)
+
+    monkeypatch.setattr(adapter, "search", failing_search)
+    with pytest.raises(TransientError, match="429"):
+        read_all(source)
+    assert flavour.open_cursors() == []
+    _wait_for_no_slice_threads()
+    # Stopped, not read to the end: 10 pages per slice would be 30 searches or more.
+    assert len(calls) < 30
+
+
+@search_flavours()
+def test_sliced_reader_stopped_early_closes_the_pit_and_stops_its_threads(
+    flavour: SearchFlavour,
+) -> None:
+    flavour.load([Record(i, START) for i in range(3000)])
+    batches = flavour.source(page_size=100, slices=3).iter_batches(WINDOW)
+    first = next(batches)
+    assert len(first.documents) == 100
+    assert len(flavour.open_cursors()) == 1
+    batches.close()
+    assert flavour.open_cursors() == []
+    _wait_for_no_slice_threads()
+
+
+@search_flavours()
+def test_soft_time_limit_while_waiting_for_a_slice_closes_the_pit_and_stops_its_threads(
+    flavour: SearchFlavour, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery raises the soft time limit in the main thread, wherever it is: here, waiting for
+    the slice threads' next batch. It goes up as it is; the threads stop, the PIT is closed."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    flavour.load([Record(i, START) for i in range(1000)])
+    source = flavour.source(page_size=100, slices=2)
+    adapter = source.adapter
+    real_search = adapter.search
+
+    def slow_search(body: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.2)
+        return real_search(body)
+
+    def soft_limit(signum: int, frame: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(adapter, "search", slow_search)
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(SoftTimeLimitExceeded):
+            read_all(source)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert flavour.open_cursors() == []
+    _wait_for_no_slice_threads()
 
 
 @search_flavours()
