@@ -849,3 +849,30 @@ def test_fingerprint_of_a_missing_version_column_is_terminal(sqlite_url: str) ->
     flavour.load([Record(1, START)])
     with pytest.raises(TerminalError, match="no column 'updated_at' \\(version_column\\)"):
         flavour.source(version_column="updated_at").fingerprint(WINDOW)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-11-01T00:05:00.123Z", START + timedelta(minutes=5, milliseconds=123)),
+        ("2026-11-01T02:05:00+02:00", START + timedelta(minutes=5)),
+        ("2026-11-01T00:05:00", START + timedelta(minutes=5)),
+        (" 2026-11-01T00:05:00Z ", START + timedelta(minutes=5)),
+        ("2026-11-01T00:05:00.123456789Z", START + timedelta(minutes=5, microseconds=123456)),
+        (str(int((START + timedelta(minutes=5)).timestamp() * 1000)), START + timedelta(minutes=5)),
+        (["2026-11-01T00:05:00Z"], START + timedelta(minutes=5)),
+        ("2026-13-01T00:00:00Z", None),
+        ("2026-11-01T25:00:00Z", None),
+        ("not-a-date-at-all", None),
+        (True, None),
+    ],
+)
+def test_parse_timestamp_fast_path_agrees_with_the_general_one(
+    value: Any, expected: datetime | None
+) -> None:
+    from connectors.elasticsearch import parse_timestamp
+
+    parsed = parse_timestamp(value)
+    assert parsed == expected
+    if parsed is not None:
+        assert parsed.utcoffset() == timedelta(0)
