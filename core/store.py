@@ -63,6 +63,13 @@ _SQLITE_BEGIN = "windowpipe_sqlite_begin"
 """Execution option naming the SQLite BEGIN mode of a connection's next transaction."""
 
 
+class _Unguarded:
+    """No guard on the stage column (the default of `StateStore._move_one`)."""
+
+
+_UNGUARDED = _Unguarded()
+
+
 class UTCDateTime(sa.TypeDecorator[datetime]):
     """An instant stored as UTC and returned aware UTC; naive datetimes are refused.
 
@@ -359,12 +366,8 @@ class StateStore:
         a silent no-op. `fields` the move does not take are a caller's bug (TypeError).
         """
         move = move_for(to, expect)
-        values = _move_values(move, utc_now(), fields)
         sources = _sources(move, expect)
-        guards = [*_key(pipeline, window_start), _status_in(sources)]
-        if fence is not None:
-            guards.append(WINDOWS.c.fence == fence)
-        record = self._update_one(guards, values)
+        record = self._move_one(move, pipeline, window_start, sources, fields, fence=fence)
         if record is None:
             raise self._refusal(pipeline, window_start, fence=fence, to=move.to, sources=sources)
         return record
@@ -379,12 +382,7 @@ class StateStore:
         waiting for this stage. One round trip instead of bump, read and transition: this runs
         once per stage of every window.
         """
-        guards = [
-            *_key(pipeline, window_start),
-            _status_in(CLAIM.sources),
-            WINDOWS.c.stage == Stage(stage).value,
-        ]
-        return self._update_one(guards, _move_values(CLAIM, utc_now()))
+        return self._move_one(CLAIM, pipeline, window_start, CLAIM.sources, stage=Stage(stage))
 
     def queue(
         self,
@@ -405,11 +403,9 @@ class StateStore:
         nobody claimed the window since it was found lost).
         """
         move = move_for(WindowStatus.QUEUED, expect, among=(ENQUEUE, REQUEUE_LOST))
-        values = _move_values(move, utc_now(), {} if kind is None else {"kind": kind})
-        guards = [*_key(pipeline, window_start), _status_in(_sources(move, expect))]
-        if fence is not None:
-            guards.append(WINDOWS.c.fence == fence)
-        return self._update_one(guards, values)
+        taken = {} if kind is None else {"kind": kind}
+        sources = _sources(move, expect)
+        return self._move_one(move, pipeline, window_start, sources, taken, fence=fence)
 
     def touch_queued(
         self, pipeline: str, window_start: datetime, *, fence: int, stage: Stage | None
@@ -422,13 +418,9 @@ class StateStore:
         Attempts are not touched: waiting in a queue, or a message lost with the broker, is not
         work that ran and failed.
         """
-        guards = [
-            *_key(pipeline, window_start),
-            _status_in(RESEND.sources),
-            WINDOWS.c.fence == fence,
-            WINDOWS.c.stage.is_(None) if stage is None else WINDOWS.c.stage == Stage(stage).value,
-        ]
-        return self._update_one(guards, _move_values(RESEND, utc_now()))
+        return self._move_one(
+            RESEND, pipeline, window_start, RESEND.sources, fence=fence, stage=stage
+        )
 
     def mark_dead_exhausted(self, pipeline: str, max_attempts: int) -> int:
         """Failed windows with `attempts >= max_attempts` become dead (BURY); returns how
@@ -652,6 +644,49 @@ class StateStore:
     def _records(self, query: sa.Select[Any]) -> list[WindowRecord]:
         with self._reading() as conn:
             return [_to_record(row) for row in conn.execute(query)]
+
+    def _move_one(
+        self,
+        move: Move,
+        pipeline: str,
+        window_start: datetime,
+        sources: frozenset[WindowStatus],
+        taken: Mapping[str, Any] | None = None,
+        *,
+        fence: int | None = None,
+        stage: Stage | _Unguarded | None = _UNGUARDED,
+    ) -> WindowRecord | None:
+        """Apply `move` to one record in one guarded UPDATE: the record as updated, or None
+        when it is not in one of `sources` (or no longer carries `fence`, or is not at `stage`).
+
+        The hot path of every stage (a claim and a commit per stage of every window): the
+        statement is built once per shape and reused with bound values, so SQLAlchemy neither
+        builds it nor computes its cache key again.
+        """
+        taken = _checked_taken(move, taken or {})
+        shape = _UpdateShape(
+            move.name,
+            sources,
+            fenced=fence is not None,
+            stage=stage if isinstance(stage, _Unguarded) else "null" if stage is None else "equal",
+            taken=tuple(sorted(taken)),
+        )
+        statement = _GUARDED_UPDATES.get(shape)
+        if statement is None:
+            statement = _GUARDED_UPDATES[shape] = _guarded_update(move, shape)
+        params = {
+            "key_pipeline": pipeline,
+            "key_start": _aware(window_start),
+            "now": utc_now(),
+            **{f"set_{name}": value for name, value in taken.items()},
+        }
+        if fence is not None:
+            params["guard_fence"] = fence
+        if isinstance(stage, Stage):
+            params["guard_stage"] = stage.value
+        with self._writing() as conn:
+            row = conn.execute(statement, params).one_or_none()
+        return _to_record(row) if row is not None else None
 
     def _update_one(
         self, guards: Sequence[sa.ColumnElement[bool]], values: Mapping[str, Any]
@@ -888,8 +923,65 @@ def _new_row(pipeline: str, window: Window, kind: WindowKind, now: datetime) -> 
     }
 
 
+@dataclass(frozen=True)
+class _UpdateShape:
+    """What makes two guarded UPDATEs of one record the same statement."""
+
+    move: str
+    sources: frozenset[WindowStatus]
+    fenced: bool
+    stage: str | _Unguarded
+    """"equal" (stage = :guard_stage), "null" (stage IS NULL), or unguarded."""
+    taken: tuple[str, ...]
+
+
+_GUARDED_UPDATES: dict[_UpdateShape, sa.Update] = {}
+"""Built statements by shape: a few dozen at most (moves x guards x fields taken)."""
+
+
+def _guarded_update(move: Move, shape: _UpdateShape) -> sa.Update:
+    """The UPDATE … RETURNING of `shape`, with bound parameters for the window's key
+    (`key_pipeline`, `key_start`), the guards (`guard_fence`, `guard_stage`), `now` and each
+    field taken (`set_<name>`)."""
+    now = sa.bindparam("now", type_=UTCDateTime())
+    taken = {name: sa.bindparam(f"set_{name}", type_=WINDOWS.c[name].type) for name in shape.taken}
+    guards = [
+        WINDOWS.c.pipeline == sa.bindparam("key_pipeline"),
+        WINDOWS.c.window_start == sa.bindparam("key_start", type_=UTCDateTime()),
+        _status_in(shape.sources),
+    ]
+    if shape.fenced:
+        guards.append(WINDOWS.c.fence == sa.bindparam("guard_fence"))
+    if shape.stage == "equal":
+        guards.append(WINDOWS.c.stage == sa.bindparam("guard_stage"))
+    elif shape.stage == "null":
+        guards.append(WINDOWS.c.stage.is_(None))
+    values = _move_values(move, now, taken)
+    return sa.update(WINDOWS).where(*guards).values(**values).returning(*WINDOWS.c)
+
+
+def _checked_taken(move: Move, taken: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a caller gives a move, as stored (enums as their values); a field the move
+    does not take is the caller's bug (TypeError)."""
+    unknown = set(taken) - move.takes
+    if unknown:
+        allowed = ", ".join(sorted(move.takes)) or "nothing"
+        raise TypeError(
+            f"cannot set {', '.join(sorted(unknown))} on a window record "
+            f"({move.name} takes {allowed})"
+        )
+    checked = dict(taken)
+    if checked.get("stage") is not None and not isinstance(checked["stage"], sa.BindParameter):
+        checked["stage"] = Stage(checked["stage"]).value
+    if "kind" in checked and not isinstance(checked["kind"], sa.BindParameter):
+        checked["kind"] = WindowKind(checked["kind"]).value
+    return checked
+
+
 def _move_values(
-    move: Move, now: datetime, taken: Mapping[str, Any] | None = None
+    move: Move,
+    now: datetime | sa.BindParameter[datetime],
+    taken: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The SET clause of `move` at `now`: its status, `updated_at`, its field rules as SQL, and
     the fields the caller gave (`taken`, which must be fields the move takes).
@@ -899,14 +991,8 @@ def _move_values(
     so the rules that depend on the old status (`RESUME_STAGE`, `CLEARED_ON_RESTART`) decide and
     apply in the same statement.
     """
-    taken = dict(taken or {})
-    unknown = set(taken) - move.takes
-    if unknown:
-        allowed = ", ".join(sorted(move.takes)) or "nothing"
-        raise TypeError(
-            f"cannot set {', '.join(sorted(unknown))} on a window record "
-            f"({move.name} takes {allowed})"
-        )
+    taken = _checked_taken(move, taken or {})
+    instant = now if isinstance(now, sa.BindParameter) else sa.literal(now, UTCDateTime())
     values: dict[str, Any] = {"status": move.to.value, "updated_at": now}
     restarts = WINDOWS.c.status.in_(_values(RESTART_FROM_PRECHECK))
     precheck = Stage.PRECHECK.value
@@ -923,17 +1009,13 @@ def _move_values(
         elif rule == Rule.ZERO:
             values[name] = 0
         elif rule == Rule.NOW_IF_UNSET:
-            values[name] = sa.func.coalesce(column, sa.literal(now, UTCDateTime()))
+            values[name] = sa.func.coalesce(column, instant)
         elif rule == Rule.RESUME_STAGE:  # core.transitions.resume_stage, in SQL
             values[name] = sa.case((restarts, precheck), else_=sa.func.coalesce(column, precheck))
         elif rule == Rule.CLEARED_ON_RESTART:
             values[name] = sa.case((restarts, sa.null()), else_=column)
         else:  # pragma: no cover - a Rule added without its SQL
             raise AssertionError(f"no SQL for {rule!r}")
-    if taken.get("stage") is not None:
-        taken["stage"] = Stage(taken["stage"]).value
-    if "kind" in taken:
-        taken["kind"] = WindowKind(taken["kind"]).value
     values.update(taken)
     return values
 
