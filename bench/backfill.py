@@ -109,6 +109,9 @@ RECHECK_PIPELINE = "live1"
 RECHECK_HORIZONS = {"1h": timedelta(hours=1), "1d": timedelta(days=1), "7d": timedelta(days=7)}
 RECHECK_WINDOWS = 10_000
 """Succeeded windows of its history seeded due for a recheck."""
+RECHECK_SHIFT = timedelta(minutes=70)
+"""The backlog starts this long before the backfill range (and ends as long before the live
+windows), so even its newest window is older than the first horizon during the phase."""
 RECHECK_DRIFT_EVERY = 100
 RECHECK_DRIFTED = 10
 """Every `RECHECK_DRIFT_EVERY`-th of the oldest windows, `RECHECK_DRIFTED` in all, records one
@@ -329,7 +332,8 @@ def _prepare(plan: Plan, database_url: str, redis_url: str, workdir: Path, now: 
     state_url = schema_url(database_url, "backfill_state")
     frontier = now.replace(second=0, microsecond=0) - WINDOW
     backfill_start = frontier - WINDOW - BACKFILL_WINDOWS * WINDOW
-    origin = backfill_start - WARM_WINDOWS * WINDOW
+    # The recheck backlog ends a horizon (1h) and a bit before the live windows: all of it due.
+    origin = backfill_start - RECHECK_SHIFT - WARM_WINDOWS * WINDOW
     # Documents up to well past the end of the run: live windows find them once due.
     _seed_events(data_url, origin, frontier + timedelta(hours=1))
     live = [f"live{i}" for i in range(plan.live_pipelines)]
@@ -608,8 +612,8 @@ def _tally_rechecks(setup: _Setup, phase: Phase, since: datetime, before: dateti
     """The backlog's windows rechecked in [since, before), drifted, and re-run since."""
     backlog = (
         (WINDOWS.c.pipeline == RECHECK_PIPELINE)
-        & (WINDOWS.c.window_start >= setup.backfill_start)
-        & (WINDOWS.c.window_end <= setup.frontier - WINDOW)
+        & (WINDOWS.c.window_start >= setup.backfill_start - RECHECK_SHIFT)
+        & (WINDOWS.c.window_end <= setup.frontier - WINDOW - RECHECK_SHIFT)
     )
     checked = (WINDOWS.c.checked_at >= since) & (WINDOWS.c.checked_at < before)
     drifted = checked & WINDOWS.c.drift.is_not(None)
@@ -652,7 +656,7 @@ def _recheck_phase(setup: _Setup, plan: Plan, rechecker: Workers, phase: Phase) 
     drifted = seed_recheck_backlog(
         setup.store,
         RECHECK_PIPELINE,
-        setup.backfill_start,
+        setup.backfill_start - RECHECK_SHIFT,
         RECHECK_WINDOWS,
         documents=DOCS_PER_MINUTE,
     )
