@@ -210,14 +210,20 @@ def windowpipe_extract(url: str, stage_dir: Path, slices: int, run: int) -> int:
     return manifest.rows
 
 
-def _timed(call: Callable[[], int], documents: int, cpu: ServerCpu) -> tuple[float, float]:
-    """(docs/s, server CPU cores busy on average) of one run of `call`."""
-    cpu_before, began = cpu.seconds(), time.perf_counter()
+def _timed(call: Callable[[], int], documents: int, cpu: ServerCpu) -> tuple[float, float, float]:
+    """(docs/s, server CPU cores busy on average, this process's CPU cores busy on average:
+    the client, all its threads) of one run of `call`."""
+    cpu_before, client_before = cpu.seconds(), time.process_time()
+    began = time.perf_counter()
     got = call()
     elapsed = time.perf_counter() - began
     if got != documents:
         raise RuntimeError(f"read {got} documents, expected {documents}")
-    return documents / elapsed, (cpu.seconds() - cpu_before) / elapsed
+    return (
+        documents / elapsed,
+        (cpu.seconds() - cpu_before) / elapsed,
+        (time.process_time() - client_before) / elapsed,
+    )
 
 
 def _cores(values: list[float]) -> str:
@@ -243,6 +249,7 @@ def run(quick: bool) -> list[Row]:
         windowpipe_extract(server.url, workdir / "stage", 1, 0)
         rates: dict[int, tuple[list[float], list[float]]] = {}
         busy: dict[int, tuple[list[float], list[float]]] = {}
+        client_busy: dict[int, tuple[list[float], list[float]]] = {}
         threads: dict[int, int] = {}
         number = 1
         for slices in SLICES:
@@ -250,12 +257,15 @@ def run(quick: bool) -> list[Row]:
             bare: list[float] = []
             ours_cpu: list[float] = []
             bare_cpu: list[float] = []
+            ours_client: list[float] = []
+            bare_client: list[float] = []
             for _ in range(runs):
-                rate, cores = _timed(lambda n=slices: bare_loop(client, n), documents, cpu)
+                rate, cores, own = _timed(lambda n=slices: bare_loop(client, n), documents, cpu)
                 bare.append(rate)
                 bare_cpu.append(cores)
+                bare_client.append(own)
                 threads[slices] = max(threads.get(slices, 0), cpu.threads())
-                rate, cores = _timed(
+                rate, cores, own = _timed(
                     lambda n=slices, r=number: windowpipe_extract(
                         server.url, workdir / "stage", n, r
                     ),
@@ -265,9 +275,11 @@ def run(quick: bool) -> list[Row]:
                 number += 1
                 ours.append(rate)
                 ours_cpu.append(cores)
+                ours_client.append(own)
                 log(f"7: slices={slices}: bare {bare[-1]:,.0f} docs/s, windowpipe {rate:,.0f}")
             rates[slices] = (ours, bare)
             busy[slices] = (ours_cpu, bare_cpu)
+            client_busy[slices] = (ours_client, bare_client)
         setup = (
             f"one window of {documents:,} documents (~150 B each) in osmem-server "
             f"(in-memory, one index, `dynamic: false` but for @timestamp), opensearch-py, "
@@ -288,7 +300,8 @@ def run(quick: bool) -> list[Row]:
                 ours,
                 bare,
                 f"{setup}; server CPU (cores busy, from /proc) windowpipe [{_cores(busy[1][0])}], "
-                f"bare [{_cores(busy[1][1])}]",
+                f"bare [{_cores(busy[1][1])}]; client process CPU (cores busy) windowpipe "
+                f"[{_cores(client_busy[1][0])}], bare [{_cores(client_busy[1][1])}]",
             )
         )
         one_ours, one_bare = median(rates[1][0]), median(rates[1][1])
@@ -308,8 +321,10 @@ def run(quick: bool) -> list[Row]:
                     bare,
                     f"speed-up over slices=1: windowpipe {median(ours) / one_ours:.2f}x, "
                     f"bare {median(bare) / one_bare:.2f}x; server CPU (cores busy) windowpipe "
-                    f"[{_cores(busy[slices][0])}], bare [{_cores(busy[slices][1])}]; osmem "
-                    f"threads {threads[slices]}",
+                    f"[{_cores(busy[slices][0])}], bare [{_cores(busy[slices][1])}]; client "
+                    f"CPU (cores busy) windowpipe [{_cores(client_busy[slices][0])}], bare "
+                    f"[{_cores(client_busy[slices][1])}]; osmem threads {threads[slices]}; "
+                    f"{os.cpu_count()} cores on this machine",
                 )
             )
             rows.append(
