@@ -330,7 +330,7 @@ def run(quick: bool) -> list[Row]:
             rows.append(
                 Row(
                     BENCHMARK,
-                    f"speed-up slices={slices} over slices=1 (windowpipe | bare)",
+                    f"speed-up slices={slices} over slices=1 (windowpipe, bare)",
                     median(ours) / one_ours,
                     median(bare) / one_bare,
                     (median(ours) / one_ours) / (median(bare) / one_bare),
