@@ -252,6 +252,35 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+# --- CPU ----------------------------------------------------------------------------------------
+
+
+def cpu_seconds(process_groups: Sequence[int], database: str | None = None) -> float:
+    """CPU seconds (user + system) used so far by every process in `process_groups` (worker
+    subprocesses and their pool children), plus the PostgreSQL backends serving `database`.
+
+    On a shared, loaded machine a rate moves with whatever else runs; the CPU each window costs
+    moves much less, so the bench reports both.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    groups = set(process_groups)
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            mine = int(fields[2]) in groups  # pgrp
+            if not mine and database is not None and "postgres" in stat[: stat.rindex(")")]:
+                mine = f" {database} " in (entry / "cmdline").read_text().replace("\0", " ")
+            if mine:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended meanwhile
+    return total / tick
+
+
 # --- beat ---------------------------------------------------------------------------------------
 
 

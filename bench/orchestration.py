@@ -13,7 +13,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from bench.common import (
     Beat,
     Row,
     Workers,
+    cpu_seconds,
     log,
     median,
     percentile,
@@ -234,12 +236,37 @@ class _Noop:
             time.sleep(poll)
 
 
-def _measure(runner: _Windowpipe | _Noop, plan: Plan, name: str) -> tuple[list[float], list[float]]:
+@dataclass
+class _Cpu:
+    """CPU milliseconds per window of the workers (and the bench database's PostgreSQL
+    backends) over throughput runs."""
+
+    groups: list[int]
+    database: str
+    workers_ms: list[float] = field(default_factory=list)
+    total_ms: list[float] = field(default_factory=list)
+
+    def measure(self, windows: int, work: Callable[[], float]) -> float:
+        workers, everything = cpu_seconds(self.groups), cpu_seconds(self.groups, self.database)
+        rate = work()
+        self.workers_ms.append((cpu_seconds(self.groups) - workers) * 1000 / windows)
+        self.total_ms.append(
+            (cpu_seconds(self.groups, self.database) - everything) * 1000 / windows
+        )
+        return rate
+
+
+def _measure(
+    runner: _Windowpipe | _Noop, plan: Plan, name: str, cpu: _Cpu
+) -> tuple[list[float], list[float]]:
     runner.throughput(plan.warmup)  # every pool process imports and connects once
     rates = []
     for run in range(plan.runs):
-        rates.append(runner.throughput(plan.windows))
-        log(f"orchestration {name} run {run + 1}: {rates[-1]:.1f} windows/s")
+        rates.append(cpu.measure(plan.windows, lambda: runner.throughput(plan.windows)))
+        log(
+            f"orchestration {name} run {run + 1}: {rates[-1]:.1f} windows/s, CPU per window "
+            f"{cpu.workers_ms[-1]:.1f} ms workers, {cpu.total_ms[-1]:.1f} ms with PostgreSQL"
+        )
     latencies = []
     for _ in range(plan.latency_samples):
         latencies.append(runner.latency())
@@ -253,6 +280,7 @@ def _measure(runner: _Windowpipe | _Noop, plan: Plan, name: str) -> tuple[list[f
 
 def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[Row]:
     plan = PLANS["quick" if quick else "full"]
+    database = database_url.rsplit("/", 1)[1]
     data_url = schema_url(database_url, "orchestration")
     state_url = schema_url(database_url, "orchestration_state")
     total = plan.warmup + 2 * plan.runs * plan.windows + plan.latency_samples
@@ -286,7 +314,8 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
     sender = _Sender(redis_url, "bench.noop")
     with Workers("bench.noop_app", workdir, env) as workers:
         workers.start(layout, CONCURRENCY)
-        base_rates, base_latencies = _measure(_Noop(redis_url, sender), plan, "no-op")
+        base_cpu = _Cpu([p.pid for p in workers.processes], database)
+        base_rates, base_latencies = _measure(_Noop(redis_url, sender), plan, "no-op", base_cpu)
     sender.close()
 
     log("orchestration: windowpipe, four stages")
@@ -294,14 +323,23 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
     with Workers("workers", workdir, env) as workers:
         workers.start(layout, CONCURRENCY)
         chains = _Windowpipe(store, sender)
-        rates, latencies = _measure(chains, plan, "windowpipe")
+        cpu = _Cpu([p.pid for p in workers.processes], database)
+        rates, latencies = _measure(chains, plan, "windowpipe", cpu)
         log("orchestration: windowpipe, `windowpipe enqueue` with beat running")
         enqueued = _Enqueued(store, chains, env)
-        with Beat("workers", workdir, env):
+        with Beat("workers", workdir, env) as beat:
+            beat.start()
+            assert beat.process is not None
+            enqueued_cpu = _Cpu([*cpu.groups, beat.process.pid], database)
             enqueued_rates = []
             for run in range(plan.runs):
-                enqueued_rates.append(enqueued.throughput(plan.windows))
-                log(f"orchestration enqueue run {run + 1}: {enqueued_rates[-1]:.1f} windows/s")
+                enqueued_rates.append(
+                    enqueued_cpu.measure(plan.windows, lambda: enqueued.throughput(plan.windows))
+                )
+                log(
+                    f"orchestration enqueue run {run + 1}: {enqueued_rates[-1]:.1f} windows/s, "
+                    f"CPU per window {enqueued_cpu.total_ms[-1]:.1f} ms with PostgreSQL"
+                )
     sender.close()
     store.dispose()
 
@@ -340,6 +378,28 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
             note,
         ),
     ]
+    cpu_note = (
+        "CPU (user + system, from /proc) of the worker processes and their pool children, "
+        "plus the PostgreSQL backends of the bench database, over the throughput runs, per "
+        "window; Redis not counted"
+    )
+    for label, ours in (("`windowpipe enqueue` + beat", enqueued_cpu), ("chains", cpu)):
+        ratio_cpu = median(ours.total_ms) / median(base_cpu.total_ms)
+        rows.append(
+            Row(
+                "1. orchestration",
+                f"CPU ms per window, {label}",
+                median(ours.total_ms),
+                median(base_cpu.total_ms),
+                ratio_cpu,
+                "report",
+                None,
+                ours.total_ms,
+                base_cpu.total_ms,
+                f"{cpu_note}; workers alone {median(ours.workers_ms):.1f} vs "
+                f"{median(base_cpu.workers_ms):.1f} ms",
+            )
+        )
     for name, fraction in (("p50", 0.5), ("p95", 0.95)):
         ours = percentile(latencies, fraction) * 1000
         theirs = percentile(base_latencies, fraction) * 1000
