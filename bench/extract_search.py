@@ -236,7 +236,8 @@ def run(quick: bool) -> list[Row]:
     runs = QUICK_RUNS if quick else RUNS
     workdir = Path(tempfile.mkdtemp(prefix="windowpipe-bench7-"))
     server = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
-    client = OpenSearch(hosts=[server.url], timeout=120)
+    # A kept-alive connection per thread, as the source keeps one per slice.
+    client = OpenSearch(hosts=[server.url], timeout=120, pool_maxsize=max(SLICES))
     cpu = ServerCpu(server.process.pid)
     rows: list[Row] = []
     try:

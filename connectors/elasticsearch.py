@@ -225,6 +225,8 @@ class ElasticsearchAdapter(SearchClientAdapter):
             options["api_key"] = resolve_secret(config.api_key_env)
         if node_class is not None:
             options["node_class"] = node_class
+        # A kept-alive connection per slice thread (the SDK's default is 10 per node).
+        options["connections_per_node"] = max(10, config.slices)
         self._client = Elasticsearch(config.hosts, **options)
 
     def count(self, index: str, query: dict[str, Any]) -> int:
@@ -273,6 +275,9 @@ class OpenSearchAdapter(SearchClientAdapter):
             options["ca_certs"] = config.ca_certs
         if config.username:
             options["http_auth"] = (config.username, resolve_secret(config.password_env) or "")
+        # A kept-alive connection per slice thread: urllib3's default pool keeps one, so every
+        # other slice would connect again for each page (and log "Connection pool is full").
+        options["pool_maxsize"] = max(10, config.slices)
         self._client = OpenSearch(hosts=config.hosts, **options)
 
     def count(self, index: str, query: dict[str, Any]) -> int:

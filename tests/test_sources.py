@@ -9,6 +9,7 @@ the contract tests only look at what the `Source` protocol promises. Flavour-spe
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -413,6 +414,17 @@ def test_sliced_extract_equals_unsliced_extract_id_for_id(flavour: SearchFlavour
     assert {d.id: (d.timestamp, d.body) for d in three} == key
     assert flavour.open_cursors() == []
     _wait_for_no_slice_threads()
+
+
+@search_flavours()
+def test_slice_threads_reuse_kept_alive_connections(
+    flavour: SearchFlavour, caplog: pytest.LogCaptureFixture
+) -> None:
+    flavour.load([Record(i, START + timedelta(seconds=i % 600)) for i in range(2000)])
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        documents, _ = read_all(flavour.source(page_size=100, slices=4))
+    assert len(documents) == 2000
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
 
 
 @search_flavours()
