@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -246,14 +246,28 @@ class _Cpu:
     workers_ms: list[float] = field(default_factory=list)
     total_ms: list[float] = field(default_factory=list)
 
+    by_group_ms: dict[int, list[float]] = field(default_factory=dict)
+    """CPU ms per window of each process group (a worker per queue, in `groups` order)."""
+
     def measure(self, windows: int, work: Callable[[], float]) -> float:
+        each = [cpu_seconds([group]) for group in self.groups]
         workers, everything = cpu_seconds(self.groups), cpu_seconds(self.groups, self.database)
         rate = work()
         self.workers_ms.append((cpu_seconds(self.groups) - workers) * 1000 / windows)
         self.total_ms.append(
             (cpu_seconds(self.groups, self.database) - everything) * 1000 / windows
         )
+        for group, before in zip(self.groups, each, strict=True):
+            spent = (cpu_seconds([group]) - before) * 1000 / windows
+            self.by_group_ms.setdefault(group, []).append(spent)
         return rate
+
+    def split(self, names: Sequence[str]) -> str:
+        """Median CPU ms per window of each named group, e.g. "precheck 9.1, extract 12.0"."""
+        return ", ".join(
+            f"{name} {median(self.by_group_ms.get(group, [0.0])):.1f}"
+            for name, group in zip(names, self.groups, strict=False)
+        )
 
 
 def _measure(
@@ -378,6 +392,7 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
             note,
         ),
     ]
+    cpu_names = [*layout, "beat"]
     cpu_note = (
         "CPU (user + system, from /proc) of the worker processes and their pool children, "
         "plus the PostgreSQL backends of the bench database, over the throughput runs, per "
@@ -397,7 +412,8 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
                 ours.total_ms,
                 base_cpu.total_ms,
                 f"{cpu_note}; workers alone {median(ours.workers_ms):.1f} vs "
-                f"{median(base_cpu.workers_ms):.1f} ms",
+                f"{median(base_cpu.workers_ms):.1f} ms; by worker ({ours.split(cpu_names)}) vs "
+                f"({base_cpu.split(cpu_names)})",
             )
         )
     for name, fraction in (("p50", 0.5), ("p95", 0.95)):

@@ -157,14 +157,19 @@ class _Renewer:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._due: dict[WindowLock, float] = {}
+        self._wake_at = float("inf")
+        """When the thread wakes next on its own (it is woken early only for a lock due
+        before that, so a stage does not hand the GIL to this thread at every start)."""
         self._changed = threading.Condition()
         thread = threading.Thread(target=self._run, name="windowpipe lock renewer", daemon=True)
         thread.start()
 
     def add(self, lock: WindowLock) -> None:
         with self._changed:
-            self._due[lock] = time.monotonic() + lock.renew_every
-            self._changed.notify()
+            due = time.monotonic() + lock.renew_every
+            self._due[lock] = due
+            if due < self._wake_at:
+                self._changed.notify()
 
     def discard(self, lock: WindowLock) -> None:
         with self._changed:
@@ -178,8 +183,10 @@ class _Renewer:
                 for lock in ready:
                     self._due[lock] = now + lock.renew_every
                 if not ready:
-                    next_due = min(self._due.values(), default=now + 3600)
-                    self._changed.wait(next_due - now)
+                    self._wake_at = min(self._due.values(), default=now + 3600)
+                    self._changed.wait(self._wake_at - now)
+                    # Awake: it reads every due time again before it waits, so no add notifies.
+                    self._wake_at = float("-inf")
                     continue
             for lock in ready:  # outside the condition: a renewal is a Redis round trip
                 if not lock.renew():

@@ -421,6 +421,22 @@ def test_renewal_keeps_locks_alive_past_their_ttl_and_stops_at_release(redis_db:
         assert not client.exists(lock.key)
 
 
+def test_a_lock_due_sooner_than_the_renewer_would_wake_is_renewed_in_time(redis_db: str) -> None:
+    # The renewer sleeps until the next renewal is due and is woken only for a lock due before
+    # that: here it sleeps for the long lock (10 s) when the short one (0.3 s) arrives.
+    client = redis.Redis.from_url(redis_db)
+    long = WindowLock(client, "events", _window(0).start, ttl_seconds=30)
+    short = WindowLock(client, "events", _window(1).start, ttl_seconds=0.3)
+    assert long.acquire() and short.acquire()
+    with long.renewing():
+        time.sleep(0.1)  # the renewer is asleep until the long lock is due
+        with short.renewing():
+            time.sleep(1.2)  # four of the short lock's TTLs
+            assert client.get(short.key) == short.token.encode() and not short.lost
+    for lock in (long, short):
+        lock.release()
+
+
 def test_renewal_marks_a_lock_taken_by_another_owner_as_lost(redis_db: str) -> None:
     client = redis.Redis.from_url(redis_db)
     mine = WindowLock(client, "events", ORIGIN, ttl_seconds=0.3)
