@@ -519,19 +519,26 @@ class StateStore:
         fence and status read in `record`: None when the window changed meanwhile (nothing
         written).
         """
-        now = utc_now()
-        guards = [
-            *_key(record.pipeline, record.window_start),
-            WINDOWS.c.fence == record.fence,
-            WINDOWS.c.status == record.status.value,
-        ]
         if drift is None:
+            now = utc_now()
+            guards = [
+                *_key(record.pipeline, record.window_start),
+                WINDOWS.c.fence == record.fence,
+                WINDOWS.c.status == record.status.value,
+            ]
             values = {"rechecks_done": rechecks_done, "checked_at": now, "updated_at": now}
             return self._update_one(guards, values)
         if record.status not in RECHECK_RERUN.sources:
             return None
         taken = {"rechecks_done": rechecks_done, "drift": [*record.drift, drift]}
-        return self._update_one(guards, _move_values(RECHECK_RERUN, now, taken))
+        return self._move_one(
+            RECHECK_RERUN,
+            record.pipeline,
+            record.window_start,
+            frozenset({record.status}),
+            taken,
+            fence=record.fence,
+        )
 
     # --- administrative resets (outside the workers' state machine) ---------------------------
 
