@@ -23,6 +23,9 @@ DISPATCH_REQUESTED = "windowpipe:dispatch-requested:{pipeline}"
 DISPATCH_RECENT = "windowpipe:dispatch-recent:{pipeline}"
 """Lives a short spacing after a dispatch of the pipeline started (workers/runtime.py)."""
 
+RECHECK_LOCK = "windowpipe:recheck:{pipeline}"
+"""The per-pipeline recheck lock (`core.locks.RecheckLock`): one recheck run at a time."""
+
 CLEANUP_RAN_KEY = "windowpipe:ran:cleanup"
 """Hash: the last completed stale-lock cleanup (`at`: ISO instant, `worker`: node name)."""
 
@@ -51,6 +54,10 @@ def dispatch_requested_key(pipeline: str) -> str:
 
 def dispatch_recent_key(pipeline: str) -> str:
     return DISPATCH_RECENT.format(pipeline=pipeline)
+
+
+def recheck_lock_key(pipeline: str) -> str:
+    return RECHECK_LOCK.format(pipeline=pipeline)
 
 
 def generate_ran_key(pipeline: str) -> str:

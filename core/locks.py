@@ -1,4 +1,5 @@
-"""Every Redis lock windowpipe takes: window locks and the per-pipeline dispatch lock.
+"""Every Redis lock windowpipe takes: window locks and the per-pipeline dispatch and recheck
+locks.
 
 Window locks: one owner per (pipeline, window) at a time, with a TTL and renewal.
 
@@ -31,7 +32,8 @@ import redis
 from redis.exceptions import LockError, LockNotOwnedError
 
 from core.instants import parse_instant
-from core.keys import WINDOW_LOCK_PREFIX, dispatch_lock_key, window_lock_key
+from core.keys import WINDOW_LOCK_PREFIX, dispatch_lock_key, recheck_lock_key, window_lock_key
+from core.retry import CONTROL_TIME_LIMIT
 
 DISPATCH_LOCK_SECONDS = 20
 """TTL of the per-pipeline dispatch lock. Dispatch takes milliseconds to a second; the lock
@@ -249,6 +251,33 @@ class DispatchLock:
 
     def acquire(self) -> bool:
         """Take the lock, waiting up to `DISPATCH_LOCK_WAIT_SECONDS`; False if still held."""
+        return bool(self._lock.acquire())
+
+    def release(self) -> None:
+        """Release the lock; a no-op when it expired (or was taken over) meanwhile."""
+        with suppress(LockError):
+            self._lock.release()
+
+
+class RecheckLock:
+    """The recheck lock of one pipeline: one recheck run at a time.
+
+    Beat sends a recheck every `every`; a run over a large backlog can take longer than that,
+    and a second run would check the same due windows again. The lock skips that run instead.
+    It guards no correctness, only repeated work (each check is one guarded UPDATE, so two
+    overlapping runs write the same values or refuse), so it is neither renewed nor fenced.
+    Its TTL is the recheck task's hard time limit: a run killed there frees it when it could
+    no longer be running.
+    """
+
+    def __init__(self, client: redis.Redis, pipeline: str) -> None:
+        self.key = recheck_lock_key(pipeline)
+        self._lock = client.lock(
+            self.key, timeout=CONTROL_TIME_LIMIT, blocking=False, thread_local=False
+        )
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False if another run holds it."""
         return bool(self._lock.acquire())
 
     def release(self) -> None:

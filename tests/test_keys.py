@@ -18,6 +18,7 @@ def test_key_names_are_the_ones_deployments_rely_on() -> None:
     assert keys.dispatch_lock_key("orders") == "windowpipe:dispatch:orders"
     assert keys.dispatch_requested_key("orders") == "windowpipe:dispatch-requested:orders"
     assert keys.dispatch_recent_key("orders") == "windowpipe:dispatch-recent:orders"
+    assert keys.recheck_lock_key("orders") == "windowpipe:recheck:orders"
     assert keys.CLEANUP_RAN_KEY == "windowpipe:ran:cleanup"
     assert keys.generate_ran_key("orders") == "windowpipe:ran:generate:orders"
     assert keys.REDBEAT_KEY_PREFIX == "windowpipe:redbeat:"

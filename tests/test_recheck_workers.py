@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from celery import Celery
 
 from core.instants import format_instant
+from core.locks import RecheckLock
 from core.records import WindowRecord, WindowStatus
 from tests import test_faults as faults
 from tests.deployment import Deployment, statuses
@@ -190,9 +192,21 @@ def test_a_recheck_re_runs_exactly_the_windows_whose_source_changed(
     assert all(r.source_version is not None and r.rechecks_done == 0 for r in before.values())
     _change_the_source(pg_schema_url)
 
+    # A recheck run sent while another run of the pipeline holds its lock is skipped.
+    held = RecheckLock(redis.Redis.from_url(redis_db), "events")
+    assert held.acquire()
+    app = Celery(broker=redis_db)
+    app.send_task("windowpipe.recheck", ("events",), queue="recheck")
+    wait_until(lambda: _recheck_runs(dep) >= 1, timeout=60, what="the held-up recheck to run")
+    untouched = dep.store()
+    assert [(r.rechecks_done, r.fence) for r in untouched.list_records("events")] == [
+        (0, before[_index(r)].fence) for r in untouched.list_records("events")
+    ]
+    untouched.dispose()
+    held.release()
+
     # What beat does for a pipeline with horizons: the windows ended long ago, so the first
     # horizon (1h) has passed for all of them; the second (400 days) for none.
-    app = Celery(broker=redis_db)
     app.send_task("windowpipe.recheck", ("events",), queue="recheck")
     app.close()
     after = _wait_rerun(dep, before)
@@ -200,11 +214,11 @@ def test_a_recheck_re_runs_exactly_the_windows_whose_source_changed(
     _assert_exactly_the_changed_windows_reran(dep, pg_schema_url, before, after)
     assert all(r.rechecks_done == 1 and r.checked_at is not None for r in after)
     assert {r.drift[0]["by"] for r in after if r.drift} == {"recheck 1:00:00"}
-    # Nothing is due any more: a second recheck changes nothing.
+    # Nothing is due any more: another recheck changes nothing.
     app = Celery(broker=redis_db)
     app.send_task("windowpipe.recheck", ("events",), queue="recheck")
     app.close()
-    wait_until(lambda: _recheck_runs(dep) >= 2, timeout=60, what="the second recheck to run")
+    wait_until(lambda: _recheck_runs(dep) >= 3, timeout=60, what="the third recheck to run")
     again = dep.store()
     assert [r.fence for r in again.list_records("events")] == [r.fence for r in after]
     again.dispose()

@@ -18,8 +18,9 @@ from connectors.registry import connector_for
 from core.config import load_config
 from core.errors import LostOwnershipError
 from core.instants import format_instant
-from core.locks import WindowLock
+from core.locks import RecheckLock, WindowLock
 from core.records import Stage, WindowKind, WindowStatus
+from core.retry import CONTROL_TIME_LIMIT
 from core.runner import Outcome, Runtime, run_stage
 from core.store import StateStore
 from tests.deployment import (
@@ -459,3 +460,20 @@ def test_renewal_takes_the_key_back_after_redis_lost_it(redis_db: str) -> None:
         assert client.get(mine.key) == mine.token.encode() and not mine.lost
     mine.release()
     assert not client.exists(mine.key)
+
+
+def test_one_recheck_run_per_pipeline_at_a_time(redis_db: str) -> None:
+    client = redis.Redis.from_url(redis_db)
+    running = RecheckLock(client, "events")
+    assert running.acquire()
+    # The key lives at most as long as a recheck run can (its hard time limit).
+    assert 0 < client.ttl(running.key) <= CONTROL_TIME_LIMIT
+    assert not RecheckLock(client, "events").acquire()  # the next tick's run skips
+    assert RecheckLock(client, "orders").acquire()  # another pipeline's run is not held up
+    running.release()
+    again = RecheckLock(client, "events")
+    assert again.acquire()
+    running.release()  # a stale release leaves the new holder's lock alone
+    assert client.exists(again.key)
+    again.release()
+    assert not client.exists(again.key)

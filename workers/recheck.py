@@ -2,7 +2,9 @@
 
 Runs on its own queue (`recheck`), so a backlog of rechecks never holds up the stage queues
 of live windows; beat sends it per pipeline that has `recheck` horizons. Windows that drifted
-go back to pending (manual, under the backfill cap) and a dispatch is asked for at once.
+go back to pending (manual, under the backfill cap) and a dispatch is asked for at once. One
+run per pipeline at a time (`core.locks.RecheckLock`): a run sent while the last one still goes
+is skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from celery import shared_task
 
 from connectors.registry import connector_for
 from core.instants import utc_now
+from core.locks import RecheckLock
 from core.recheck import Fingerprint, recheck_due
 from core.windows import Window
 from workers.celery_app import process_config
@@ -30,14 +33,20 @@ def recheck(pipeline: str) -> dict[str, Any]:
         result: Fingerprint = source.fingerprint(window)
         return result
 
-    report = recheck_due(
-        rt.store,
-        pipeline,
-        settings.recheck,
-        fingerprint,
-        utc_now(),
-        limit=settings.max_rechecks_per_tick,
-    )
+    lock = RecheckLock(rt.redis, pipeline)
+    if not lock.acquire():
+        return {"pipeline": pipeline, "skipped": "the previous recheck run is still going"}
+    try:
+        report = recheck_due(
+            rt.store,
+            pipeline,
+            settings.recheck,
+            fingerprint,
+            utc_now(),
+            limit=settings.max_rechecks_per_tick,
+        )
+    finally:
+        lock.release()
     if report.drifted:
         request_dispatch(pipeline)
     return report.summary()
