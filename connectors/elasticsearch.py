@@ -426,11 +426,15 @@ _POLL_SECONDS = 0.1
 the stop event within this, and the caller notices a thread that died without a word."""
 
 
-class _SliceReaders:
-    """Daemon threads, one per slice, each running a batch iterator into one bounded queue.
+Page = list[dict[str, Any]]
+"""One page of a slice: its hits as the SDK decoded them."""
 
-    `batches()` yields batches as they arrive until every thread is done, raising the first
-    error any thread met; `stop()` (always called) makes every thread stop between pages and
+
+class _SliceReaders:
+    """Daemon threads, one per slice, each running a page iterator into one bounded queue.
+
+    `pages()` yields pages as they arrive until every thread is done, raising the first error
+    any thread met; `stop()` (always called) makes every thread stop between pages and
     waits briefly for them (a thread in the middle of a request is not waited for: it is a
     daemon, and it puts nothing more once it sees the stop event).
     """
@@ -440,7 +444,7 @@ class _SliceReaders:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def start(self, read: Callable[[], Iterator[Batch]]) -> None:
+    def start(self, read: Callable[[], Iterator[Page]]) -> None:
         thread = threading.Thread(
             target=self._run, args=(read,), name=f"windowpipe-slice-{len(self._threads)}"
         )
@@ -448,10 +452,10 @@ class _SliceReaders:
         self._threads.append(thread)
         thread.start()
 
-    def _run(self, read: Callable[[], Iterator[Batch]]) -> None:
+    def _run(self, read: Callable[[], Iterator[Page]]) -> None:
         try:
-            for batch in read():
-                if not self._put(batch):
+            for page in read():
+                if not self._put(page):
                     return
         except BaseException as error:
             self._put(error)
@@ -468,7 +472,7 @@ class _SliceReaders:
                 continue
         return False
 
-    def batches(self) -> Iterator[Batch]:
+    def pages(self) -> Iterator[Page]:
         running = len(self._threads)
         while running:
             try:
@@ -574,9 +578,12 @@ class SearchEngineSource(ABC):
 
         Every slice (one when `slices = 1`) is read by its own daemon thread over the same
         point in time, all at once, so the next page is already on its way while the caller
-        writes this one, and `slices = N` keeps N requests in flight. The threads hand batches
-        over through a queue of at most `slices + 1` batches and wait while it is full, so
-        memory stays at about `2 * slices + 1` pages whatever the window's size.
+        converts and writes this one, and `slices = N` keeps N requests in flight. A thread
+        only asks for pages and hands them over as decoded (the hits are checked and turned
+        into documents here, in the caller), so it asks for the next page as soon as a reply
+        is decoded. The threads hand pages over through a queue of at most `slices + 1` pages
+        and wait while it is full, so memory stays at about `2 * slices + 1` pages whatever
+        the window's size.
 
         The first error of any thread is raised here and stops the others; the threads also
         stop (between pages) when the caller stops early or is interrupted, e.g. by a soft time
@@ -602,7 +609,8 @@ class SearchEngineSource(ABC):
             )
             for slice_id in slice_ids:
                 readers.start(functools.partial(self._read_slice, window, pit, slice_id))
-            yield from readers.batches()
+            for hits in readers.pages():
+                yield self._batch(hits, window)
         finally:
             readers.stop()
             try:
@@ -613,8 +621,8 @@ class SearchEngineSource(ABC):
                 # It expires after pit_keep_alive anyway; never hide the real outcome.
                 log.warning("could not close point in time: %s", error)
 
-    def _read_slice(self, window: Window, pit: _Pit, slice_id: int | None) -> Iterator[Batch]:
-        """One slice's pages (the whole PIT when `slice_id` is None), as batches."""
+    def _read_slice(self, window: Window, pit: _Pit, slice_id: int | None) -> Iterator[Page]:
+        """One slice's pages (the whole PIT when `slice_id` is None), as the hits of each."""
         config = self.config
         adapter = self.adapter
         query = range_query(config.timestamp_field, window)
@@ -638,10 +646,10 @@ class SearchEngineSource(ABC):
             reply = self._call(f"search on {config.index}", adapter.search, body)
             # Elasticsearch may hand back a new id for the same PIT; use the latest.
             pit.update(reply.get("pit_id"))
-            hits = reply["hits"]["hits"]
+            hits: Page = reply["hits"]["hits"]
             if not hits:
                 return
-            yield self._batch(hits, window)
+            yield hits
             if len(hits) < config.page_size:
                 return
             search_after = hits[-1]["sort"]

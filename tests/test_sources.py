@@ -417,6 +417,45 @@ def test_sliced_extract_equals_unsliced_extract_id_for_id(flavour: SearchFlavour
 
 
 @search_flavours()
+def test_a_slice_thread_asks_for_the_next_page_while_the_caller_converts_this_one(
+    flavour: SearchFlavour, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slice threads only fetch pages: every hit is checked and turned into a document in
+    the caller's thread, so the next request never waits for that work."""
+    import connectors.elasticsearch as search_module
+
+    flavour.load([Record(i, START + timedelta(seconds=i)) for i in range(250)])
+    source = flavour.source(page_size=100, slices=1)
+    adapter = source.adapter
+    real_search = adapter.search
+    second_page_asked = threading.Event()
+    searches: list[str] = []
+
+    def counting_search(body: dict[str, Any]) -> dict[str, Any]:
+        searches.append(threading.current_thread().name)
+        if len(searches) >= 2:
+            second_page_asked.set()
+        return real_search(body)
+
+    real_hit_to_record = search_module.hit_to_record
+    converted_in: set[str] = set()
+
+    def waiting_hit_to_record(*args: Any) -> Any:
+        if not converted_in:  # the first hit of the first page
+            assert second_page_asked.wait(10), "the next page was not asked for meanwhile"
+        converted_in.add(threading.current_thread().name)
+        return real_hit_to_record(*args)
+
+    monkeypatch.setattr(adapter, "search", counting_search)
+    monkeypatch.setattr(search_module, "hit_to_record", waiting_hit_to_record)
+    documents, rejected = read_all(source)
+    assert len(documents) == 250 and rejected == []
+    assert converted_in == {threading.current_thread().name}
+    assert searches == ["windowpipe-slice-0"] * 3
+    assert flavour.open_cursors() == []
+
+
+@search_flavours()
 def test_slice_threads_reuse_kept_alive_connections(
     flavour: SearchFlavour, caplog: pytest.LogCaptureFixture
 ) -> None:
