@@ -9,11 +9,16 @@ counts the hits, on the same server in the same run; then `slices = 1, 2, 4`.
 - bare loop: the same opensearch-py client library, the same page size, query and sort, one PIT
   and `search_after` until a short page; it counts the hits and does nothing else. With
   `slices = N`, N such loops over one PIT, one slice each, in N threads at once: what the
-  server gives N concurrent readers, i.e. where the server is the limit.
+  server gives N concurrent readers, i.e. where the server is the limit. The client is built
+  as a user would by default, so it decodes replies with opensearch-py's `JSONSerializer`
+  (the stdlib's `json.loads`); windowpipe's source decodes them with orjson
+  (`connectors.elasticsearch.opensearch_serializer`).
+- bare loop (orjson), slices = 1 only: the bare loop with the client given windowpipe's
+  serializer, so the reader sees how much of the difference is the decoding alone.
 
-Runs alternate (bare, windowpipe, bare, ...). The server's CPU time comes from
-`/proc/<pid>/stat` of the osmem-server process, so the note says whether it used more than one
-core. Standalone: `python -m bench.extract_search [--quick]`.
+Runs alternate (bare, bare (orjson) at slices = 1, windowpipe, bare, ...). The server's CPU time
+comes from `/proc/<pid>/stat` of the osmem-server process, so the note says whether it used more
+than one core. Standalone: `python -m bench.extract_search [--quick]`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from opensearchpy import OpenSearch
 from osmem_server import OsmemServer
 
 from bench.common import Row, log, median
-from connectors.elasticsearch import OpenSearchSource, range_query
+from connectors.elasticsearch import OpenSearchSource, opensearch_serializer, range_query
 from connectors.local import LocalStage
 from core.config import LocalStageConfig, OpenSearchSourceConfig
 from core.windows import Window
@@ -238,6 +243,13 @@ def run(quick: bool) -> list[Row]:
     server = OsmemServer.start(addr="127.0.0.1:0", japanese=False)
     # A kept-alive connection per thread, as the source keeps one per slice.
     client = OpenSearch(hosts=[server.url], timeout=120, pool_maxsize=max(SLICES))
+    # The same, decoding replies as windowpipe's source does (orjson).
+    orjson_client = OpenSearch(
+        hosts=[server.url],
+        timeout=120,
+        pool_maxsize=max(SLICES),
+        serializer=opensearch_serializer(),
+    )
     cpu = ServerCpu(server.process.pid)
     rows: list[Row] = []
     try:
@@ -247,11 +259,15 @@ def run(quick: bool) -> list[Row]:
         log(f"7: seeded in {time.monotonic() - began:.0f}s")
         # One untimed read each to warm both clients and the server.
         bare_loop(client, 1)
+        bare_loop(orjson_client, 1)
         windowpipe_extract(server.url, workdir / "stage", 1, 0)
         rates: dict[int, tuple[list[float], list[float]]] = {}
         busy: dict[int, tuple[list[float], list[float]]] = {}
         client_busy: dict[int, tuple[list[float], list[float]]] = {}
         threads: dict[int, int] = {}
+        bare_orjson: list[float] = []
+        bare_orjson_cpu: list[float] = []
+        bare_orjson_client: list[float] = []
         number = 1
         for slices in SLICES:
             ours: list[float] = []
@@ -266,6 +282,11 @@ def run(quick: bool) -> list[Row]:
                 bare_cpu.append(cores)
                 bare_client.append(own)
                 threads[slices] = max(threads.get(slices, 0), cpu.threads())
+                if slices == 1:
+                    rate, cores, own = _timed(lambda: bare_loop(orjson_client, 1), documents, cpu)
+                    bare_orjson.append(rate)
+                    bare_orjson_cpu.append(cores)
+                    bare_orjson_client.append(own)
                 rate, cores, own = _timed(
                     lambda n=slices, r=number: windowpipe_extract(
                         server.url, workdir / "stage", n, r
@@ -277,15 +298,21 @@ def run(quick: bool) -> list[Row]:
                 ours.append(rate)
                 ours_cpu.append(cores)
                 ours_client.append(own)
-                log(f"7: slices={slices}: bare {bare[-1]:,.0f} docs/s, windowpipe {rate:,.0f}")
+                also = f", bare (orjson) {bare_orjson[-1]:,.0f}" if slices == 1 else ""
+                log(
+                    f"7: slices={slices}: bare {bare[-1]:,.0f} docs/s{also}, windowpipe {rate:,.0f}"
+                )
             rates[slices] = (ours, bare)
             busy[slices] = (ours_cpu, bare_cpu)
             client_busy[slices] = (ours_client, bare_client)
         setup = (
             f"one window of {documents:,} documents (~150 B each) in osmem-server "
             f"(in-memory, one index, `dynamic: false` but for @timestamp), opensearch-py, "
-            f"page_size {PAGE_SIZE:,}, {runs} runs each, alternating bare | windowpipe; "
-            f"windowpipe = OpenSearchSource.iter_batches -> LocalStage.write_window"
+            f"page_size {PAGE_SIZE:,}, {runs} runs each, alternating bare | (slices=1: bare "
+            f"decoding with orjson |) windowpipe; "
+            f"windowpipe = OpenSearchSource.iter_batches -> LocalStage.write_window, replies "
+            f"decoded by orjson; bare = the client as built by default, replies decoded by "
+            f"the stdlib's json.loads"
         )
         ours, bare = rates[1]
         ratio = median(ours) / median(bare)
@@ -303,6 +330,24 @@ def run(quick: bool) -> list[Row]:
                 f"{setup}; server CPU (cores busy, from /proc) windowpipe [{_cores(busy[1][0])}], "
                 f"bare [{_cores(busy[1][1])}]; client process CPU (cores busy) windowpipe "
                 f"[{_cores(client_busy[1][0])}], bare [{_cores(client_busy[1][1])}]",
+            )
+        )
+        ours = rates[1][0]
+        rows.append(
+            Row(
+                BENCHMARK,
+                "docs/s, slices=1 vs a bare PIT loop decoding with orjson too (windowpipe's "
+                "serializer)",
+                median(ours),
+                median(bare_orjson),
+                median(ours) / median(bare_orjson),
+                "report",
+                None,
+                ours,
+                bare_orjson,
+                f"the bare loop's client given connectors.elasticsearch.opensearch_serializer(), "
+                f"run between the default bare loop and windowpipe; server CPU (cores busy) "
+                f"[{_cores(bare_orjson_cpu)}], client CPU [{_cores(bare_orjson_client)}]",
             )
         )
         one_ours, one_bare = median(rates[1][0]), median(rates[1][1])
@@ -341,6 +386,7 @@ def run(quick: bool) -> list[Row]:
             )
     finally:
         client.close()
+        orjson_client.close()
         server.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
