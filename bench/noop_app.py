@@ -4,19 +4,15 @@
 settings as windowpipe's app (`workers.celery_app.celery_settings` of the same config file),
 so the only difference measured is windowpipe's work around each task.
 
-The last task records when it finished in Redis (`NOOP_DONE_KEY`, `NOOP_LAST_KEY`), which
-is how the bench knows a chain completed without polling a result per chain.
+The tasks are `bench.noop_tasks.register_noop_tasks`: the last one records when it finished
+in Redis, which is how the bench knows a chain completed without polling a result per chain.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
-import redis
 from celery import Celery
 
-from bench.common import NOOP_DONE_KEY, NOOP_LAST_KEY, STAGE_QUEUES
+from bench.noop_tasks import register_noop_tasks
 from core.config import load_config
 from workers.celery_app import celery_settings
 
@@ -49,43 +45,4 @@ SHARED_SETTINGS = (
 app = Celery("bench-noop")
 app.conf.update({name: windowpipe_settings[name] for name in SHARED_SETTINGS})
 app.conf.task_default_queue = "control"
-app.conf.task_routes = {f"bench.noop.{queue}": {"queue": queue} for queue in STAGE_QUEUES}
-
-_redis: redis.Redis | None = None
-
-
-def _client() -> redis.Redis:
-    global _redis
-    if _redis is None:
-        _redis = redis.Redis.from_url(settings.redis_url)
-    return _redis
-
-
-def _summary(stage: str, pipeline: str, window_start: str) -> dict[str, Any]:
-    # The same small dict a windowpipe stage returns.
-    return {"outcome": "done", "stage": stage, "pipeline": pipeline, "window_start": window_start}
-
-
-@app.task(name="bench.noop.precheck")
-def precheck(pipeline: str, window_start: str) -> dict[str, Any]:
-    return _summary("precheck", pipeline, window_start)
-
-
-@app.task(name="bench.noop.extract")
-def extract(pipeline: str, window_start: str) -> dict[str, Any]:
-    return _summary("extract", pipeline, window_start)
-
-
-@app.task(name="bench.noop.load")
-def load(pipeline: str, window_start: str) -> dict[str, Any]:
-    return _summary("load", pipeline, window_start)
-
-
-@app.task(name="bench.noop.audit")
-def audit(pipeline: str, window_start: str) -> dict[str, Any]:
-    client = _client()
-    pipe = client.pipeline()
-    pipe.incr(NOOP_DONE_KEY)
-    pipe.set(NOOP_LAST_KEY, repr(time.time()))
-    pipe.execute()
-    return _summary("audit", pipeline, window_start)
+register_noop_tasks(app, settings.redis_url)

@@ -330,6 +330,13 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
         workers.start(layout, CONCURRENCY)
         base_cpu = _Cpu([p.pid for p in workers.processes], database)
         base_rates, base_latencies = _measure(_Noop(redis_url, sender), plan, "no-op", base_cpu)
+    log("orchestration: windowpipe's app (time limits, logging, liveness) with no-op bodies")
+    with Workers("bench.noop_windowpipe_app", workdir, env) as workers:
+        workers.start(layout, CONCURRENCY)
+        app_cpu = _Cpu([p.pid for p in workers.processes], database)
+        app_rates, app_latencies = _measure(
+            _Noop(redis_url, sender), plan, "no-op in windowpipe's app", app_cpu
+        )
     sender.close()
 
     log("orchestration: windowpipe, four stages")
@@ -392,6 +399,28 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
             note,
         ),
     ]
+    app_ratio = median(app_rates) / median(base_rates)
+    rows.append(
+        Row(
+            "1. orchestration",
+            "windows/s, no-op bodies in windowpipe's app (where the gap is)",
+            median(app_rates),
+            median(base_rates),
+            app_ratio,
+            "report",
+            None,
+            app_rates,
+            base_rates,
+            "the bare chain's four no-op tasks run by windowpipe's own app "
+            "(`bench.noop_windowpipe_app`: `create_app` with its time limits, structured "
+            "logging, liveness bootsteps and every windowpipe task registered); near 1.0x means "
+            "windowpipe's Celery plumbing costs what bare Celery does and the gap is the stage "
+            f"work; CPU ms per window {median(app_cpu.total_ms):.1f} vs "
+            f"{median(base_cpu.total_ms):.1f}, idle p50 "
+            f"{percentile(app_latencies, 0.5) * 1000:.0f} vs "
+            f"{percentile(base_latencies, 0.5) * 1000:.0f} ms",
+        )
+    )
     cpu_names = [*layout, "beat"]
     cpu_note = (
         "CPU (user + system, from /proc) of the worker processes and their pool children, "
@@ -417,15 +446,15 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
             )
         )
     for name, fraction in (("p50", 0.5), ("p95", 0.95)):
-        ours = percentile(latencies, fraction) * 1000
-        theirs = percentile(base_latencies, fraction) * 1000
+        ours_ms = percentile(latencies, fraction) * 1000
+        theirs_ms = percentile(base_latencies, fraction) * 1000
         rows.append(
             Row(
                 "1. orchestration",
                 f"idle latency {name} (ms)",
-                ours,
-                theirs,
-                ours / theirs,
+                ours_ms,
+                theirs_ms,
+                ours_ms / theirs_ms,
                 "report",
                 None,
                 note=f"{plan.latency_samples} single windows on idle workers",
