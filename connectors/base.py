@@ -43,6 +43,9 @@ class Document:
     encoded: bytes | None = field(default=None, compare=False, repr=False)
     """`body` already serialized by `encode_body`, when the source had to serialize it anyway
     (to check its size): the staged line reuses these bytes instead of serializing it again."""
+    line: bytes | None = field(default=None, compare=False, repr=False)
+    """The whole staged line, when the source built it (`staged_line`, from the timestamp text
+    it printed for the body anyway): `encode_line` returns it as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +135,32 @@ def encode_body(body: dict[str, Any]) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS, default=_json_default)
 
 
+INSTANT_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+"""orjson printing a UTC or naive (meaning UTC) datetime as `format_instant` does, quoted: `Z`,
+microseconds only when not zero. An instant with any other zone must be converted first."""
+
+
+STAGED_LINE = b'{"id":%b,"ts":%b,"doc":%b}\n'
+"""A staged line from its parts, as JSON: `STAGED_LINE % (id, ts, doc)` (`staged_line`)."""
+
+
+def staged_line(doc_id: str, ts_json: bytes, encoded: bytes) -> bytes:
+    """The staged line `encode_line` makes, from its parts: the document id, the timestamp as a
+    JSON string (`orjson.dumps` of its `format_instant` text, or of the UTC instant with
+    `INSTANT_OPTIONS`) and the body as `encode_body` serialized it."""
+    return STAGED_LINE % (orjson.dumps(doc_id), ts_json, encoded)
+
+
 def encode_line(document: Document) -> bytes:
     """One staged NDJSON line (with its newline) for `document`.
 
-    The body is serialized once (`Document.encoded` if the source did it already) and spliced
-    in as a fragment; an aware UTC timestamp is printed by orjson itself (`OPT_UTC_Z` prints
-    what `format_instant` does: `Z`, microseconds only when not zero).
+    `Document.line` if the source built it. Otherwise the body is serialized once
+    (`Document.encoded` if the source did it already) and spliced in as a fragment; an aware
+    UTC timestamp is printed by orjson itself (`OPT_UTC_Z` prints what `format_instant` does:
+    `Z`, microseconds only when not zero).
     """
+    if document.line is not None:
+        return document.line
     encoded = document.encoded if document.encoded is not None else encode_body(document.body)
     ts = document.timestamp
     return orjson.dumps(

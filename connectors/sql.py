@@ -15,12 +15,23 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, time
+from functools import partial
+from itertools import repeat
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 
-from connectors.base import Batch, Document, Rejection, encode_body
+from connectors.base import (
+    INSTANT_OPTIONS,
+    STAGED_LINE,
+    Batch,
+    Document,
+    Rejection,
+    encode_body,
+    staged_line,
+)
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError, one_line
 from core.recheck import Fingerprint
@@ -119,7 +130,18 @@ Text is checked for UTF-8 by orjson when the body is serialized (it refuses lone
 only then does a row take the slow path through `json_value`."""
 
 
+_EXACT_DATETIME: frozenset[type] = frozenset({datetime})
+_UTC_ONLY: set[Any] = {UTC}
+_UTC_OR_NAIVE: frozenset[Any] = frozenset({UTC, None})
+_TZINFO = attrgetter("tzinfo")
+_INSTANT_JSON = partial(orjson.dumps, option=INSTANT_OPTIONS)
+"""A UTC or naive instant as its quoted `format_instant` text, printed by orjson."""
+_UNQUOTED = itemgetter(slice(1, -1))
+
+
 def _utc(value: datetime) -> datetime:
+    if value.tzinfo is UTC:
+        return value
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -154,6 +176,11 @@ class SqlSource:
         self._engine: sa.Engine | None = None
         self._table: sa.Table | None = None
         self._lock = threading.Lock()
+        self.driver_rows = True
+        """Read PostgreSQL pages (through psycopg) as the driver's tuples rather than
+        SQLAlchemy `Row`s, applying the result processors SQLAlchemy would (the same values,
+        without a `Row` per row). False reads them as every other database does; the tests
+        compare the two."""
 
     # -- connection and table --
 
@@ -245,40 +272,109 @@ class SqlSource:
         """Every row of the window once, `page_size` rows per batch, ordered by (ts, id).
 
         On PostgreSQL the pages are read in one REPEATABLE READ transaction: one snapshot,
-        like a point in time in Elasticsearch.
+        like a point in time in Elasticsearch. Its session time zone is UTC (`SET LOCAL`, for
+        this transaction only): the driver then hands out instants in UTC, which print without
+        a conversion per row (the instants are the same in any time zone).
         """
         engine, table = self._connect()
         ts, key = table.c[self.config.timestamp_column], table.c[self.config.id_column]
         start, end = self._bounds(table, window)
         window_query = sa.select(table).order_by(ts, key).limit(self.config.page_size)
+        postgresql = engine.dialect.name == "postgresql"
+        driver_rows = postgresql and engine.dialect.driver == "psycopg" and self.driver_rows
+        types = [column.type for column in table.columns]
         try:
             with engine.connect() as conn:
-                if engine.dialect.name == "postgresql":
+                if postgresql:
                     conn = conn.execution_options(isolation_level="REPEATABLE READ")
                 with conn.begin():
+                    if postgresql:
+                        conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
                     query = window_query.where(ts >= start, ts < end)
                     while True:
                         result = conn.execute(query)
                         names = [str(name) for name in result.keys()]  # noqa: SIM118
-                        rows = result.fetchall()
+                        rows: Sequence[Sequence[Any]] = (
+                            _driver_rows(result, types, engine.dialect)
+                            if driver_rows
+                            else result.fetchall()
+                        )
                         if not rows:
                             break
-                        yield self._batch(names, rows)
+                        ts_at, id_at = (
+                            names.index(self.config.timestamp_column),
+                            names.index(self.config.id_column),
+                        )
+                        yield self._batch(names, ts_at, id_at, rows)
                         if len(rows) < self.config.page_size:
                             break
                         # After the last row, as the database compares it. `ts >= last` rather
                         # than a row-value `(ts, id) > (...)`: SQLite seeks an index with the
                         # former but scans from the window start with the latter.
-                        last_ts, last_id = rows[-1]._mapping[ts], rows[-1]._mapping[key]
+                        last_ts, last_id = rows[-1][ts_at], rows[-1][id_at]
                         query = window_query.where(
                             ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)
                         )
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"reading {self.config.table!r}") from error
 
-    def _batch(self, names: list[str], rows: Sequence[sa.Row[Any]]) -> Batch:
+    def _batch(
+        self, names: list[str], ts_at: int, id_at: int, rows: Sequence[Sequence[Any]]
+    ) -> Batch:
+        """One page as documents, each carrying its serialized body and its staged line.
+
+        A page is converted column by column (`_page_documents`: C loops over the page, no
+        Python per row but the `Document`); a page where that meets a row to reject or a
+        value orjson refuses is done again row by row (`_row_batch`), which says what every
+        row becomes. Both print the timestamp column once, for the body and the line's `ts`.
+        """
+        try:
+            documents = self._page_documents(names, ts_at, id_at, rows)
+        except (UnicodeError, orjson.JSONEncodeError):
+            documents = None
+        if documents is not None:
+            return Batch(documents=documents)
+        return self._row_batch(names, ts_at, id_at, rows)
+
+    def _page_documents(
+        self, names: list[str], ts_at: int, id_at: int, rows: Sequence[Sequence[Any]]
+    ) -> list[Document] | None:
+        """`_row_batch`'s documents for a page none of whose rows it rejects, built a column
+        at a time; None when a document is over `max_document_bytes`. Raises UnicodeError or
+        JSONEncodeError for a value `_row_batch` handles row by row."""
+        columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+        ids = list(map(str, columns[id_at]))
+        for at, column in enumerate(columns):
+            if at != ts_at and not _PLAIN.issuperset(map(type, column)):
+                columns[at] = [
+                    value if type(value) in _PLAIN else json_value(value) for value in column
+                ]
+        stamps = columns[ts_at]
+        exact = _EXACT_DATETIME.issuperset(map(type, stamps))
+        zones = set(map(_TZINFO, stamps)) if exact else None
+        if zones is not None and _UTC_OR_NAIVE.issuperset(zones):
+            ts_jsons = list(map(_INSTANT_JSON, stamps))
+            columns[ts_at] = list(map(bytes.decode, map(_UNQUOTED, ts_jsons)))
+        else:
+            columns[ts_at] = texts = list(map(_instant_text, stamps))
+            ts_jsons = list(map(orjson.dumps, texts))
+        instants = stamps if zones == _UTC_ONLY else list(map(_utc, stamps))
+        bodies = list(map(dict, map(zip, repeat(names), zip(*columns, strict=True))))
+        encoded = list(map(encode_body, bodies))
+        if max(map(len, encoded)) > self.config.max_document_bytes:
+            return None
+        lines = map(
+            STAGED_LINE.__mod__, zip(map(orjson.dumps, ids), ts_jsons, encoded, strict=True)
+        )
+        return list(map(Document, ids, instants, bodies, encoded, lines))
+
+    def _row_batch(
+        self, names: list[str], ts_at: int, id_at: int, rows: Sequence[Sequence[Any]]
+    ) -> Batch:
+        """A page row by row: a row whose text is not UTF-8 or whose document is over
+        `max_document_bytes` becomes a rejection, every other row a document."""
         batch = Batch()
-        ts_at, id_at = names.index(self.config.timestamp_column), names.index(self.config.id_column)
+        ts_name = names[ts_at]
         limit = self.config.max_document_bytes
         for row in rows:
             doc_id = str(row[id_at])
@@ -301,9 +397,9 @@ class SqlSource:
             if len(encoded) > limit:
                 batch.rejected.append(Rejection(doc_id, "oversized document"))
                 continue
-            batch.documents.append(
-                Document(id=doc_id, timestamp=_utc(row[ts_at]), body=body, encoded=encoded)
-            )
+            # The body holds the timestamp as `format_instant` prints it: the line's `ts` too.
+            line = staged_line(doc_id, orjson.dumps(body[ts_name]), encoded)
+            batch.documents.append(Document(doc_id, _utc(row[ts_at]), body, encoded, line))
         return batch
 
     def close(self) -> None:
@@ -312,6 +408,39 @@ class SqlSource:
             engine, self._engine, self._table = self._engine, None, None
         if engine is not None:
             engine.dispose()
+
+
+def _driver_rows(
+    result: sa.CursorResult[Any], types: list[sa.types.TypeEngine[Any]], dialect: sa.Dialect
+) -> list[tuple[Any, ...]]:
+    """A page as the driver's tuples, through the result processors SQLAlchemy would apply to
+    its columns (ARRAY of an enum, BIT, ranges, ...): the values SQLAlchemy's `Row`s hold. An
+    error from the driver comes wrapped as SQLAlchemy would wrap it."""
+    cursor = result.cursor
+    try:
+        rows: list[tuple[Any, ...]] = list(cursor.fetchall())
+        description = cursor.description or ()
+    except dialect.loaded_dbapi.Error as error:
+        raise sa.exc.DBAPIError.instance(
+            None, None, error, dialect.loaded_dbapi.Error, dialect=dialect
+        ) from error
+    finally:
+        result.close()
+    processors = [
+        (at, processor)
+        for at, (column_type, entry) in enumerate(zip(types, description, strict=True))
+        if (processor := column_type.dialect_impl(dialect).result_processor(dialect, entry[1]))
+        is not None
+    ]
+    if not processors:
+        return rows
+    processed = []
+    for row in rows:
+        values = list(row)
+        for at, processor in processors:
+            values[at] = processor(values[at])
+        processed.append(tuple(values))
+    return processed
 
 
 def _version_text(value: Any) -> str | None:

@@ -149,6 +149,17 @@ class _OpenPart:
         if self._pending_bytes >= WRITE_BUFFER_BYTES:
             self._flush()
 
+    def write_many(self, lines: list[bytes], size: int) -> None:
+        """`write` for each of `lines` (`size` bytes in all), in one call. The compressor may
+        get its input in other pieces than line by line: zlib's output does not depend on how
+        its input is split."""
+        self._pending.extend(lines)
+        self._pending_bytes += size
+        self.rows += len(lines)
+        self.ndjson_bytes += size
+        if self._pending_bytes >= WRITE_BUFFER_BYTES:
+            self._flush()
+
     def _flush(self) -> None:
         if self._pending:
             self._gzip.write(b"".join(self._pending))
@@ -218,8 +229,21 @@ class StagedFileWriter:
             self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
             if rejection.id is not None and len(self.rejected_ids) < MAX_REJECTED_IDS:
                 self.rejected_ids.append(rejection.id)
-        for document in batch.documents:
-            self.write_line(encode_line(document))
+        self.write_lines(
+            [d.line if d.line is not None else encode_line(d) for d in batch.documents]
+        )
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        """`write_line` for each of `lines`, in order: in one step when they all fit in the
+        open part, line by line (rolling parts) otherwise."""
+        part = self._part
+        if part is not None and part.rows:
+            size = sum(map(len, lines))
+            if part.ndjson_bytes + size <= self.max_file_bytes:
+                part.write_many(lines, size)
+                return
+        for line in lines:
+            self.write_line(line)
 
     def write_line(self, line: bytes) -> None:
         """Append one encoded NDJSON line (with its newline), rolling parts by size first."""
