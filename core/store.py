@@ -434,7 +434,7 @@ class StateStore:
             )
             .values(**_move_values(BURY, utc_now()))
         )
-        with self._writing() as conn:
+        with self._one_statement() as conn:
             return conn.execute(statement).rowcount
 
     # --- rechecks ------------------------------------------------------------------------------
@@ -632,7 +632,12 @@ class StateStore:
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
+        """A connection for reads that need no snapshot shared between statements (every read
+        here is one statement, or, as in `recheck_tally`, independent ones). On PostgreSQL
+        in autocommit: no BEGIN and ROLLBACK round trips around the SELECT."""
         with self._engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
     @contextmanager
