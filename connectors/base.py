@@ -55,7 +55,8 @@ class Rejection:
     id: str | None
     reason: str
     """A short, stable reason: `missing timestamp`, `unparseable timestamp`, `not UTF-8`,
-    `oversized document`, `timestamp outside window`."""
+    `oversized document`, `timestamp outside window`, `integer beyond 64 bits`, `not
+    encodable as JSON` (`unencodable_reason`)."""
 
 
 @dataclass(slots=True)
@@ -128,6 +129,18 @@ def window_dir(pipeline: str, window: Window) -> str:
         f"{pipeline}/{start:%Y}/{start:%m}/{start:%d}/"
         f"{window.start.strftime(compact)}_{window.end.strftime(compact)}"
     )
+
+
+def unencodable_reason(error: orjson.JSONEncodeError) -> str:
+    """The rejection reason of a body `encode_body` refused: text with a lone surrogate (not
+    UTF-8), an integer beyond 64 bits (staged, it would be read back as a float: a silent
+    change of the value), or anything else (nesting too deep)."""
+    text = str(error)
+    if "UTF-8" in text:
+        return "not UTF-8"
+    if "64-bit" in text:
+        return "integer beyond 64 bits"
+    return "not encodable as JSON"
 
 
 def encode_body(body: dict[str, Any]) -> bytes:

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from connectors.base import Batch, Document, Rejection, encode_body
+from connectors.base import Batch, Document, Rejection, encode_body, unencodable_reason
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, resolve_secret
 from core.errors import (
     ConfigError,
@@ -134,7 +134,10 @@ def hit_to_record(
     if not window.contains(timestamp):
         return Rejection(doc_id, "timestamp outside window")
     # Serialized once: the size check and the staged line (`encode_line`) share the bytes.
-    encoded = encode_body(body)
+    try:
+        encoded = encode_body(body)
+    except orjson.JSONEncodeError as error:
+        return Rejection(doc_id, unencodable_reason(error))
     if len(encoded) > max_document_bytes:
         return Rejection(doc_id, "oversized document")
     return Document(id=doc_id, timestamp=timestamp, body=body, encoded=encoded)

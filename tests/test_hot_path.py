@@ -24,6 +24,7 @@ from connectors.base import (
     encode_body,
     encode_line,
     staged_line,
+    unencodable_reason,
 )
 from connectors.local import LocalStage
 from connectors.sql import SqlSource
@@ -385,3 +386,34 @@ def test_a_driver_error_while_fetching_is_translated_as_sqlalchemy_would(
         source.close()
     assert messages[0] == messages[1]
     assert "DataError" in messages[0]
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for _ in range(depth):
+        body = {"a": body}
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"n": 2**64}, "integer beyond 64 bits"),
+        ({"n": -(2**63) - 1}, "integer beyond 64 bits"),
+        ({"s": "\ud800x"}, "not UTF-8"),
+        ({"deep": _nested(300)}, "not encodable as JSON"),
+    ],
+)
+def test_a_body_that_cannot_be_staged_as_it_is_gets_a_rejection_reason(
+    body: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(orjson.JSONEncodeError) as refused:
+        encode_body(body)
+    assert unencodable_reason(refused.value) == reason
+
+
+def test_the_widest_64_bit_integers_are_staged_as_they_are() -> None:
+    assert (
+        encode_body({"u": 2**64 - 1, "i": -(2**63)})
+        == b'{"u":18446744073709551615,"i":-9223372036854775808}'
+    )

@@ -293,8 +293,15 @@ def test_integers_beyond_64_bits_and_lone_surrogates_come_back_as_json_reads_the
     assert ours[0]["_source"]["big"] == 123456789012345678901234567890
     assert type(ours[0]["_source"]["over"]) is int
     assert ours[1]["_source"]["lone"] == "\ud800x"
-    # What the extract then does with them (an error on the body's serialization) is the same.
-    assert read(build(kind, osmem.url, index)) == read(stdlib_source(kind, osmem.url, index))
+    # What the extract then does with them is the same: neither can be staged as it is (a
+    # staged integer beyond 64 bits would be read back as a float), so each is a rejection
+    # with its reason, and the window goes on.
+    ours_read = read(build(kind, osmem.url, index))
+    assert ours_read == read(stdlib_source(kind, osmem.url, index))
+    assert ours_read == (
+        "rejected [('big', 'integer beyond 64 bits'), ('lone', 'not UTF-8')]",
+        [],
+    )
 
 
 @pytest.mark.integration
