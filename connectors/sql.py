@@ -31,6 +31,7 @@ from connectors.base import (
     Rejection,
     encode_body,
     staged_line,
+    unencodable_reason,
 )
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError, one_line
@@ -387,12 +388,16 @@ class SqlSource:
                     # Serialized once: for the size check here and for the staged line.
                     encoded = encode_body(body)
                 except orjson.JSONEncodeError:
-                    # Text that is not UTF-8 (raises UnicodeError here) or a value orjson
-                    # refuses (raises again, as it always did).
+                    # Text that is not UTF-8 (raises UnicodeError here), or a value orjson
+                    # refuses even as `json_value` makes it: a JSON column holding an integer
+                    # beyond 64 bits, nesting too deep (a rejection with its reason).
                     body = {name: json_value(value) for name, value in zip(names, row, strict=True)}
                     encoded = encode_body(body)
             except UnicodeError:
                 batch.rejected.append(Rejection(doc_id, "not UTF-8"))
+                continue
+            except orjson.JSONEncodeError as error:
+                batch.rejected.append(Rejection(doc_id, unencodable_reason(error)))
                 continue
             if len(encoded) > limit:
                 batch.rejected.append(Rejection(doc_id, "oversized document"))

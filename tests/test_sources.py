@@ -927,3 +927,33 @@ def test_parse_timestamp_fast_path_agrees_with_the_general_one(
     assert parsed == expected
     if parsed is not None:
         assert parsed.utcoffset() == timedelta(0)
+
+
+def test_postgres_json_that_cannot_be_staged_as_it_is_becomes_a_rejection(
+    pg_schema_url: str,
+) -> None:
+    # A jsonb integer beyond 64 bits would be read back from the stage as a float: rejected
+    # with its reason, the rest of the window staged.
+    engine = sa.create_engine(pg_schema_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events (id bigint PRIMARY KEY, created_at timestamptz, meta jsonb)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO events VALUES "
+                "(1, '2026-11-01 00:01:00+00', '{\"n\": 18446744073709551615}'),"
+                "(2, '2026-11-01 00:02:00+00', '{\"n\": 18446744073709551616}'),"
+                "(3, '2026-11-01 00:03:00+00', '{\"n\": -9223372036854775809}')"
+            )
+        )
+    engine.dispose()
+    source = SqlSource(SqlSourceConfig(type="sql", url=pg_schema_url, table="events"))
+    documents, rejected = read_all(source)
+    assert [(d.id, d.body["meta"]) for d in documents] == [("1", {"n": 2**64 - 1})]
+    assert rejected == [
+        Rejection("2", "integer beyond 64 bits"),
+        Rejection("3", "integer beyond 64 bits"),
+    ]
