@@ -32,7 +32,15 @@ from typing import Any
 
 import orjson
 
-from connectors.base import Batch, Document, Rejection, encode_body, unencodable_reason
+from connectors.base import (
+    INSTANT_OPTIONS,
+    Batch,
+    Document,
+    Rejection,
+    encode_body,
+    staged_line,
+    unencodable_reason,
+)
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, resolve_secret
 from core.errors import (
     ConfigError,
@@ -140,7 +148,9 @@ def hit_to_record(
         return Rejection(doc_id, unencodable_reason(error))
     if len(encoded) > max_document_bytes:
         return Rejection(doc_id, "oversized document")
-    return Document(id=doc_id, timestamp=timestamp, body=body, encoded=encoded)
+    # The staged line from its parts (`timestamp` is in UTC): what `encode_line` would build.
+    line = staged_line(doc_id, orjson.dumps(timestamp, option=INSTANT_OPTIONS), encoded)
+    return Document(id=doc_id, timestamp=timestamp, body=body, encoded=encoded, line=line)
 
 
 def range_query(timestamp_field: str, window: Window) -> dict[str, Any]:

@@ -5,6 +5,7 @@ UTC instants, buffered gzip writes, chunked line reads, and COPY text built with
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 from datetime import UTC, datetime, timedelta, timezone
@@ -417,3 +418,29 @@ def test_the_widest_64_bit_integers_are_staged_as_they_are() -> None:
         encode_body({"u": 2**64 - 1, "i": -(2**63)})
         == b'{"u":18446744073709551615,"i":-9223372036854775808}'
     )
+
+
+_SEARCH_WINDOW = Window(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 11, 2, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("doc_id", "timestamp"),
+    [
+        ("plain", "2026-11-01T00:05:00Z"),
+        ("millis", "2026-11-01T00:05:00.123Z"),
+        ("micros", "2026-11-01T00:05:00.000001Z"),
+        ("nanos", "2026-11-01T00:05:00.123456789Z"),
+        ("offset", "2026-11-01T02:05:00+02:00"),
+        ("naive", "2026-11-01T00:05:00"),
+        ("epoch millis", 1793491500123),
+        ("epoch text", "1793491500000"),
+        ('q"uote\\ é 😀', "2026-11-01T23:59:59.999999Z"),
+    ],
+)
+def test_a_search_hits_staged_line_is_what_encode_line_makes(doc_id: str, timestamp: Any) -> None:
+    from connectors.elasticsearch import hit_to_record
+
+    hit = {"_id": doc_id, "_source": {"@timestamp": timestamp, "n": 1, "s": "ü\n"}}
+    document = hit_to_record(hit, _SEARCH_WINDOW, "@timestamp", 10_000)
+    assert isinstance(document, Document) and document.line is not None
+    assert document.line == encode_line(dataclasses.replace(document, line=None, encoded=None))
