@@ -635,9 +635,11 @@ class StateStore:
         """A connection for reads that need no snapshot shared between statements (every read
         here is one statement, or, as in `recheck_tally`, independent ones). On PostgreSQL
         in autocommit: no BEGIN and ROLLBACK round trips around the SELECT."""
+        if self.dialect == "postgresql":
+            with self._autocommit() as conn:
+                yield conn
+            return
         with self._engine.connect() as conn:
-            if self.dialect == "postgresql":
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
     @contextmanager
@@ -666,6 +668,13 @@ class StateStore:
             with self._writing() as conn:
                 yield conn
             return
+        with self._autocommit() as conn:
+            yield conn
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[Connection]:
+        """A connection in autocommit: each statement its own transaction, no BEGIN or
+        COMMIT/ROLLBACK round trips (`_reading` and `_one_statement` on PostgreSQL)."""
         with self._engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
