@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError
@@ -228,7 +229,25 @@ def held_locks(client: redis.Redis) -> list[HeldLock]:
     return sorted(found, key=lambda lock: (lock.pipeline, lock.window_start))
 
 
-class DispatchLock:
+class _PipelineLock:
+    """A per-pipeline lock that guards only repeated or excess work, never correctness: not
+    renewed, not fenced; released only by its owner, a no-op once it expired."""
+
+    def __init__(self, client: redis.Redis, key: str, **options: Any) -> None:
+        self.key = key
+        self._lock = client.lock(key, thread_local=False, **options)
+
+    def acquire(self) -> bool:
+        """Take the lock (waiting as the subclass says); False if another holder has it."""
+        return bool(self._lock.acquire())
+
+    def release(self) -> None:
+        """Release the lock; a no-op when it expired (or was taken over) meanwhile."""
+        with suppress(LockError):
+            self._lock.release()
+
+
+class DispatchLock(_PipelineLock):
     """The dispatch lock of one pipeline: one dispatcher at a time, so two do not overrun the
     pipeline's caps together.
 
@@ -241,25 +260,16 @@ class DispatchLock:
     """
 
     def __init__(self, client: redis.Redis, pipeline: str) -> None:
-        self.key = dispatch_lock_key(pipeline)
-        self._lock = client.lock(
-            self.key,
+        # `acquire` waits up to `DISPATCH_LOCK_WAIT_SECONDS`, then gives up.
+        super().__init__(
+            client,
+            dispatch_lock_key(pipeline),
             timeout=DISPATCH_LOCK_SECONDS,
             blocking_timeout=DISPATCH_LOCK_WAIT_SECONDS,
-            thread_local=False,
         )
 
-    def acquire(self) -> bool:
-        """Take the lock, waiting up to `DISPATCH_LOCK_WAIT_SECONDS`; False if still held."""
-        return bool(self._lock.acquire())
 
-    def release(self) -> None:
-        """Release the lock; a no-op when it expired (or was taken over) meanwhile."""
-        with suppress(LockError):
-            self._lock.release()
-
-
-class RecheckLock:
+class RecheckLock(_PipelineLock):
     """The recheck lock of one pipeline: one recheck run at a time.
 
     Beat sends a recheck every `every`; a run over a large backlog can take longer than that,
@@ -271,19 +281,10 @@ class RecheckLock:
     """
 
     def __init__(self, client: redis.Redis, pipeline: str) -> None:
-        self.key = recheck_lock_key(pipeline)
-        self._lock = client.lock(
-            self.key, timeout=CONTROL_TIME_LIMIT, blocking=False, thread_local=False
+        # `acquire` does not wait: a run that finds the lock held is skipped.
+        super().__init__(
+            client, recheck_lock_key(pipeline), timeout=CONTROL_TIME_LIMIT, blocking=False
         )
-
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False if another run holds it."""
-        return bool(self._lock.acquire())
-
-    def release(self) -> None:
-        """Release the lock; a no-op when it expired (or was taken over) meanwhile."""
-        with suppress(LockError):
-            self._lock.release()
 
 
 def force_release(client: redis.Redis, held: HeldLock) -> bool:
