@@ -229,9 +229,7 @@ class StagedFileWriter:
             self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
             if rejection.id is not None and len(self.rejected_ids) < MAX_REJECTED_IDS:
                 self.rejected_ids.append(rejection.id)
-        self.write_lines(
-            [d.line if d.line is not None else encode_line(d) for d in batch.documents]
-        )
+        self.write_lines(list(map(encode_line, batch.documents)))
 
     def write_lines(self, lines: list[bytes]) -> None:
         """`write_line` for each of `lines`, in order: in one step when they all fit in the
