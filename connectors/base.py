@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 
 from core.instants import format_instant, parse_instant
-from core.ports import StagedLines
+from core.ports import StagedLines, TargetAudit
 from core.recheck import Fingerprint
 from core.windows import Window
 
@@ -94,6 +94,9 @@ class Manifest:
     """Ids of rejected documents (the first 100), for the error message and the operator."""
     path: str = ""
     """Where this manifest itself lives, relative to the staging root."""
+    checksum: str | None = None
+    """The order-independent checksum of the staged documents' ids (`core.checksum`), taken
+    as they streamed past; None in a manifest written before checksums existed."""
 
     @property
     def window(self) -> Window:
@@ -272,8 +275,21 @@ class Target(Protocol):
         e.g. after a commit whose acknowledgement was lost."""
         ...
 
+    def clear_window(self, pipeline: str, window: Window, fence: int) -> int:
+        """A fenced empty load: delete the window's rows and move its ledger row to `fence`
+        (row count 0) in one transaction; rows deleted. Refused like `load_window`
+        (`StaleFenceError`, nothing changed) when a newer fence loaded the window: a frozen
+        older load cannot land after the window was found empty, nor this clear after a newer
+        load."""
+        ...
+
     def count_window(self, pipeline: str, window: Window) -> int:
         """How many rows the target holds for the window."""
+        ...
+
+    def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
+        """What the target holds for the window: rows, their ids' checksum (`core.checksum`),
+        and its ledger row (the fence that loaded it last and the rows it recorded)."""
         ...
 
     def close(self) -> None: ...

@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, decode_line
 from connectors.sql import _translate, create_engine
+from core.checksum import checksum_text, ids_sum
 from core.config import SqlTargetConfig
 from core.errors import (
     StagedDataLostError,
@@ -36,7 +37,7 @@ from core.errors import (
     one_line,
 )
 from core.instants import format_instant, utc_now
-from core.ports import StagedLines
+from core.ports import StagedLines, TargetAudit
 from core.retry import as_time_limit
 from core.windows import Window
 
@@ -327,27 +328,9 @@ class SqlTarget:
                     conn.exec_driver_sql(
                         f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_LOAD_SECONDS}s'"
                     )
-                recorded = record_fence(
-                    conn,
-                    ledger,
-                    pipeline=pipeline,
-                    window_start=start,
-                    fence=fence,
-                    # Committed only if the staged files hold exactly this many (checked below).
-                    rows=manifest.rows,
-                    loaded_at=loaded_at,
-                )
-                if recorded is not None:
-                    # Raised inside the transaction: it rolls back, nothing changed.
-                    raise StaleFenceError(
-                        "sql target: "
-                        + stale_fence_error(pipeline, manifest.window_start, fence, recorded)
-                    )
-                conn.execute(
-                    sa.delete(table).where(
-                        table.c.pipeline == pipeline, table.c.window_start == start
-                    )
-                )
+                # Committed only if the staged files hold exactly `manifest.rows` (below).
+                _take_fence(conn, ledger, pipeline, start, fence, manifest.rows, loaded_at)
+                _delete_window(conn, table, pipeline, start)
                 if engine.dialect.name == "postgresql":
                     chunks = self._copy_chunks(manifest, staging, pipeline, start, end, loaded_at)
                     loaded = _copy_into_postgresql(conn, table, chunks)
@@ -436,6 +419,53 @@ class SqlTarget:
         if lines:
             yield "".join(lines), len(lines)
 
+    def clear_window(self, pipeline: str, window: Window, fence: int) -> int:
+        """A fenced empty load: in one transaction, move the window's ledger row to `fence`
+        with 0 rows (`record_fence`, the same guard as `load_window`) and delete the window's
+        rows; how many went. Refused with `StaleFenceError`, changing nothing, when a newer
+        fence loaded the window.
+
+        Timeline, A loading with fence 3 while B (fence 5) finds the window empty at the
+        source: A holds the ledger row and freezes; B's clear waits on it. A commits its rows
+        (ledger 3); B's guard sees 3 < 5, deletes them and commits (ledger 5, 0 rows). Or B
+        clears first (ledger 5); A's guard refuses 3 and A rolls back. The window ends empty.
+        """
+        engine, table, ledger = self._connect_with_ledger()
+        start = self._instant(engine, window.start)
+        try:
+            with engine.execution_options(**_WRITE).begin() as conn:
+                _take_fence(
+                    conn, ledger, pipeline, start, fence, 0, self._instant(engine, utc_now())
+                )
+                return _delete_window(conn, table, pipeline, start)
+        except sa.exc.SQLAlchemyError as error:
+            raise _translate_target(error, "clear window") from None
+
+    def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
+        """The window's rows, their ids' checksum and its ledger row, read in one snapshot
+        (a REPEATABLE READ transaction on PostgreSQL, SQLite's read transaction)."""
+        engine, table, ledger = self._connect_with_ledger()
+        start = self._instant(engine, window.start)
+        try:
+            with engine.connect() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    rows, checksum = _window_checksum(conn, table, pipeline, start)
+                    held = conn.execute(
+                        sa.select(ledger.c.fence, ledger.c.row_count).where(
+                            ledger.c.pipeline == pipeline, ledger.c.window_start == start
+                        )
+                    ).first()
+        except sa.exc.SQLAlchemyError as error:
+            raise _translate_target(error, "audit window") from None
+        return TargetAudit(
+            rows=rows,
+            checksum=checksum,
+            ledger_fence=int(held[0]) if held is not None else None,
+            ledger_rows=int(held[1]) if held is not None else None,
+        )
+
     def count_window(self, pipeline: str, window: Window) -> int:
         """Rows the table holds for the window."""
         engine, table = self._connect()
@@ -459,6 +489,76 @@ class SqlTarget:
             self._engine = None
             self._table = None
             self._ledger = None
+
+
+def _take_fence(
+    conn: sa.Connection,
+    ledger: sa.Table,
+    pipeline: str,
+    start: datetime,
+    fence: int,
+    rows: int,
+    loaded_at: datetime,
+) -> None:
+    """`record_fence` inside the caller's transaction, or `StaleFenceError` (naming the
+    ledger's fence) raised inside it, so that it rolls back and nothing changes."""
+    recorded = record_fence(
+        conn,
+        ledger,
+        pipeline=pipeline,
+        window_start=start,
+        fence=fence,
+        rows=rows,
+        loaded_at=loaded_at,
+    )
+    if recorded is not None:
+        raise StaleFenceError(
+            "sql target: " + stale_fence_error(pipeline, start, fence, recorded),
+            recorded=recorded,
+        )
+
+
+def _delete_window(conn: sa.Connection, table: sa.Table, pipeline: str, start: datetime) -> int:
+    """Delete a window's rows inside the caller's (fenced) transaction; how many went."""
+    deleted = conn.execute(
+        sa.delete(table).where(table.c.pipeline == pipeline, table.c.window_start == start)
+    )
+    return int(deleted.rowcount or 0)
+
+
+PG_ID_HASH_SUM = "sum(('x' || substr(md5(doc_id), 1, 16))::bit(64)::bigint)"
+"""PostgreSQL's sum of `core.checksum.id_hash` over a window's rows (as signed bigints: the
+same sum modulo 2**64)."""
+
+ID_READ_BATCH = 10_000
+"""Ids read back per fetch where the database hashes none itself (`_window_checksum`)."""
+
+
+def _window_checksum(
+    conn: sa.Connection, table: sa.Table, pipeline: str, start: datetime
+) -> tuple[int, str]:
+    """The window's row count and the checksum of its ids (`core.checksum`).
+
+    PostgreSQL sums the hashes itself (`PG_ID_HASH_SUM`: one row back). Elsewhere (SQLite,
+    DuckDB) the ids are read back in batches and hashed here: one id per row over the wire,
+    the cost of a count that returns the column, and no function to register per connection.
+    """
+    where = (table.c.pipeline == pipeline, table.c.window_start == start)
+    if conn.dialect.name == "postgresql":
+        count, total = conn.execute(
+            sa.select(sa.func.count(), sa.text(f"coalesce({PG_ID_HASH_SUM}, 0)"))
+            .select_from(table)
+            .where(*where)
+        ).one()
+        return int(count), checksum_text(int(total))
+    rows = total = 0
+    result = conn.execution_options(yield_per=ID_READ_BATCH).execute(
+        sa.select(table.c.doc_id).where(*where)
+    )
+    for batch in result.scalars().partitions():
+        rows += len(batch)
+        total += ids_sum(batch)
+    return rows, checksum_text(total)
 
 
 def _create_if_missing(engine: sa.Engine, table: sa.Table) -> None:

@@ -5,8 +5,9 @@ about *what* it stores lives here, once:
 
 - `StagedFileWriter` turns batches into gzip NDJSON part files, rolling to a new part before a
   part's uncompressed NDJSON would exceed `max_file_bytes`, and counts rows, stored bytes,
-  sha256 and rejections as the bytes stream past. It holds up to `WRITE_BUFFER_BYTES` of lines
-  and the compressor's buffer in memory, never the window.
+  sha256, rejections and the staged ids' checksum (`core.checksum`) as the bytes stream past.
+  It holds up to `WRITE_BUFFER_BYTES` of lines and the compressor's buffer in memory, never
+  the window.
 - `ObjectStage` implements the `connectors.base.StagingArea` protocol on top of five storage
   primitives (open a part for writing, put small bytes, open for reading, list, delete), which
   is all `LocalStage` and `S3Stage` supply.
@@ -32,6 +33,7 @@ from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol, cast
 
 from connectors.base import Batch, Manifest, StagedFile, encode_line, window_dir
+from core.checksum import checksum_text, ids_sum
 from core.errors import StagedDataLostError
 from core.windows import Window
 
@@ -217,6 +219,12 @@ class StagedFileWriter:
         """Rejected documents by reason."""
         self.rejected_ids: list[str] = []
         """The first `MAX_REJECTED_IDS` rejected document ids."""
+        self._id_sum = 0
+
+    @property
+    def checksum(self) -> str:
+        """The checksum of the ids of every document `add`ed so far (`core.checksum`)."""
+        return checksum_text(self._id_sum)
 
     @property
     def rows(self) -> int:
@@ -229,7 +237,10 @@ class StagedFileWriter:
             self.rejected[rejection.reason] = self.rejected.get(rejection.reason, 0) + 1
             if rejection.id is not None and len(self.rejected_ids) < MAX_REJECTED_IDS:
                 self.rejected_ids.append(rejection.id)
-        self.write_lines(list(map(encode_line, batch.documents)))
+        documents = batch.documents
+        self.write_lines(list(map(encode_line, documents)))
+        # Hashed as they stream past, after they were written: only staged ids count.
+        self._id_sum += ids_sum([document.id for document in documents])
 
     def write_lines(self, lines: list[bytes]) -> None:
         """`write_line` for each of `lines`, in order: in one step when they all fit in the
@@ -346,6 +357,7 @@ class ObjectStage(ABC):
             rejected=dict(sorted(writer.rejected.items())),
             rejected_ids=list(writer.rejected_ids),
             path=manifest_path(directory, run),
+            checksum=writer.checksum,
         )
         self._put(manifest.path, manifest.to_json())
         keep = {f.path for f in files} | {manifest.path}

@@ -205,6 +205,10 @@ class PipelineConfig(_Strict):
     (`["1h", "1d", "7d"]`); a window that drifted is re-run. Empty: never."""
     max_rechecks_per_tick: int = Field(default=200, ge=1, le=100_000)
     """At most this many windows compared per recheck task (one count query each)."""
+    rerun_on_drift: bool = False
+    """When the audit finds the source changed since extract's snapshot (documents arrived
+    late, or went), re-run the window at once instead of recording the drift and leaving it to
+    the recheck horizons or `windowpipe reconcile`."""
     max_attempts: int = Field(default=5, ge=1)
     """Attempts of a window before it is dead (the outermost retry layer, core/retry.py)."""
     step_attempts: int | None = Field(default=None, ge=1, le=100)

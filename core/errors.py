@@ -37,7 +37,15 @@ class InvalidTransitionError(WindowpipeError):
 
 class StaleFenceError(LostOwnershipError):
     """The target refused a load: it has already recorded a newer fencing token for the window
-    (a paused worker woke up after another worker took the window over)."""
+    (a paused worker woke up after another worker took the window over, or the state store is
+    behind the target: restored from a backup, rebuilt, or its clock behind).
+
+    `recorded` is the target's fence that refused this one, when the target said: the runner
+    raises the window's fence above it if the store still holds this owner's fence."""
+
+    def __init__(self, message: str, recorded: int | None = None) -> None:
+        super().__init__(message)
+        self.recorded = recorded
 
 
 class StagedDataLostError(TerminalError):

@@ -14,6 +14,7 @@ the target (`RunT`). Of a manifest, the runner reads only what `StagedRun` names
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, overload
 
 from core.recheck import Fingerprint
@@ -60,6 +61,24 @@ class StagedRun(Protocol):
     @property
     def rejected_count(self) -> int: ...
 
+    @property
+    def checksum(self) -> str | None:
+        """The staged ids' checksum (`core.checksum`); None from an older manifest."""
+        ...
+
+
+@dataclass(frozen=True)
+class TargetAudit:
+    """What a target holds for one window, as the audit compares it with the record."""
+
+    rows: int
+    checksum: str
+    """Of the rows' document ids (`core.checksum.checksum_text`)."""
+    ledger_fence: int | None
+    """The fence that loaded (or cleared) the window last; None when its ledger has no row."""
+    ledger_rows: int | None
+    """The rows that load recorded in the ledger."""
+
 
 BatchT = TypeVar("BatchT")
 RunT = TypeVar("RunT", bound=StagedRun)
@@ -102,7 +121,9 @@ class WindowTarget(Protocol[RunT_contra]):
         self, pipeline: str, manifest: RunT_contra, staging: StagedLines, fence: int
     ) -> int: ...
 
-    def count_window(self, pipeline: str, window: Window) -> int: ...
+    def clear_window(self, pipeline: str, window: Window, fence: int) -> int: ...
+
+    def audit_window(self, pipeline: str, window: Window) -> TargetAudit: ...
 
 
 class ConnectorFactory(Protocol[BatchT, RunT]):

@@ -9,6 +9,7 @@ and the table agree: `A ──MOVE──▶ B` and `B ◀──MOVE── A` are
                          queued ◀──ENQUEUE── failed
                          queued ──RESEND──▶ queued
                          running ──CLAIM──▶ running
+                         running ──REFENCE──▶ running
     succeeded|skipped|dead ──ENQUEUE──▶ queued
     succeeded|skipped|dead ──RESET──▶ pending
     succeeded|skipped ──RECHECK_RERUN──▶ pending
@@ -103,6 +104,14 @@ class WindowRecord:
     drift: list[dict[str, Any]] = field(default_factory=list)
     """Every drift found: `{"at", "by", "count_before", "count_after", "version_before",
     "version_after"}`, oldest first."""
+    checksum: str | None = None
+    """The checksum of the ids extract staged (`core.checksum`: 16 hex digits); the audit
+    requires the target's to equal it."""
+    target_checksum: str | None = None
+    """The checksum of the ids the target held when the audit looked."""
+    load_fence: int | None = None
+    """The fence the window's last load took in the target's ledger; the audit requires the
+    ledger to still hold it."""
     id: int | None = field(default=None)
 
     @property

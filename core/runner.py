@@ -20,10 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 
+from core.checksum import EMPTY_CHECKSUM
 from core.config import Config, PipelineConfig
 from core.errors import (
     TIME_LIMIT_ERRORS,
@@ -31,20 +32,23 @@ from core.errors import (
     LostOwnershipError,
     StagedDataLostError,
     StageTimeLimitError,
+    StaleFenceError,
     TerminalError,
     TransientError,
 )
-from core.instants import format_instant
+from core.instants import format_instant, utc_now
 from core.locks import WindowLock
 from core.logs import get_logger
 from core.ports import (
     BatchT,
     ConnectorFactory,
     RunT,
+    TargetAudit,
     WindowSource,
     WindowStaging,
     WindowTarget,
 )
+from core.recheck import drift_of
 from core.records import ACTIVE, STAGE_ORDER, Stage, WindowRecord, WindowStatus
 from core.retry import StagePolicy, backoff_seconds, call_with_retries, stage_policy
 from core.store import StateStore
@@ -259,17 +263,11 @@ def _run_guarded(
 def _precheck(step: _Step[BatchT, RunT]) -> WindowRecord:
     source = step.source()
     # The count, and the max of the version field where one is configured: what a recheck
-    # compares the source with later (core/recheck.py).
+    # compares the source with later (core/recheck.py). The count only decides whether the
+    # window is empty: extract records what it read, and the audit checks that.
     found = call_with_retries(step.policy, lambda: source.fingerprint(step.window))
     if found.count == 0:
-        return step.commit(
-            WindowStatus.SKIPPED,
-            source_count=0,
-            staged_count=0,
-            target_count=0,
-            source_version=found.version,
-            error=None,
-        )
+        return _skip_empty(step, source_version=found.version)
     return step.commit(
         WindowStatus.QUEUED,
         stage=Stage.EXTRACT,
@@ -277,6 +275,82 @@ def _precheck(step: _Step[BatchT, RunT]) -> WindowRecord:
         source_version=found.version,
         error=None,
     )
+
+
+def _skip_empty(step: _Step[BatchT, RunT], **fields: Any) -> WindowRecord:
+    """Skip a window found empty, after a fenced empty load: the target's rows of the window
+    are deleted and its ledger moves to this fence in one transaction (`clear_window`).
+
+    So a window emptied at the source is empty in the target too (a purge, then a re-run,
+    converges), and a frozen older load cannot land after the skip: its fence is below the
+    ledger's now. Timeline: A loads with fence 3 and freezes before its commit; the window is
+    re-run and found empty by B (fence 6), whose clear waits on A's ledger row or runs first.
+    A commits first: B's clear then deletes A's rows (ledger 6). B first: A's guard sees 6 > 3,
+    A rolls back. Either way the target holds no row of the window.
+    """
+    target = step.target()
+    name, window = step.pipeline.name, step.window
+    _fenced_write(step, lambda fence: target.clear_window(name, window, fence))
+    return step.commit(
+        WindowStatus.SKIPPED,
+        source_count=0,
+        staged_count=0,
+        target_count=0,
+        checksum=EMPTY_CHECKSUM,
+        target_checksum=EMPTY_CHECKSUM,
+        load_fence=step.fence,
+        error=None,
+        **fields,
+    )
+
+
+MAX_FENCE_RAISES = 3
+"""How often one fenced write raises the window's fence above a target ledger's before it
+gives up (`_fenced_write`): once is enough unless the ledger keeps moving, which only a newer
+owner does."""
+
+_T = TypeVar("_T")
+
+
+def _fenced_write(step: _Step[BatchT, RunT], write: Callable[[int], _T]) -> _T:
+    """`write(fence)` to the target with the step's fence (retrying transient errors). When the
+    target's ledger refuses the fence as stale although the state store still holds it, the
+    store is behind the ledger: the window's fence is raised above the ledger's (REFENCE, no
+    attempt used) and the write is tried again with it.
+
+    Why that is safe: every owner claims a new fence in the store before it writes, so a newer
+    owner would have moved the store's fence; `raise_fence` matches only while the store still
+    holds this step's fence. Timeline: the store is restored from last night's backup (fence 5
+    for the window) while the ledger holds fence 9 from this morning's load. A claims (6), its
+    load is refused (9 > 6); the store still says 6, so no owner of this store's history wrote
+    9: A moves the record to fence 10 and loads (ledger 10). Had B claimed meanwhile (7), the
+    store says 7, `raise_fence` matches nothing and A stops as a stale owner (its
+    StaleFenceError) while B goes on.
+    """
+    log = get_logger("windowpipe.stage", pipeline=step.pipeline.name)
+    for _ in range(MAX_FENCE_RAISES):
+        try:
+            return call_with_retries(step.policy, lambda: write(step.fence))
+        except StaleFenceError as error:
+            if error.recorded is None:
+                raise
+            raised = step.runtime.store.raise_fence(
+                step.pipeline.name,
+                step.record.window_start,
+                fence=step.fence,
+                above=error.recorded,
+            )
+            if raised is None:
+                raise
+            log.warning(
+                "the target's ledger is ahead of the state store: fence raised",
+                window=format_instant(step.record.window_start),
+                refused=step.fence,
+                ledger=error.recorded,
+                fence=raised.fence,
+            )
+            step.fence, step.record = raised.fence, raised
+    return call_with_retries(step.policy, lambda: write(step.fence))
 
 
 def _extract(step: _Step[BatchT, RunT]) -> WindowRecord:
@@ -289,12 +363,19 @@ def _extract(step: _Step[BatchT, RunT]) -> WindowRecord:
             step.pipeline.name, step.window, run, source.iter_batches(step.window)
         ),
     )
+    if manifest.rows == 0 and manifest.rejected_count == 0:
+        # Emptied since precheck counted it: empty in the target too.
+        return _skip_empty(step)
     return step.commit(
         WindowStatus.QUEUED,
         stage=Stage.LOAD,
+        # What extract read is the window's snapshot: the audit and rechecks compare with it,
+        # not with precheck's earlier count.
+        source_count=manifest.rows + manifest.rejected_count,
         staged_count=manifest.rows,
         rejected_count=manifest.rejected_count,
         manifest=manifest.path,
+        checksum=manifest.checksum,
         error=_rejections_text(manifest.rejected, manifest.rejected_ids) or None,
     )
 
@@ -316,22 +397,22 @@ def _load(step: _Step[BatchT, RunT]) -> WindowRecord:
         )
     # The rows the load's own transaction wrote; the audit counts the target again on its own
     # (one count per window instead of two).
-    loaded = call_with_retries(
-        step.policy,
-        lambda: target.load_window(step.pipeline.name, manifest, staging, fence=step.fence),
+    name = step.pipeline.name
+    loaded = _fenced_write(
+        step, lambda fence: target.load_window(name, manifest, staging, fence=fence)
     )
-    return step.commit(WindowStatus.QUEUED, stage=Stage.AUDIT, target_count=loaded)
+    return step.commit(
+        WindowStatus.QUEUED, stage=Stage.AUDIT, target_count=loaded, load_fence=step.fence
+    )
 
 
 def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
     target = step.target()
+    source = step.source()
     record = step.record
-    target_count = call_with_retries(
-        step.policy, lambda: target.count_window(step.pipeline.name, step.window)
-    )
-    problems = audit_problems(
-        record.source_count, record.staged_count, target_count, record.rejected_count or 0
-    )
+    name, window = step.pipeline.name, step.window
+    held = call_with_retries(step.policy, lambda: target.audit_window(name, window))
+    problems = audit_problems(record, held)
     if problems:
         detail = "; ".join(problems)
         if record.error and record.rejected_count:
@@ -340,24 +421,59 @@ def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
         return step.commit(
             WindowStatus.FAILED,
             stage=Stage.PRECHECK,
-            target_count=target_count,
+            target_count=held.rows,
+            target_checksum=held.checksum,
             error=f"audit: {detail}"[:2000],
         )
-    return step.commit(WindowStatus.SUCCEEDED, target_count=target_count, error=None)
+    # The target holds exactly what extract read. Documents that arrived (or went) since are
+    # not this run's failure: they are drift, for recheck or reconcile (or a re-run now).
+    now = call_with_retries(step.policy, lambda: source.fingerprint(window))
+    drift = drift_of(record, now, at=utc_now(), by="audit")
+    rerun = drift is not None and step.pipeline.rerun_on_drift
+    done = step.commit(
+        WindowStatus.SUCCEEDED,
+        target_count=held.rows,
+        target_checksum=held.checksum,
+        error=None,
+        drift=[*record.drift, drift] if drift is not None and not rerun else record.drift,
+    )
+    if drift is None:
+        return done
+    get_logger("windowpipe.stage", pipeline=name).warning(
+        "the source changed since extract's snapshot",
+        window=format_instant(window.start),
+        rerun=rerun,
+        **drift,
+    )
+    if rerun:
+        # `rerun_on_drift`: back to pending at once (RECHECK_RERUN records the drift), as a
+        # recheck would; None when someone reset the window meanwhile.
+        again = step.runtime.store.record_check(done, rechecks_done=done.rechecks_done, drift=drift)
+        return again or done
+    return done
 
 
-def audit_problems(
-    source_count: int | None, staged_count: int | None, target_count: int, rejected_count: int
-) -> list[str]:
-    """Why a window's counts do not agree (empty when source = staged = target, none rejected)."""
+def audit_problems(record: WindowRecord, held: TargetAudit) -> list[str]:
+    """Why the target does not hold exactly what extract staged (empty when it does): counts
+    and id checksums equal, the ledger still holding the fence and row count of the window's
+    load, no document rejected."""
     problems = []
-    counts = f"source={source_count} staged={staged_count} target={target_count}"
-    if source_count is None or staged_count is None:
+    counts = f"source={record.source_count} staged={record.staged_count} target={held.rows}"
+    if record.staged_count is None:
         problems.append(f"counts missing ({counts})")
-    elif not source_count == staged_count == target_count:
+    elif record.staged_count != held.rows:
         problems.append(f"counts disagree ({counts})")
-    if rejected_count:
-        problems.append(f"{rejected_count} source documents rejected")
+    elif record.checksum is not None and record.checksum != held.checksum:
+        problems.append(f"ids disagree (staged checksum {record.checksum}, target {held.checksum})")
+    if record.load_fence is not None and (
+        held.ledger_fence != record.load_fence or held.ledger_rows != record.target_count
+    ):
+        problems.append(
+            f"ledger disagrees (fence {held.ledger_fence} rows {held.ledger_rows}; the load "
+            f"recorded fence {record.load_fence} rows {record.target_count})"
+        )
+    if record.rejected_count:
+        problems.append(f"{record.rejected_count} source documents rejected")
     return problems
 
 

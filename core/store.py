@@ -34,6 +34,7 @@ from core.transitions import (
     ENQUEUE,
     REBUILD_RESET,
     RECHECK_RERUN,
+    REFENCE,
     REQUEUE_LOST,
     RESEND,
     RESET,
@@ -128,6 +129,9 @@ WINDOWS = sa.Table(
     sa.Column("rechecks_done", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("checked_at", UTCDateTime(), nullable=True),
     sa.Column("drift", sa.JSON(), nullable=True),
+    sa.Column("checksum", sa.String(16), nullable=True),
+    sa.Column("target_checksum", sa.String(16), nullable=True),
+    sa.Column("load_fence", sa.BigInteger(), nullable=True),
     sa.UniqueConstraint("pipeline", "window_start", name="uq_windows_pipeline_window_start"),
     sa.CheckConstraint(_in_list("status", list(WindowStatus)), name="ck_windows_status"),
     sa.CheckConstraint(
@@ -383,6 +387,24 @@ class StateStore:
         once per stage of every window.
         """
         return self._move_one(CLAIM, pipeline, window_start, CLAIM.sources, stage=Stage(stage))
+
+    def raise_fence(
+        self, pipeline: str, window_start: datetime, *, fence: int, above: int
+    ) -> WindowRecord | None:
+        """Move a running window's fence from `fence` to `above + 1` (REFENCE), when a
+        target's ledger refused `fence` because it recorded `above`, a fence this store never
+        issued for the window (restored from a backup, rebuilt, a clock behind).
+
+        Matches only while the record is running with `fence`: then no newer owner claimed
+        the window in this store, so the ledger's fence is no owner's that this store knows,
+        and the owner goes on above it. None when the fence moved meanwhile (a newer owner
+        exists: the caller lost the window) or `above` is not ahead of `fence`. Attempts are
+        not touched: nothing failed.
+        """
+        if above < fence:
+            return None
+        taken = {"fence": above + 1}
+        return self._move_one(REFENCE, pipeline, window_start, REFENCE.sources, taken, fence=fence)
 
     def queue(
         self,
@@ -882,6 +904,9 @@ def _to_record(row: Row[Any]) -> WindowRecord:
         rechecks_done=data["rechecks_done"],
         checked_at=data["checked_at"],
         drift=list(data["drift"] or []),
+        checksum=data["checksum"],
+        target_checksum=data["target_checksum"],
+        load_fence=data["load_fence"],
     )
 
 

@@ -51,6 +51,9 @@ RESULT_FIELDS: tuple[str, ...] = (
     "rejected_count",
     "manifest",
     "source_version",
+    "checksum",
+    "target_checksum",
+    "load_fence",
 )
 """What a run produced; cleared when a window's chain starts over from precheck."""
 
@@ -170,9 +173,9 @@ SUCCEED = Move(
     frozenset({S.RUNNING}),
     S.SUCCEEDED,
     _ENDS_ATTEMPT,
-    takes=STAGE_FIELDS,
+    takes=STAGE_FIELDS | {"drift"},
     by="transition",
-    why="audit found source, stage and target agree",
+    why="audit found stage and target agree (the source's later drift recorded, if any)",
 )
 SKIP = Move(
     "SKIP",
@@ -181,7 +184,7 @@ SKIP = Move(
     _ENDS_ATTEMPT,
     takes=STAGE_FIELDS,
     by="transition",
-    why="precheck found 0 documents",
+    why="precheck or extract found 0 documents (after a fenced empty load of the target)",
 )
 FAIL = Move(
     "FAIL",
@@ -191,6 +194,15 @@ FAIL = Move(
     takes=STAGE_FIELDS,
     by="transition",
     why="a stage gave up, or cleanup found a lost window out of attempts",
+)
+REFENCE = Move(
+    "REFENCE",
+    frozenset({S.RUNNING}),
+    S.RUNNING,
+    takes=frozenset({"fence"}),
+    by="raise_fence",
+    why="the target's ledger holds a newer fence than the store ever issued: the owner's "
+    "fence jumps above it (no attempt)",
 )
 RESEND = Move(
     "RESEND",
@@ -249,6 +261,7 @@ MOVES: tuple[Move, ...] = (
     SUCCEED,
     SKIP,
     FAIL,
+    REFENCE,
     RESEND,
     REQUEUE_LOST,
     BURY,

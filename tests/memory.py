@@ -42,9 +42,10 @@ from connectors.base import (
 )
 from connectors.sql_target import stale_fence_error
 from connectors.staging import ObjectStage, PartSink
+from core.checksum import ids_checksum
 from core.config import PipelineConfig
 from core.errors import StagedDataLostError, StaleFenceError
-from core.ports import StagedLines
+from core.ports import StagedLines, TargetAudit
 from core.recheck import Fingerprint
 from core.records import STAGE_ORDER, Stage
 from core.runner import Outcome, Runtime, StageResult, run_stage
@@ -173,6 +174,8 @@ class MemoryTarget:
         self.rows: dict[tuple[str, datetime], list[dict[str, Any]]] = {}
         self.ledger: dict[tuple[str, datetime], int] = {}
         """Per window, the fence that loaded it last."""
+        self.ledger_rows: dict[tuple[str, datetime], int] = {}
+        """Per window, the rows that load recorded."""
         self.faults = Faults()
         self.before_load: Callable[[int], None] | None = None
         """Called with the fence at the start of every load: where a test pauses an owner."""
@@ -184,11 +187,7 @@ class MemoryTarget:
             self.before_load(fence)
         self.faults.check("load_window")
         key = (pipeline, manifest.window_start)
-        recorded = self.ledger.get(key)
-        if recorded is not None and fence < recorded:
-            raise StaleFenceError(
-                "memory target: " + stale_fence_error(pipeline, key[1], fence, recorded)
-            )
+        self._check_fence(key, fence)
         rows = [
             decode_line(line)
             for staged in manifest.files
@@ -201,12 +200,42 @@ class MemoryTarget:
                 f"but the manifest lists {manifest.rows}"
             )
         self.ledger[key] = fence
+        self.ledger_rows[key] = len(rows)
         self.rows[key] = rows
         return len(rows)
+
+    def _check_fence(self, key: tuple[str, datetime], fence: int) -> None:
+        recorded = self.ledger.get(key)
+        if recorded is not None and fence < recorded:
+            raise StaleFenceError(
+                "memory target: " + stale_fence_error(key[0], key[1], fence, recorded),
+                recorded=recorded,
+            )
+
+    def clear_window(self, pipeline: str, window: Window, fence: int) -> int:
+        if self.before_load is not None:
+            self.before_load(fence)
+        self.faults.check("clear_window")
+        key = (pipeline, window.start)
+        self._check_fence(key, fence)
+        self.ledger[key] = fence
+        self.ledger_rows[key] = 0
+        return len(self.rows.pop(key, []))
 
     def count_window(self, pipeline: str, window: Window) -> int:
         self.faults.check("count_window")
         return len(self.rows.get((pipeline, window.start), []))
+
+    def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
+        self.faults.check("audit_window")
+        key = (pipeline, window.start)
+        rows = self.rows.get(key, [])
+        return TargetAudit(
+            rows=len(rows),
+            checksum=ids_checksum(str(row["id"]) for row in rows),
+            ledger_fence=self.ledger.get(key),
+            ledger_rows=self.ledger_rows.get(key),
+        )
 
     def ids(self) -> Counter[str]:
         """Every loaded document id, with how often the target holds it."""

@@ -43,8 +43,10 @@ from connectors.local import LocalStage
 from connectors.snowflake import SnowflakeTarget, sql
 from connectors.snowflake.client import translate
 from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_table
+from core.checksum import EMPTY_CHECKSUM, ids_checksum
 from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
+from core.ports import TargetAudit
 from core.windows import Window
 from tests.support import wait_until
 from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy
@@ -96,6 +98,10 @@ class Backend:
     """The window's ledger rows (one once loaded): fence, row_count, loaded_at (aware UTC)."""
     url: str = ""
     """The SQL backends' database URL."""
+    add_ledger_row: Callable[[Window, int], None] | None = None
+    """Snowflake: insert one more ledger row for the window. Snowflake does not enforce
+    primary keys, so a ledger can come to hold duplicates; fakesnow's DuckDB would, so the
+    first call recreates the (empty) ledger without its key, as Snowflake treats it."""
 
 
 def _snowflake_backend(
@@ -110,6 +116,7 @@ def _snowflake_backend(
     )
     teach_fakesnow_metadata_copy(stage.root)
     table = f'"{database}"."EVENTS"."ORDERS_LOADED"'
+    ledger_name = f'"{database}"."EVENTS"."ORDERS_LOADED_WINDOWPIPE_LEDGER"'
     targets: list[SnowflakeTarget] = []
 
     def make(**overrides: Any) -> Target:
@@ -141,7 +148,7 @@ def _snowflake_backend(
     def ledger(window: Window) -> list[dict[str, Any]]:
         cursor = admin.cursor()
         cursor.execute(
-            f'SELECT fence, row_count, loaded_at FROM "{database}"."EVENTS"."WINDOWPIPE_LEDGER" '
+            f"SELECT fence, row_count, loaded_at FROM {ledger_name} "
             "WHERE pipeline = %s AND window_start = %s",
             (PIPELINE, window.start.replace(tzinfo=None)),
         )
@@ -150,7 +157,24 @@ def _snowflake_backend(
             for fence, count, at in cursor.fetchall()
         ]
 
-    yield Backend("snowflake", stage, make, rows, drop_table, ledger)
+    unenforced: list[bool] = []
+
+    def add_ledger_row(window: Window, fence: int) -> None:
+        if not unenforced:
+            admin.cursor().execute(f"DROP TABLE {ledger_name}")
+            admin.cursor().execute(
+                sql.create_ledger_sql(ledger_name).replace(
+                    ", PRIMARY KEY (pipeline, window_start)", ""
+                )
+            )
+            unenforced.append(True)
+        admin.cursor().execute(
+            f"INSERT INTO {ledger_name} (pipeline, window_start, fence, row_count, loaded_at) "
+            "VALUES (%s, %s, %s, 0, %s)",
+            (PIPELINE, window.start.replace(tzinfo=None), fence, datetime(2026, 1, 1)),
+        )
+
+    yield Backend("snowflake", stage, make, rows, drop_table, ledger, add_ledger_row=add_ledger_row)
     for target in targets:
         target.close()
     admin.close()
@@ -757,6 +781,82 @@ def test_sql_target_unreachable_host_is_transient() -> None:
     assert ":pw@" not in str(caught.value)
 
 
+# --- audit and empty loads (every target) ------------------------------------------------------
+
+
+def test_audit_window_reports_the_rows_their_ids_checksum_and_the_ledger_row(
+    backend: Backend,
+) -> None:
+    target = backend.make()
+    assert target.audit_window(PIPELINE, WINDOW) == TargetAudit(0, EMPTY_CHECKSUM, None, None)
+    load = fenced_load(backend.stage, 3, 23)
+    target.load_window(PIPELINE, load.manifest, backend.stage, 3)
+
+    held = target.audit_window(PIPELINE, WINDOW)
+
+    # The target computes the checksum extract recorded in the manifest while staging.
+    assert held == TargetAudit(23, ids_checksum(load.ids), 3, 23)
+    assert load.manifest.checksum == held.checksum
+    assert target.audit_window(PIPELINE, NEXT_WINDOW) == TargetAudit(0, EMPTY_CHECKSUM, None, None)
+
+
+def test_a_fenced_empty_load_clears_the_window_and_no_older_load_lands_after_it(
+    backend: Backend,
+) -> None:
+    """Timeline: A (fence 3) loads the window; the source is purged; B (fence 5) finds it
+    empty and clears it, moving the ledger to 5 with 0 rows. A frozen load of fence 4 (staged
+    before the purge) wakes and is refused: the window stays empty. A clear with an older fence
+    is refused too."""
+    target, frozen = backend.make(), backend.make()
+    target.load_window(PIPELINE, fenced_load(backend.stage, 3, 7).manifest, backend.stage, 3)
+    late = fenced_load(backend.stage, 4, 6)
+
+    assert target.clear_window(PIPELINE, WINDOW, 5) == 7
+
+    assert backend.rows(WINDOW) == []
+    [entry] = backend.ledger(WINDOW)
+    assert (entry["fence"], entry["row_count"]) == (5, 0)
+    with pytest.raises(StaleFenceError) as refused:
+        frozen.load_window(PIPELINE, late.manifest, backend.stage, 4)
+    assert refused.value.recorded == 5
+    with pytest.raises(StaleFenceError):
+        frozen.clear_window(PIPELINE, WINDOW, 4)
+    assert backend.rows(WINDOW) == [] and target.count_window(PIPELINE, WINDOW) == 0
+    # A window never loaded is cleared too: its ledger row is created at the fence.
+    assert target.clear_window(PIPELINE, NEXT_WINDOW, 2) == 0
+    assert [e["fence"] for e in backend.ledger(NEXT_WINDOW)] == [2]
+
+
+@pytest.mark.integration
+def test_snowflake_duplicate_ledger_rows_cannot_let_a_stale_fence_through(
+    snowflake_backend: Backend,
+) -> None:
+    """Snowflake does not enforce the ledger's primary key, so a window can come to hold two
+    ledger rows (fences 3 and 7). A load with fence 5 would match the row of 3 under a per-row
+    `fence <= 5` guard and pass; the guard compares with the window's newest fence (7) and
+    refuses it. A newer fence moves every row of the window."""
+    assert snowflake_backend.add_ledger_row is not None
+    target = snowflake_backend.make()
+    target.count_window(PIPELINE, WINDOW)  # creates the table and its ledger
+    snowflake_backend.add_ledger_row(WINDOW, 3)
+    snowflake_backend.add_ledger_row(WINDOW, 7)
+
+    with pytest.raises(StaleFenceError) as refused:
+        target.load_window(
+            PIPELINE,
+            fenced_load(snowflake_backend.stage, 5, 4).manifest,
+            snowflake_backend.stage,
+            5,
+        )
+    assert refused.value.recorded == 7 and snowflake_backend.rows(WINDOW) == []
+
+    target.load_window(
+        PIPELINE, fenced_load(snowflake_backend.stage, 8, 4).manifest, snowflake_backend.stage, 8
+    )
+    assert sorted(e["fence"] for e in snowflake_backend.ledger(WINDOW)) == [8, 8]
+    assert target.audit_window(PIPELINE, WINDOW).ledger_fence == 8
+
+
 # --- Snowflake SQL, offline -------------------------------------------------------------------
 
 NAMES = sql.Names.of("raw", "Events", "ORDERS", "orders_stage")
@@ -778,6 +878,8 @@ def every_statement(paths: list[str]) -> list[str]:
         sql.COMMIT,
         sql.ROLLBACK,
         sql.count_window_sql(NAMES.table),
+        sql.window_ids_sql(NAMES.table),
+        sql.ledger_row_sql(NAMES.ledger),
         sql.drop_landing_sql(LANDING),
     ]
 
@@ -836,10 +938,15 @@ def test_window_statements_bind_their_values() -> None:
     assert insert.count("?") == 4 and "v:id::STRING, v:doc" in insert
 
 
-def test_the_ledger_lives_beside_the_table_and_its_statements_bind_their_values() -> None:
-    assert NAMES.ledger == '"RAW"."EVENTS"."WINDOWPIPE_LEDGER"'
+def test_each_table_has_its_own_ledger_and_its_statements_bind_their_values() -> None:
+    assert NAMES.ledger == '"RAW"."EVENTS"."ORDERS_WINDOWPIPE_LEDGER"'
+    other = sql.Names.of("raw", "Events", "REFUNDS", "orders_stage")
+    assert other.ledger == '"RAW"."EVENTS"."REFUNDS_WINDOWPIPE_LEDGER"'
     advance = sql.advance_fence_sql(NAMES.ledger)
-    assert advance.count("?") == 6 and advance.endswith("AND fence <= ?")
+    # The guard compares with the window's newest fence, not with whichever row matches.
+    assert advance.count("?") == 8 and "? >= (SELECT MAX(fence)" in advance
+    assert sql.window_ids_sql(NAMES.table).count("?") == 2
+    assert sql.ledger_row_sql(NAMES.ledger).count("?") == 2
     insert = sql.insert_fence_sql(NAMES.ledger)
     assert insert.count("?") == 7 and "WHERE NOT EXISTS" in insert
     assert sql.recorded_fence_sql(NAMES.ledger).count("?") == 2

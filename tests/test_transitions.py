@@ -73,7 +73,7 @@ def test_every_status_is_reached_and_left() -> None:
         (S.QUEUED, [S.FAILED], "ENQUEUE"),
         (S.QUEUED, [S.PENDING, S.DEAD], "ENQUEUE"),
         (S.QUEUED, [S.QUEUED], "RESEND"),
-        (S.RUNNING, None, "CLAIM"),
+        (S.RUNNING, [S.QUEUED], "CLAIM"),
         (S.FAILED, [S.RUNNING], "FAIL"),
         (S.DEAD, None, "BURY"),
         (S.PENDING, [S.PENDING], "REBUILD_RESET"),
@@ -91,6 +91,7 @@ def test_move_for_picks_the_move_the_expected_states_leave_by(
         (S.RUNNING, [S.PENDING], "never allows pending -> running"),
         (S.QUEUED, [S.FAILED, S.QUEUED], "no single move"),
         (S.PENDING, None, "no single move"),
+        (S.RUNNING, [S.RUNNING], "no single move"),
         (S.QUEUED, [], "at least one"),
     ],
 )
@@ -418,6 +419,9 @@ def apply(store: StateStore, move: Move, record: WindowRecord) -> None:
         "reset_for_rerun": lambda: store.reset_for_rerun(pipeline, [start]),
         "apply_rebuild": lambda: store.apply_rebuild(pipeline, RebuildPlan(reset_starts=[start])),
         "record_check": lambda: store.record_check(record, rechecks_done=1, drift={"by": "test"}),
+        "raise_fence": lambda: store.raise_fence(
+            pipeline, start, fence=record.fence, above=record.fence + 10
+        ),
     }
     with contextlib.suppress(InvalidTransitionError):  # refused: the caller checks nothing changed
         calls[move.by]()

@@ -245,7 +245,7 @@ def test_generated_windows_run_to_the_end_and_the_target_holds_each_document_onc
     assert deployment.tick() == [] and not deployment.broker.messages
 
 
-def test_an_empty_window_is_skipped_without_staging_or_loading(
+def test_an_empty_window_is_skipped_after_a_fenced_empty_load_without_staging(
     deployment: MemoryDeployment,
 ) -> None:
     deployment.store.create_windows(PIPELINE, [window(1)], kind=WindowKind.MANUAL)
@@ -256,7 +256,11 @@ def test_an_empty_window_is_skipped_without_staging_or_loading(
     record = deployment.record(1)
     assert record.status == WindowStatus.SKIPPED
     assert (record.source_count, record.staged_count, record.target_count) == (0, 0, 0)
-    assert deployment.staging.files == {} and deployment.target.ledger == {}
+    assert deployment.staging.files == {}
+    # The ledger moved to the skip's fence: an older load can no longer land.
+    key = (PIPELINE, window(1).start)
+    assert deployment.target.ledger == {key: record.fence} and record.load_fence == record.fence
+    assert deployment.target.ledger_rows == {key: 0}
 
 
 # --- failures ------------------------------------------------------------------------------------
@@ -301,7 +305,8 @@ def test_transient_failures_past_the_task_retries_fail_the_window_and_it_resumes
     assert deployment.broker.sent[-1].stage == Stage.EXTRACT
     record = deployment.record(0)
     assert record.status == WindowStatus.SUCCEEDED and record.attempts == 2
-    assert deployment.source.faults.calls["fingerprint"] == 1
+    # Precheck ran once (the retry resumed at extract); the audit looked at the source once.
+    assert deployment.source.faults.calls["fingerprint"] == 2
 
 
 def test_a_terminal_failure_fails_the_window_at_once_and_the_next_attempt_resumes_there(
@@ -517,7 +522,8 @@ def test_duplicate_messages_run_each_stage_once(deployment: MemoryDeployment) ->
         + deployment.staging.faults.calls
         + deployment.target.faults.calls
     )
-    assert calls["fingerprint"] == calls["write_window"] == calls["load_window"] == 1
+    assert calls["write_window"] == calls["load_window"] == 1
+    assert calls["fingerprint"] == 2  # precheck's count and the audit's
     record = deployment.record(4)
     assert record.status == WindowStatus.SUCCEEDED and record.attempts == 1
     assert deployment.target.ids() == Counter(f"w4-{n}" for n in range(5))

@@ -7,14 +7,31 @@ A window is loaded in three steps on one session:
    load instead of being skipped, and `FORCE=TRUE` because the landing table is new each time
    and idempotency is ours (below), not Snowflake's 64-day load history. The COPY keeps each
    row's lineage: `METADATA$FILENAME` and `METADATA$FILE_ROW_NUMBER`.
-2. One explicit transaction: `BEGIN`; move the window's row in the ledger table
-   (`WINDOWPIPE_LEDGER`, beside the target table) to this load's fencing token, guarded by
-   `fence <= ?` (`advance_fence_sql`, else `insert_fence_sql` when the window has no row yet);
+2. One explicit transaction: `BEGIN`; move the window's row in the target table's own ledger
+   (`<TABLE>_WINDOWPIPE_LEDGER`, beside it) to this load's fencing token, guarded by the
+   window's newest recorded fence being at most this one (`advance_fence_sql`, else
+   `insert_fence_sql` when the window has no row yet);
    if neither changed a row, a newer load already happened: `ROLLBACK` and refuse. Else
    `DELETE` the window's rows; `INSERT ... SELECT` from the landing table; `COMMIT`. A
    retried, duplicated or forced load replaces the window, never adds to it, and a stale one
    (its worker paused past its lock) changes nothing.
 3. Drop the landing table.
+
+A ledger per target table, not one per schema: an UPDATE holds a lock on its whole table until
+COMMIT, so with one ledger per schema a load of any pipeline in the schema waited for a load
+of any other (and for a frozen one). Now only loads into the same table share a ledger (they
+share the table's lock anyway). Primary keys are not enforced in Snowflake, so a ledger could
+come to hold two rows for one window (a hand-made copy, an INSERT race); the guard compares
+with the newest fence of the window (`MAX(fence)`), never with whichever row matches, so a
+stale fence cannot pass because an older duplicate row exists, and the UPDATE moves every row
+of the window.
+
+An empty load (`SnowflakeTarget.clear_window`) is the same transaction without the COPY: the ledger
+moves to the fence with 0 rows, the window's rows are deleted.
+
+The audit reads the window's ids back (`window_ids_sql`) and hashes them in Python
+(`core.checksum`): Snowflake's `MD5_NUMBER_UPPER64(doc_id)` is the same 64-bit hash and could
+sum them in the warehouse, but fakesnow cannot run it, so nothing here depends on it untested.
 
 Why UPDATE then INSERT-if-absent rather than one MERGE: Snowflake holds the lock an UPDATE,
 DELETE or MERGE takes on a table until the transaction ends, so the ledger UPDATE, which
@@ -51,9 +68,9 @@ COLUMNS = (
 )
 """The target table's columns, in the order `insert_window_sql` fills them."""
 
-LEDGER_TABLE = "WINDOWPIPE_LEDGER"
-"""The ledger table, in the target table's schema: per window, the newest fence that loaded
-it."""
+LEDGER_SUFFIX = "_WINDOWPIPE_LEDGER"
+"""A target table's ledger is the table's name with this suffix, in its schema: per window,
+the newest fence that loaded it."""
 
 BEGIN = "BEGIN"
 COMMIT = "COMMIT"
@@ -97,7 +114,7 @@ class Names:
         return cls(
             table=prefix + quote_identifier(table, "table"),
             stage=prefix + quote_identifier(stage, "stage"),
-            ledger=prefix + quote_identifier(LEDGER_TABLE),
+            ledger=prefix + quote_identifier(table + LEDGER_SUFFIX, "ledger table"),
         )
 
 
@@ -132,12 +149,13 @@ def create_ledger_sql(ledger: str) -> str:
 
 
 def advance_fence_sql(ledger: str) -> str:
-    """Move the window's ledger row to a newer fence; binds (fence, row_count, loaded_at,
-    pipeline, window_start, fence). Updates no row when the recorded fence is not older, or
-    when the window has no row yet."""
+    """Move the window's ledger row(s) to a newer fence; binds (fence, row_count, loaded_at,
+    pipeline, window_start, fence, pipeline, window_start). Updates no row when the window's
+    newest recorded fence is newer than this one, or when the window has no row yet."""
     return (
         f"UPDATE {ledger} SET fence = ?, row_count = ?, loaded_at = ? "
-        "WHERE pipeline = ? AND window_start = ? AND fence <= ?"
+        "WHERE pipeline = ? AND window_start = ? "
+        f"AND ? >= (SELECT MAX(fence) FROM {ledger} WHERE pipeline = ? AND window_start = ?)"
     )
 
 
@@ -215,6 +233,19 @@ def insert_window_sql(table: str, landing: str) -> str:
         f"INSERT INTO {table} ({', '.join(COLUMNS)}) "
         "SELECT v:id::STRING, v:doc, ?, ?, ?, ?, source_file, file_row "
         f"FROM {landing}"
+    )
+
+
+def window_ids_sql(table: str) -> str:
+    """A window's document ids, for its checksum; binds (pipeline, window_start)."""
+    return f"SELECT doc_id FROM {table} WHERE pipeline = ? AND window_start = ?"
+
+
+def ledger_row_sql(ledger: str) -> str:
+    """A window's newest ledger row: (fence, row_count); binds (pipeline, window_start)."""
+    return (
+        f"SELECT fence, row_count FROM {ledger} WHERE pipeline = ? AND window_start = ? "
+        "ORDER BY fence DESC LIMIT 1"
     )
 
 

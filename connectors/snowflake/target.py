@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from connectors.base import Manifest
 from connectors.snowflake import sql
 from connectors.snowflake.client import connect, translate
+from core.checksum import checksum_text, ids_sum
 from core.config import SnowflakeTargetConfig
 from core.errors import (
     StagedDataLostError,
@@ -26,8 +28,10 @@ from core.errors import (
     WindowpipeError,
 )
 from core.instants import format_instant, utc_now
-from core.ports import StagedLines
+from core.ports import StagedLines, TargetAudit
 from core.windows import Window
+
+_T = TypeVar("_T")
 
 
 def _ntz(value: datetime) -> datetime:
@@ -99,15 +103,20 @@ class SnowflakeTarget:
         manifest says the files hold (nothing is committed then).
         """
         del staging  # Snowflake reads the files itself, through its own stage
+        return self._in_session("load window", lambda: self._load(pipeline, manifest, fence))
+
+    def _in_session(self, action: str, work: Callable[[], _T]) -> _T:
+        """`work()` holding the session lock, the SDK's errors translated; after a transient
+        failure the session is dropped (the next call opens a new one)."""
         with self._lock:
             try:
-                return self._load(pipeline, manifest, fence)
+                return work()
             except WindowpipeError as error:
                 if isinstance(error, TransientError):
                     self._drop_session()
                 raise
             except Exception as error:
-                translated = translate(error, "load window")
+                translated = translate(error, action)
                 if isinstance(translated, TransientError):
                     self._drop_session()
                 raise translated from None
@@ -134,11 +143,7 @@ class SnowflakeTarget:
             try:
                 recorded = self._record_fence(cursor, pipeline, start, fence, landed, loaded_at)
                 if recorded is not None:
-                    raise StaleFenceError(
-                        f"snowflake target: refused a stale load of window {pipeline} "
-                        f"{format_instant(manifest.window_start)}: its fence {fence} is "
-                        f"older than fence {recorded}, which loaded the window last"
-                    )
+                    raise _stale(pipeline, manifest.window_start, fence, recorded)
                 cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
                 cursor.execute(
                     sql.insert_window_sql(self.names.table, landing),
@@ -163,10 +168,11 @@ class SnowflakeTarget:
         loaded_at: datetime,
     ) -> int | None:
         """Move the window's ledger row to `fence` inside the open transaction; None when it
-        did, else the recorded fence that refuses this load."""
+        did, else the recorded fence that refuses this load (the window's newest)."""
         ledger = self.names.ledger
         cursor.execute(
-            sql.advance_fence_sql(ledger), (fence, rows, loaded_at, pipeline, start, fence)
+            sql.advance_fence_sql(ledger),
+            (fence, rows, loaded_at, pipeline, start, fence, pipeline, start),
         )
         if _first_int(cursor.fetchone()):
             return None
@@ -185,6 +191,56 @@ class SnowflakeTarget:
                 f"snowflake target: the ledger {ledger} took no fence for this window"
             )
         return recorded
+
+    def clear_window(self, pipeline: str, window: Window, fence: int) -> int:
+        """A fenced empty load: in one transaction, move the window's ledger row to `fence`
+        with 0 rows (the guard of `load_window`) and delete the window's rows; how many went.
+
+        Timeline, A loading with fence 3 while B (fence 5) finds the window empty: A holds
+        the ledger's lock inside its transaction and freezes; B's ledger UPDATE waits for it.
+        A commits (ledger 3); B's guard sees 3 <= 5, deletes A's rows, commits (ledger 5, 0
+        rows). Or B first (ledger 5): A's UPDATE then matches nothing (newest fence 5 > 3),
+        A rolls back with StaleFenceError. The window ends empty either way.
+        """
+        return self._in_session("clear window", lambda: self._clear(pipeline, window, fence))
+
+    def _clear(self, pipeline: str, window: Window, fence: int) -> int:
+        cursor = self._session().cursor()
+        start = _ntz(window.start)
+        cursor.execute(sql.BEGIN)
+        try:
+            recorded = self._record_fence(cursor, pipeline, start, fence, 0, _ntz(utc_now()))
+            if recorded is not None:
+                raise _stale(pipeline, window.start, fence, recorded)
+            cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
+            deleted = _first_int(cursor.fetchone()) or 0
+            cursor.execute(sql.COMMIT)
+        except BaseException:
+            _rollback(cursor)
+            raise
+        return deleted
+
+    def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
+        """The window's rows, their ids' checksum (ids read back, `ID_FETCH_ROWS` at a time,
+        hashed here) and its newest ledger row."""
+        return self._in_session("audit window", lambda: self._audit(pipeline, window))
+
+    def _audit(self, pipeline: str, window: Window) -> TargetAudit:
+        cursor = self._session().cursor()
+        key = (pipeline, _ntz(window.start))
+        cursor.execute(sql.window_ids_sql(self.names.table), key)
+        rows = total = 0
+        while batch := cursor.fetchmany(ID_FETCH_ROWS):
+            rows += len(batch)
+            total += ids_sum([str(row[0]) for row in batch])
+        cursor.execute(sql.ledger_row_sql(self.names.ledger), key)
+        held = cursor.fetchone()
+        return TargetAudit(
+            rows=rows,
+            checksum=checksum_text(total),
+            ledger_fence=_first_int(held),
+            ledger_rows=int(held[1]) if held and held[1] is not None else None,
+        )
 
     def count_window(self, pipeline: str, window: Window) -> int:
         """Rows the table holds for the window."""
@@ -207,6 +263,19 @@ class SnowflakeTarget:
         """Close the session (a new one opens on next use)."""
         with self._lock:
             self._drop_session()
+
+
+ID_FETCH_ROWS = 10_000
+"""Ids fetched per round trip when the audit reads a window's ids back."""
+
+
+def _stale(pipeline: str, window_start: datetime, fence: int, recorded: int) -> StaleFenceError:
+    return StaleFenceError(
+        f"snowflake target: refused a stale load of window {pipeline} "
+        f"{format_instant(window_start)}: its fence {fence} is older than fence {recorded}, "
+        "which loaded the window last",
+        recorded=recorded,
+    )
 
 
 def _rows_loaded(cursor: Any) -> int:
