@@ -430,12 +430,15 @@ def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
     now = call_with_retries(step.policy, lambda: source.fingerprint(window))
     drift = drift_of(record, now, at=utc_now(), by="audit")
     rerun = drift is not None and step.pipeline.rerun_on_drift
+    # The drift history is written only when it grows: an empty one stays NULL (the metrics
+    # count windows that ever drifted by `drift IS NOT NULL`).
+    grown = {"drift": [*record.drift, drift]} if drift is not None and not rerun else {}
     done = step.commit(
         WindowStatus.SUCCEEDED,
         target_count=held.rows,
         target_checksum=held.checksum,
         error=None,
-        drift=[*record.drift, drift] if drift is not None and not rerun else record.drift,
+        **grown,
     )
     if drift is None:
         return done

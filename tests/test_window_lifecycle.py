@@ -560,3 +560,107 @@ def test_dispatch_keeps_scheduled_and_backfill_windows_within_their_caps(
     # The backfill ran one at a time, beside the scheduled windows, never ahead of their cap.
     order = [m.window_start for m in deployment.broker.sent]
     assert order.index(start(7)) > order.index(start(1))
+
+
+# --- what the audit checks ---------------------------------------------------------------------
+
+
+def run_to_load(deployment: MemoryDeployment, index: int) -> None:
+    """Queue window `index` and run its precheck and extract."""
+    deployment.store.create_windows(PIPELINE, [window(index)], kind=WindowKind.MANUAL)
+    deployment.dispatch()
+    for stage in (Stage.PRECHECK, Stage.EXTRACT):
+        assert deployment.run_stage(index, stage).outcome == Outcome.DONE
+
+
+def test_documents_arriving_after_extract_are_drift_not_an_audit_failure(
+    deployment: MemoryDeployment,
+) -> None:
+    run_to_load(deployment, 2)
+    deployment.source.documents.append(document("late", start(2) + timedelta(minutes=9)))
+    for stage in (Stage.LOAD, Stage.AUDIT):
+        deployment.run_stage(2, stage)
+
+    record = deployment.record(2)
+    assert record.status == WindowStatus.SUCCEEDED and record.error is None
+    assert (record.source_count, record.staged_count, record.target_count) == (3, 3, 3)
+    [drift] = record.drift
+    assert (drift["by"], drift["count_before"], drift["count_after"]) == ("audit", 3, 4)
+    # Left to recheck/reconcile: nothing runs the window again by itself.
+    deployment.settle()
+    assert deployment.record(2).target_count == 3
+
+
+def test_with_rerun_on_drift_late_documents_run_the_window_again_at_once(
+    deploy: DeployFactory,
+) -> None:
+    deployment = deploy(rerun_on_drift=True)
+    run_to_load(deployment, 2)
+    deployment.source.documents.append(document("late", start(2) + timedelta(minutes=9)))
+    for stage in (Stage.LOAD, Stage.AUDIT):
+        deployment.run_stage(2, stage)
+    assert deployment.record(2).status == WindowStatus.PENDING
+
+    deployment.settle()
+
+    record = deployment.record(2)
+    assert record.status == WindowStatus.SUCCEEDED and record.target_count == 4
+    assert [d["by"] for d in record.drift] == ["audit"]
+    assert deployment.target.ids() == Counter(["w2-0", "w2-1", "w2-2", "late"])
+
+
+def test_a_target_holding_the_right_count_of_the_wrong_ids_fails_the_audit(
+    deployment: MemoryDeployment,
+) -> None:
+    run_to_load(deployment, 2)
+    deployment.run_stage(2, Stage.LOAD)
+    key = (PIPELINE, start(2))
+    deployment.target.rows[key] = [
+        {**row, "id": f"x{row['id']}"} for row in deployment.target.rows[key]
+    ]
+    deployment.run_stage(2, Stage.AUDIT)
+
+    failed = deployment.record(2)
+    assert failed.status == WindowStatus.FAILED and failed.stage == Stage.PRECHECK
+    assert failed.error is not None and failed.error.startswith("audit: ids disagree")
+    assert failed.target_count == failed.staged_count == 3
+    deployment.settle()  # the next attempt replaces the rows
+    assert deployment.record(2).status == WindowStatus.SUCCEEDED
+    assert deployment.target.ids() == Counter(["w2-0", "w2-1", "w2-2"])
+
+
+def test_a_ledger_ahead_of_the_store_raises_the_fence_without_an_attempt(
+    deployment: MemoryDeployment,
+) -> None:
+    run_to_load(deployment, 2)
+    ahead = deployment.record(2).fence + 1000
+    deployment.target.ledger[(PIPELINE, start(2))] = ahead
+    deployment.settle()
+
+    record = deployment.record(2)
+    assert record.status == WindowStatus.SUCCEEDED and record.attempts == 1
+    assert record.load_fence == ahead + 1 and record.fence == ahead + 2
+    assert deployment.target.ledger[(PIPELINE, start(2))] == ahead + 1
+
+
+def test_a_stale_owner_refused_by_the_ledger_does_not_raise_the_fence(
+    deployment: MemoryDeployment,
+) -> None:
+    """A (fence f) is about to load; B claims the window (f+1) meanwhile and loads. A's load
+    is refused by the ledger (f+1); the store's fence moved on, so A stops as a stale owner
+    instead of raising the fence above B's."""
+    run_to_load(deployment, 2)
+    paused: list[int] = []
+
+    def b_takes_over(fence: int) -> None:
+        if not paused:
+            paused.append(fence)
+            deployment.redis.delete(window_lock_key(PIPELINE, start(2)))
+            assert deployment.run_stage(2, Stage.LOAD).outcome == Outcome.DONE
+
+    deployment.target.before_load = b_takes_over
+    result = deployment.run_stage(2, Stage.LOAD)
+
+    assert result.outcome == Outcome.STOPPED and "newer owner" in result.detail
+    assert deployment.target.ledger[(PIPELINE, start(2))] == paused[0] + 1
+    assert deployment.record(2).load_fence == paused[0] + 1

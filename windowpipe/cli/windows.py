@@ -396,10 +396,54 @@ def validate(
     if plan_.is_empty:
         print(f"{pipeline}: nothing to rebuild")
         return
+    # Rows of windows whose records go would belong to nobody: clear them first (a failure
+    # stops the rebuild before any record changes).
+    cleared = _clear_dropped_windows(settings, records, plan_.delete_starts)
     # What the store changed, not what was planned: a record that moved meanwhile (finished,
     # say) is left alone and not counted.
     done = store.apply_rebuild(pipeline, plan_)
     print(
         f"{pipeline}: rebuilt: {done.deleted} deleted, {done.reset} reset to pending, "
         f"{done.created} created; succeeded windows kept"
+        + (f"; the target rows of {cleared} deleted window(s) cleared" if cleared else "")
     )
+
+
+def _clear_dropped_windows(
+    settings: PipelineConfig, records: list[WindowRecord], starts: list[datetime]
+) -> int:
+    """Before `validate --rebuild` deletes unfinished records, delete the target's rows of
+    those windows with a fenced empty load (`clear_window`); how many windows had rows.
+
+    A deleted record's window is never run again (it is misaligned, wrongly sized or
+    overlapping), so rows it left in the target would belong to nothing. The clear's fence is
+    above any its record issued (the clock's, as a new record's first fence, or the record's
+    own + 1 if that is higher) and, if the ledger refuses it, above the ledger's. Timeline: a
+    worker still holds such a window with fence 41 and freezes in its load. The clear commits
+    first with the clock's fence: the frozen load wakes and is refused by the ledger. Or the
+    load commits first: the clear's fence is higher, so it deletes those rows. Its record
+    commit then finds no record and stops.
+    """
+    if not starts:
+        return 0
+    from connectors.registry import connector_for
+    from core.errors import StaleFenceError
+    from core.store import first_fence
+
+    target = guarded(lambda: connector_for("target", settings))
+    dropped = {record.window_start: record for record in records}
+
+    def clear(record: WindowRecord) -> bool:
+        window = record.window
+        if target.count_window(settings.name, window) == 0:
+            return False
+        fence = max(record.fence + 1, first_fence(utc_now()))
+        try:
+            target.clear_window(settings.name, window, fence)
+        except StaleFenceError as refused:
+            if refused.recorded is None:
+                raise
+            target.clear_window(settings.name, window, refused.recorded + 1)
+        return True
+
+    return guarded(lambda: sum(clear(dropped[start]) for start in starts))
