@@ -101,6 +101,23 @@ class SnowflakeTarget:
 
         Also raises TerminalError if Snowflake loaded a different number of rows than the
         manifest says the files hold (nothing is committed then).
+
+        Two timelines fakesnow cannot show (DuckDB takes no table locks and enforces primary
+        keys), argued from Snowflake's documented behaviour:
+
+        Ledger per table: pipeline P loads ORDERS and its worker freezes inside the
+                  transaction, holding the lock its ledger UPDATE took. Pipeline Q loads
+                  REFUNDS in the same schema: its UPDATE goes to REFUNDS_WINDOWPIPE_LEDGER, a
+                  table P never touched, and commits at once. (With one ledger per schema, Q
+                  waited for P's lock, up to LOCK_TIMEOUT, 12 h by default.) Only loads into
+                  ORDERS wait for P, and they wait on the table's own lock anyway.
+        Duplicate ledger rows: the ledger holds two rows for the window, fences 3 and 7 (a
+                  hand-made copy, or two first loads racing past the NOT EXISTS check before
+                  either committed). A stale load with fence 5: a per-row `fence <= 5` guard
+                  matches the row of 3 and lets it replace the rows of 7. The guard here is
+                  `5 >= MAX(fence)` of the window, false: refused. Fence 8 then moves both
+                  rows to 8. (tests/test_targets.py shows this one on fakesnow with the key
+                  dropped, as Snowflake treats it.)
         """
         del staging  # Snowflake reads the files itself, through its own stage
         return self._in_session("load window", lambda: self._load(pipeline, manifest, fence))
