@@ -100,7 +100,8 @@ def test_documents_arriving_between_precheck_and_extract_are_loaded_and_pass_the
     and audit workers start: extract reads 4 per window, the target holds 4, the source holds
     4. The audit compares the target with what extract read, not with precheck's 3: every
     window succeeds on its first attempt and the target equals the source. (Before, every
-    window failed its audit with `source=3 staged=4 target=4`.)"""
+    window failed its first audit with `source=3 staged=4 target=4` and ran again; a steady
+    trickle of late documents killed windows after `max_attempts`.)"""
     windows = 6
     faults.seed_events(pg_schema_url, [3] * windows)
     dep = _deploy(tmp_path, pg_schema_url, redis_db, windows)
