@@ -28,7 +28,7 @@ from tests.console import Run, StateWorld, assert_one_error_line, run_windowpipe
 from tests.deployment import REPO, free_redis_db, release_redis_db, write_config
 from tests.support import free_port
 from windowpipe.cli import app
-from windowpipe.cli.windows import MAX_ENQUEUE_WINDOWS
+from windowpipe.enqueue import MAX_ENQUEUE_WINDOWS
 
 GOOD_PIPELINE: dict[str, Any] = {
     "window": "15m",
