@@ -102,6 +102,7 @@ def _templates() -> Jinja2Templates:
     env.filters["duration"] = lambda value: format_duration(value) if value is not None else ""
     env.filters["age"] = lambda value: format_age(value.total_seconds())
     env.filters["path"] = lambda value: quote(str(value), safe="")
+    env.globals["cells_html"] = layout.cells_html
     return Jinja2Templates(env=env)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -54,9 +55,8 @@ def pipeline_tallies(store: StateStore) -> dict[str, PipelineTally]:
     return tallies
 
 
-@dataclass(frozen=True)
-class Cell:
-    """What the grid draws of one window."""
+class Cell(NamedTuple):
+    """What the grid draws of one window (a tuple: tens of thousands are built per page)."""
 
     start: datetime
     status: str
