@@ -190,6 +190,15 @@ def test_every_page_asks_for_credentials_and_refuses_wrong_ones(web: TestClient)
     assert web.get("/", headers=broken).status_code == 401
 
 
+def test_pages_forbid_framing_and_any_script(web: TestClient) -> None:
+    for path in ("/", f"/pipelines/{PIPELINE}", "/pipelines/nope"):
+        headers = web.get(path, auth=AUTH).headers
+        assert headers["x-frame-options"] == "DENY"
+        policy = headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "default-src 'none'" in policy
+        assert "script-src" not in policy  # so scripts fall back to 'none'
+
+
 def test_probes_answer_without_credentials(web: TestClient) -> None:
     assert web.get("/healthz").text == "ok"
     assert web.get("/readyz").text == "ok"

@@ -56,6 +56,20 @@ from windowpipe.web.security import (
 DEFAULT_GRID_DAYS = 7
 """Days the grid shows when no range is asked for: the week up to the newest window."""
 
+SECURITY_HEADERS = {
+    # No framing (a framed page could be clicked into a re-run), nothing but this site's own
+    # stylesheet, and forms that post only here; there is no script on any page.
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+"""Sent with every page."""
+
 REDIS_TIMEOUT_SECONDS = 2.0
 """How long a page waits for Redis (the control tasks' last runs) before showing "unknown"."""
 
@@ -125,6 +139,7 @@ def _page(request: Request, template: str, status_code: int = 200, **values: Any
         },
         status_code=status_code,
     )
+    response.headers.update(SECURITY_HEADERS)
     return response
 
 
