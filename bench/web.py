@@ -12,7 +12,8 @@ Each page is requested through Starlette's in-process test client (no network; g
 browser asks for it), `RUNS` times after one warm-up; the medians are reported. Page weight is
 the HTML as sent (gzip) and unpacked. On SQLite and on PostgreSQL.
 
-`python -m bench.web [--runs N]` prints the rows as a Markdown table.
+`python -m bench.web [--quick]` prints the rows as a Markdown table; `make bench` runs it as
+benchmark 8 with the others.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import orjson
 import redis
 import sqlalchemy as sa
 
-from bench.common import Row, log, median, pg_database, redis_db
+from bench.common import Row, log, median, pg_database, redis_db, schema_url
 from core.config import Config, config_from_dict
 from core.records import WindowKind
 from core.store import WINDOWS, StateStore
@@ -40,6 +41,7 @@ YEAR_OF_15M = 35_040
 PIPELINES = 1_000
 WINDOWS_PER_PIPELINE = 96
 RUNS = 7
+QUICK_RUNS = 3
 GRID_TARGET_SECONDS = 1.0
 STATUS_BY_REMAINDER = ["succeeded"] * 10 + ["skipped", "failed", "dead", "queued", "pending"]
 """Statuses dealt round the windows (mostly succeeded, as a real history)."""
@@ -154,7 +156,7 @@ def _rows(backend: str, url: str, redis_url: str, runs: int) -> list[Row]:
         assert cells == YEAR_OF_15M, cells
         status_s, printed = _timed(lambda: _status_json(store, "year"), runs)
         start, end = ORIGIN, ORIGIN + timedelta(days=365)
-        query_s, _ = _timed(lambda: grid_cells(store, "year", start, end), runs)
+        query_s, _ = _timed(lambda: grid_cells(store, "year", start, start, end), runs)
         weight = (
             f"page {response.num_bytes_downloaded / 1024:,.0f} KiB gzip, "
             f"{len(response.content) / 1024:,.0f} KiB HTML; `status year --json` "
@@ -208,14 +210,14 @@ def _rows(backend: str, url: str, redis_url: str, runs: int) -> list[Row]:
     return rows
 
 
-def run(runs: int = RUNS) -> list[Row]:
-    """Both pages on SQLite and on PostgreSQL."""
+def run(quick: bool, database_url: str, redis_url: str) -> list[Row]:
+    """Both pages on SQLite (a tmp file) and on PostgreSQL (a schema of its own in
+    `database_url`); `quick`: fewer requests."""
+    runs = QUICK_RUNS if quick else RUNS
     rows: list[Row] = []
-    with redis_db() as redis_url:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += _rows("sqlite", f"sqlite:///{Path(tmp) / 'state.db'}", redis_url, runs)
-        with pg_database() as database:
-            rows += _rows("postgresql", database, redis_url, runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += _rows("sqlite", f"sqlite:///{Path(tmp) / 'state.db'}", redis_url, runs)
+    rows += _rows("postgresql", schema_url(database_url, "bench_web"), redis_url, runs)
     return rows
 
 
@@ -238,10 +240,13 @@ def _table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """This benchmark alone: `python -m bench.web [--quick]` prints its rows (`make bench`, i.e.
+    `python -m bench.run`, runs it with the others and writes docs/BENCHMARKS.md)."""
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__)
-    parser.add_argument("--runs", type=int, default=RUNS, help="requests per page (median)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} requests per page")
     args = parser.parse_args(argv)
-    print(_table(run(args.runs)))
+    with pg_database() as database_url, redis_db() as redis_url:
+        print(_table(run(args.quick, database_url, redis_url)))
     return 0
 
 

@@ -353,9 +353,9 @@ def test_grid_places_each_window_by_its_row_and_offset() -> None:
     window = timedelta(minutes=15)
     shape = layout.grid_shape(start, end, window)
     cells = [
-        Cell(datetime(2026, 1, 1, 0, 0, tzinfo=UTC), "succeeded", False, True),
-        Cell(datetime(2026, 1, 2, 23, 45, tzinfo=UTC), "dead", True, False),
-        Cell(datetime(2026, 1, 2, 6, 30, tzinfo=UTC), "failed", False, False),
+        Cell(0, "succeeded", False, True),
+        Cell(86400 + 23 * 3600 + 45 * 60, "dead", True, False),
+        Cell(86400 + 6 * 3600 + 30 * 60, "failed", False, False),
     ]
     rows = layout.grid_rows(shape, window, cells)
     assert [row.label for row in rows] == ["2026-01-01", "2026-01-02"]
@@ -363,6 +363,19 @@ def test_grid_places_each_window_by_its_row_and_offset() -> None:
     assert rows[1].slots[95] == ("d x", "20260102T234500Z")
     assert rows[1].slots[26] == ("f", "20260102T063000Z")
     assert sum(slot is not None for row in rows for slot in row.slots) == 3
+
+
+def test_grid_of_daily_windows_has_week_rows_starting_on_monday() -> None:
+    start, end = layout.day_range(date(2026, 1, 1), date(2026, 1, 14))  # a Thursday
+    window = timedelta(days=1)
+    shape = layout.grid_shape(start, end, window)
+    assert shape.first_row == datetime(2025, 12, 29, tzinfo=UTC)
+    cells = [Cell(3 * 86400, "succeeded", False, False), Cell(9 * 86400, "dead", False, False)]
+    rows = layout.grid_rows(shape, window, cells)
+    assert [row.label for row in rows] == ["2025-12-29", "2026-01-05", "2026-01-12"]
+    assert rows[0].slots[3] == ("s", "20260101T000000Z")
+    assert rows[1].slots[2] == ("d", "20260107T000000Z")
+    assert layout.column_labels(shape, window) == ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 
 
 @pytest.mark.parametrize(

@@ -223,7 +223,7 @@ def grid_page(request: Request) -> HTMLResponse:
             f"{format_duration(settings.window)}; a grid shows at most "
             f"{layout.MAX_GRID_WINDOWS:,}: pick a shorter range",
         )
-    cells = grid_cells(context.store, name, start, end)
+    cells = grid_cells(context.store, name, shape.first_row, start, end)
     counts: dict[str, int] = {}
     for cell in cells:
         counts[cell.status] = counts.get(cell.status, 0) + 1
