@@ -325,6 +325,8 @@ def test_grid_refuses_a_range_beyond_its_cap_or_backwards(web: TestClient) -> No
     backwards = web.get(f"/pipelines/{PIPELINE}?from=2026-01-02&to=2026-01-01", auth=AUTH)
     assert backwards.status_code == 400
     assert web.get(f"/pipelines/{PIPELINE}?from=yesterday", auth=AUTH).status_code == 400
+    far = web.get(f"/pipelines/{PIPELINE}?from=9999-12-30&to=9999-12-31", auth=AUTH)
+    assert far.status_code == 400 and "outside" in far.text
     assert web.get("/pipelines/nope", auth=AUTH).status_code == 404
 
 

@@ -53,6 +53,9 @@ from windowpipe.web.security import (
     refuse_unauthenticated,
 )
 
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9998, 12, 31)
+"""The days the grid's range may name."""
+
 DEFAULT_GRID_DAYS = 7
 """Days the grid shows when no range is asked for: the week up to the newest window."""
 
@@ -189,9 +192,13 @@ def _day(text: str | None, what: str) -> date | None:
     if not text:
         return None
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError:
         raise BadInputError(f"{what}: expected a day like 2026-11-01, got {text!r}") from None
+    # Far from date.min and date.max: a row boundary is computed a week either side.
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise BadInputError(f"{what}: {day} is outside {FIRST_DAY} to {LAST_DAY}")
+    return day
 
 
 def grid_page(request: Request) -> HTMLResponse:
