@@ -23,6 +23,7 @@ from bench import (
     orchestration,
     scaling,
     throughput,
+    web,
 )
 from bench.common import REPO, Row, log, pg_database, redis_db
 from core.logs import configure_logging
@@ -112,8 +113,8 @@ def _report(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
         "",
         *_table(rows),
         "",
-        "Ratio is windowpipe / baseline (for latency, memory and generation time lower is",
-        "better; for the rest higher is better).",
+        "Ratio is windowpipe / baseline (for latency, memory, generation time and the web view's",
+        "server time lower is better; for the rest higher is better).",
         "",
         "## Runs and setup",
         "",
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (~3 min)")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 8), help="run only these benchmarks"
+        "--only", type=int, nargs="+", choices=range(1, 9), help="run only these benchmarks"
     )
     parser.add_argument(
         "--output",
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the report (default docs/BENCHMARKS.md)",
     )
     args = parser.parse_args(argv)
-    selected = set(args.only or range(1, 8))
+    selected = set(args.only or range(1, 9))
     large, small = (QUICK_LARGE, QUICK_SMALL) if args.quick else (LARGE, SMALL)
     configure_logging("WARNING")
     began = time.monotonic()
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += backfill.run(args.quick, database_url, redis_url, workdir)
             if 7 in selected:
                 rows += extract_search.run(args.quick)
+            if 8 in selected:
+                rows += web.run(args.quick, database_url, redis_url)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows.sort(key=lambda row: row.benchmark)

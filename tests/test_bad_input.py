@@ -28,7 +28,7 @@ from tests.console import Run, StateWorld, assert_one_error_line, run_windowpipe
 from tests.deployment import REPO, free_redis_db, release_redis_db, write_config
 from tests.support import free_port
 from windowpipe.cli import app
-from windowpipe.cli.windows import MAX_ENQUEUE_WINDOWS
+from windowpipe.enqueue import MAX_ENQUEUE_WINDOWS
 
 GOOD_PIPELINE: dict[str, Any] = {
     "window": "15m",
@@ -537,6 +537,8 @@ COMMANDS: dict[str, list[str]] = {
     "locks-cleanup": ["locks", "--cleanup"],
     "migrate": ["migrate"],
     "metrics": ["metrics", "--once"],
+    # Never run with a good config here: it would serve until stopped.
+    "web": ["web", "--read-only"],
     "reconcile": [
         *("reconcile", "orders"),
         *("--start", "2026-11-01T00:00:00Z", "--end", "2026-11-01T01:00:00Z"),
@@ -599,6 +601,13 @@ BROKEN_CONFIGS: list[tuple[str, dict[str, str] | bytes | None, str]] = [
 BAD_ARGUMENTS: list[tuple[str, list[str], str]] = [
     ("metrics-port-out-of-range", ["metrics", "--port", "70000"], "invalid value for '--port'"),
     ("metrics-unknown-option", ["metrics", "--bogus"], "metrics: no such option: --bogus"),
+    ("web-port-out-of-range", ["web", "--read-only", "--port", "70000"], "invalid value for"),
+    ("web-unknown-option", ["web", "--bogus"], "web: no such option: --bogus"),
+    (
+        "web-without-credentials-or-read-only",
+        ["web"],
+        "set WINDOWPIPE_WEB_USER and WINDOWPIPE_WEB_PASSWORD (basic auth), or pass --read-only",
+    ),
     ("plan-unknown-pipeline", ["plan", "nope"], "unknown pipeline 'nope' (configured: "),
     (
         "reconcile-end-before-start",

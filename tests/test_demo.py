@@ -8,6 +8,7 @@ SIGTERM, and after `--keep` is ended with Ctrl-C.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -280,6 +282,10 @@ def test_the_demo_runs_the_whole_pipeline_and_leaves_nothing_running(tmp_path: P
         assert sum(int(row["target"]) for row in rows) == 3000
         assert re.search(r"audit: ok: \d+ windows", result.stdout), output
         assert re.search(r"Flower: http://127\.0\.0\.1:\d+ +\(user demo, password \S+\)", output)
+        assert re.search(
+            r"Web view: http://127\.0\.0\.1:\d+/pipelines/events +\(user demo, password \S+\)",
+            output,
+        )
         _assert_nothing_left(workdir)
     finally:
         _kill_leftovers(workdir)
@@ -338,6 +344,23 @@ def test_keep_leaves_everything_up_until_ctrl_c_then_stops_it(tmp_path: Path) ->
         flower = re.search(r"Flower: (http://\S+)", output.read_text())
         assert flower is not None
         assert processes.http_status(f"{flower[1]}/healthcheck") == 200
+        web = re.search(
+            r"Web view: (http://\S+)/pipelines/events +\(user demo, password (\S+)\)",
+            output.read_text(),
+        )
+        assert web is not None
+        assert processes.http_status(f"{web[1]}/healthz") == 200
+        # The grid answers with the printed password, and refuses without it.
+        assert processes.http_status(f"{web[1]}/pipelines/events") == 401
+        request = urllib.request.Request(
+            f"{web[1]}/pipelines/events",
+            headers={
+                "Authorization": "Basic " + base64.b64encode(f"demo:{web[2]}".encode()).decode()
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as page:
+            assert page.status == 200
+            assert b'id="grid"' in page.read()
         assert _demo_pids(workdir), "--keep stopped the demo's processes"
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0, output.read_text()

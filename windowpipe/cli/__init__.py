@@ -1,6 +1,6 @@
 """The `windowpipe` command line (typer): the app, its error guard and `main`; the commands
 live in one module per group: `windows` (plan, enqueue, status, reconcile, validate),
-`operate` (check, locks, metrics, migrate) and `demo`.
+`operate` (check, locks, metrics, migrate), `web` and `demo`.
 
 Errors are one line on stderr, `windowpipe: error: ...`; exit status 2 for bad input (a bad
 config, argument, option or range, a state store without the schema), 1 for a failed run (a
@@ -27,7 +27,7 @@ import typer
 from typer.core import TyperGroup
 
 from core.errors import BadInputError, WindowpipeError, first_line
-from windowpipe.cli import demo, operate, windows
+from windowpipe.cli import demo, operate, web, windows
 from windowpipe.cli.options import error_line
 
 _click_errors: Any = sys.modules[typer.BadParameter.__module__]
@@ -131,6 +131,7 @@ app.command()(windows.validate)
 app.command()(operate.locks)
 app.command()(operate.metrics)
 app.command()(operate.migrate)
+app.command()(web.web)
 app.command()(demo.demo)
 
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.config import Config, PipelineConfig
-from core.instants import format_duration, format_instant, utc_now
-from core.records import FINISHED, WindowKind, WindowRecord, WindowStatus
-from core.windows import Window, align_down, windows_in_range
+from core.instants import format_instant, utc_now
+from core.records import FINISHED, WindowRecord, WindowStatus
 from windowpipe.cli.options import (
     ConfigOption,
     JsonOption,
@@ -38,13 +36,7 @@ from windowpipe.cli.systems import (
     unreachable,
     write_store,
 )
-
-if TYPE_CHECKING:
-    from core.store import StateStore
-
-MAX_ENQUEUE_WINDOWS = 100_000
-"""The most windows one `enqueue` may create; a longer backfill is split into several ranges."""
-
+from windowpipe.enqueue import dispatch_now, enqueue_range
 
 # --- plan -------------------------------------------------------------------------------------
 
@@ -107,85 +99,24 @@ def enqueue(
     config = read_config(config_path)
     settings = guarded(lambda: config.pipeline(pipeline))
     first, last = instant(start, "--start"), instant(end, "--end")
-    windows = _backfill_windows(settings, first, last, utc_now())
-    # Everything the run needs must answer before the first window is written.
-    problems = unreachable(config)
-    if problems:
-        fail(problems[0], 1)
-    send_chain = chain_sender(config)
-    store = write_store(config)
-    created = store.create_windows(pipeline, windows, kind=WindowKind.MANUAL)
-    reset = 0
-    if force:
-        reset = store.reset_for_rerun(pipeline, [w.start for w in windows], kind=WindowKind.MANUAL)
-    queued = _dispatch_now(config, settings, store, send_chain)
-    print(
-        f"{pipeline}: {len(windows)} window(s) in range, {len(created)} created, "
-        f"{reset} reset for re-run, {queued} queued now (the rest follow as windows finish)"
+    # The same code path as the web view's re-run (windowpipe/enqueue.py).
+    done = guarded(
+        lambda: enqueue_range(
+            config,
+            settings,
+            first,
+            last,
+            force=force,
+            now=utc_now(),
+            open_store=lambda: write_store(config),
+            chain_sender=lambda: chain_sender(config),
+        )
     )
+    print(done.summary(pipeline))
     if wait:
-        _wait_for(store, pipeline, windows[0].start, windows[-1].end, timeout)
-
-
-def _backfill_windows(
-    settings: PipelineConfig, first: datetime, last: datetime, now: datetime
-) -> list[Window]:
-    """The windows `enqueue` creates for `[first, last)`, after every check of the range.
-
-    The range is refused (exit 2) before a single window is built when it is empty, reaches
-    beyond the newest window that is due `now` (windows are due once `end + lag <= now`, as in
-    generation), or holds more than MAX_ENQUEUE_WINDOWS windows; so an unbounded `--end` costs
-    nothing. Bounds that are not window boundaries are refused by `windows_in_range`, which
-    names the nearest boundaries.
-    """
-    origin, size, lag = settings.start, settings.window, settings.lag
-    if last <= first:
-        fail(f"--end {format_instant(last)} must be after --start {format_instant(first)}")
-    # Compare with `now - lag` rather than `last + lag`: an end near year 9999 plus a lag would
-    # overflow.
-    horizon = now - lag
-    if last > horizon:
-        newest = align_down(horizon, origin, size) if horizon >= origin + size else None
-        due = (
-            f"the newest due window ends at {format_instant(newest)}"
-            if newest is not None
-            else f"no window of {settings.name} is due yet"
+        _wait_for(
+            read_store(config), pipeline, done.windows[0].start, done.windows[-1].end, timeout
         )
-        fail(
-            f"--end {format_instant(last)} is beyond the newest due window: a window is due "
-            f"once its end plus the lag ({format_duration(lag)}) has passed; {due}"
-        )
-    span = last - max(first, origin)
-    count = -(-span // size) if span > timedelta(0) else 0
-    if count > MAX_ENQUEUE_WINDOWS:
-        fail(
-            f"--start {format_instant(first)} --end {format_instant(last)} holds {count:,} "
-            f"windows of {format_duration(size)}; one enqueue creates at most "
-            f"{MAX_ENQUEUE_WINDOWS:,}: split the range"
-        )
-    try:
-        return windows_in_range(origin=origin, size=size, start=first, end=last)
-    except ValueError as error:
-        fail(str(error))
-
-
-def _dispatch_now(
-    config: Config, settings: PipelineConfig, store: StateStore, send_chain: Any
-) -> int:
-    import redis
-
-    from core.dispatch import dispatch
-
-    client = redis.Redis.from_url(config.settings.redis_url)
-    queued, _ = dispatch(
-        store,
-        client,
-        settings,
-        send_chain,
-        utc_now(),
-        failed_retry_base=config.settings.failed_retry_base,
-    )
-    return len(queued)
 
 
 def _wait_for(store: Any, pipeline: str, start: datetime, end: datetime, timeout: float) -> None:
@@ -363,7 +294,7 @@ def reconcile(
             f"match the source or target now, {len(repaired)} put back to run"
         )
     if repaired:
-        _dispatch_now(config, settings, store, chain_sender(config))
+        dispatch_now(config, settings, store, chain_sender(config))
 
 
 # --- validate ---------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ What runs, each process in its own process group with its log in the work dir:
 - the stage: a `local` directory;
 - the target: a Snowflake table on fakesnow's server, loaded with `COPY INTO` from an external
   Snowflake stage over the stage directory; or, when that cannot run, a SQLite file (`sql`);
-- one Celery worker per queue (precheck, extract, load, audit, control), beat and Flower.
+- one Celery worker per queue (precheck, extract, load, audit, control), beat and Flower;
+- `windowpipe web`, the window grid, beside Flower (its URL and password are printed).
 
 The window records live in a SQLite file in the work dir. The pipeline's windows are an hour
 long and end at the current whole hour, so beat's first generation tick creates all of them
@@ -279,15 +280,31 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
         ),
         tier=1,
     )
+    flower_url = f"http://127.0.0.1:{flower_port}"
+    # The web view beside Flower: the windows (Flower shows the tasks), with its own password.
+    web_url = f"http://127.0.0.1:{free_port()}"
+    web_password = secrets.token_urlsafe(9)
+    web = processes.start(
+        "web",
+        [
+            *(sys.executable, "-m", "windowpipe", "web", "--host", "127.0.0.1"),
+            *("--port", web_url.rsplit(":", 1)[1], "--flower-url", flower_url),
+        ],
+        tier=1,
+        env={"WINDOWPIPE_WEB_USER": "demo", "WINDOWPIPE_WEB_PASSWORD": web_password},
+    )
     seeded = _seed(osmem_url, options, start)
     _checkpoint()
-    with console.status("waiting for the workers and Flower…"):
+    with console.status("waiting for the workers, Flower and the web view…"):
         wait_workers(workers)
-        flower_url = f"http://127.0.0.1:{flower_port}"
         wait_until(
             "flower", lambda: http_status(f"{flower_url}/healthcheck") == 200, flower, timeout=60
         )
-    flower_line = f"Flower: {flower_url}  (user demo, password {flower_password})"
+        wait_until("web", lambda: http_status(f"{web_url}/healthz") == 200, web, timeout=60)
+    flower_line = (
+        f"Flower: {flower_url}  (user demo, password {flower_password})\n"
+        f"Web view: {web_url}/pipelines/{PIPELINE}  (user demo, password {web_password})"
+    )
     console.print(flower_line, markup=False, style="bold")
     console.print(f"setup took {time.monotonic() - began:.1f}s; starting beat")
 
