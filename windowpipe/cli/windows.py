@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.config import PipelineConfig
 from core.instants import format_instant, utc_now
 from core.records import FINISHED, WindowRecord, WindowStatus
 from windowpipe.cli.options import (

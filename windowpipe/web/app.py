@@ -16,6 +16,7 @@ and cap. In read-only mode the route does not exist.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -231,9 +232,7 @@ def grid_page(request: Request) -> HTMLResponse:
             f"{layout.MAX_GRID_WINDOWS:,}: pick a shorter range",
         )
     cells = grid_cells(context.store, name, shape.first_row, start, end)
-    counts: dict[str, int] = {}
-    for cell in cells:
-        counts[cell.status] = counts.get(cell.status, 0) + 1
+    counts = Counter(cell.status for cell in cells)
     return _page(
         request,
         "grid.html",
