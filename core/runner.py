@@ -140,10 +140,18 @@ class _Step(Generic[BatchT, RunT]):
             )
 
     def while_owned(self, batches: Iterable[BatchT]) -> Iterator[BatchT]:
-        """`batches`, checking before each one that the lock is still ours."""
-        for batch in batches:
-            self.check_owned()
-            yield batch
+        """`batches`, checking before each one that the lock is still ours. Stopping closes
+        the source's iterator at once (ending its read transaction), not at garbage
+        collection."""
+        iterator = iter(batches)
+        try:
+            for batch in iterator:
+                self.check_owned()
+                yield batch
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     def commit(self, status: WindowStatus, **fields: Any) -> WindowRecord:
         self.check_owned()

@@ -8,8 +8,10 @@ window at once:
 
 - A holds its ledger rows (the method in TESTING.md): a test connection holds the target table
   in EXCLUSIVE mode, so A's loads get through their ledger upsert and wait at their DELETE. B's
-  loads wait on A's ledger rows. The table lock is released, A is woken and commits, then B's
-  guard sees A's older fence and B replaces A's rows. A's record commit is refused.
+  loads wait on A's ledger rows until `lock_timeout`, then end A's sessions (tagged with an
+  older fence of the same window, `connectors.sql_target.take_ledger_row`), take the rows and
+  wait at their own DELETE. The table lock is released and B commits; A is woken, finds its
+  connection gone, and its retry is refused by the ledger.
 - A is frozen before its ledger write reaches the server: a TCP proxy in front of PostgreSQL,
   used by A only, holds the message carrying A's ledger upsert. B loads and commits, audit
   marks the windows succeeded, and only then is A woken: the target refuses its load
@@ -145,6 +147,24 @@ def waiting_backends(url: str, pattern: str) -> int:
                     {"pattern": pattern},
                 ).scalar_one()
             )
+    finally:
+        engine.dispose()
+
+
+def load_fences_in_server(url: str) -> list[int]:
+    """The fences of the loads PostgreSQL has a session for in this database (a load tags its
+    transaction `windowpipe-load FENCE ...`, `connectors.sql_target.LoadTag`)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(
+                sa.text(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                    " AND application_name LIKE 'windowpipe-load %'"
+                )
+            ).scalars()
+            return [int(name.split()[1]) for name in names]
     finally:
         engine.dispose()
 
@@ -341,12 +361,15 @@ def test_a_load_frozen_holding_its_ledger_rows_is_replaced_once_by_the_next_owne
         os.killpg(frozen.pid, signal.SIGSTOP)
 
         taker = dep.start_workers(["load"], concurrency=WINDOWS)["load"]
-        # Locks expire, cleanup requeues, the second worker claims each window (newer fence)
-        # and waits on the frozen worker's ledger row.
+        # Locks expire, cleanup requeues, the second worker claims each window (newer fence),
+        # waits on the frozen worker's ledger row, ends that session and takes the row.
         wait_for(lambda: taken_over(dep, paused), "every window claimed again", tick=cleanup)
         wait_for(
-            lambda: waiting_backends(pg_schema_url, "%windowpipe_ledger%") == WINDOWS,
-            "every load of the second worker waiting on a ledger row",
+            lambda: (
+                not set(load_fences_in_server(pg_schema_url)) & set(paused.values())
+                and waiting_backends(pg_schema_url, "DELETE FROM%events_loaded%") == WINDOWS
+            ),
+            "every frozen load's session ended, the second worker's loads at their DELETE",
         )
     os.killpg(frozen.pid, signal.SIGCONT)
 
@@ -361,8 +384,8 @@ def test_a_load_frozen_holding_its_ledger_rows_is_replaced_once_by_the_next_owne
     )
 
     assert_every_window_once(dep, pg_schema_url, seeded)
-    # The woken loads committed first (their rows were replaced) and their record commits
-    # were refused; the ledger holds the taker's fence and row count for every window.
+    # The woken loads found their sessions ended and were refused; the ledger holds the
+    # taker's fence and row count for every window.
     refused = stopped_loads(dep, frozen_name)
     assert set(refused) == {format_instant(start) for start in paused}
     assert all("lost the window to a newer owner" in why for why in refused.values()), refused
