@@ -108,12 +108,16 @@ class TcpFaultProxy:
         except OSError:
             pass
         finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
-                with self._lock:
-                    self._open.discard(end)
+            self._close_pair(source, sink)
+
+    def _close_pair(self, source: socket.socket, sink: socket.socket) -> None:
+        """End both sides of a proxied connection (a pump's last step)."""
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+            with self._lock:
+                self._open.discard(end)
 
     def close(self) -> None:
         self._stopped.set()
@@ -173,12 +177,7 @@ class WireHold(TcpFaultProxy):
         except OSError:
             pass
         finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
-                with self._lock:
-                    self._open.discard(end)
+            self._close_pair(source, sink)
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}

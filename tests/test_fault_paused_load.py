@@ -29,9 +29,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,7 +47,7 @@ from core.locks import held_locks
 from core.records import Stage, WindowRecord, WindowStatus
 from core.windows import Window
 from tests.deployment import Deployment, statuses, write_config
-from tests.faults import TcpFaultProxy
+from tests.faults import WireHold
 from tests.test_faults import (
     FAST_RECOVERY,
     ORIGIN,
@@ -264,6 +262,32 @@ def assert_every_window_once(dep: Deployment, url: str, seeded: Counter[str]) ->
     assert loaded == seeded, (loaded - seeded, seeded - loaded)
 
 
+LEDGER_WRITE = b"INSERT INTO windowpipe_ledger"
+"""What `WireHold` holds of a load to freeze it before its ledger write reaches the server: the
+load has begun its transaction, but its first write has not arrived."""
+
+
+def assert_taken_over_once(
+    dep: Deployment,
+    url: str,
+    seeded: Counter[str],
+    paused: dict[datetime, int],
+    refused: dict[str, str],
+) -> None:
+    """Every window once in the target, loaded by the next owner: each frozen load (window ->
+    its fence in `paused`) stopped as refused (`refused`: window -> detail), and the ledger holds
+    the next owner's fence, between the frozen one and the audit's, and row count."""
+    assert_every_window_once(dep, url, seeded)
+    assert set(refused) == {format_instant(start) for start in paused}
+    assert all("lost the window to a newer owner" in why for why in refused.values()), refused
+    recorded = ledger(url)
+    final = {record.window_start: record for record in records(dep)}
+    for index, (start, fence) in enumerate(sorted(paused.items())):
+        ledger_fence, rows = recorded[start]
+        assert fence < ledger_fence < final[start].fence  # the taker's load, then its audit
+        assert rows == DOCS[index] == final[start].target_count
+
+
 class TableLock:
     """A test connection holding the target table in EXCLUSIVE mode (reads go on; a load's
     DELETE waits, inside its transaction)."""
@@ -280,52 +304,6 @@ class TableLock:
         self.conn.rollback()
         self.conn.close()
         self.engine.dispose()
-
-
-class LedgerWriteHold(TcpFaultProxy):
-    """A TCP proxy in front of PostgreSQL that holds, until `release()`, every client message
-    carrying a ledger upsert: the load that sent it has begun its transaction, but its first
-    write has not reached the server. Everything else passes through."""
-
-    MARKER = b"INSERT INTO windowpipe_ledger"
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        super().__init__(upstream)
-        self.held = 0
-        self._released = threading.Event()
-        self._counted = threading.Condition()
-
-    def __enter__(self) -> LedgerWriteHold:
-        super().__enter__()
-        return self
-
-    def release(self) -> None:
-        self._released.set()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
-        if source.getsockname()[1] != self.port:  # server -> client: untouched
-            super()._pump(source, sink, delay)
-            return
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if self.MARKER in data and not self._released.is_set():
-                    with self._counted:
-                        self.held += 1
-                        self._counted.notify_all()
-                    self._released.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
-                with self._lock:
-                    self._open.discard(end)
 
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -383,18 +361,10 @@ def test_a_load_frozen_holding_its_ledger_rows_is_replaced_once_by_the_next_owne
         "the woken worker's loads all stopped",
     )
 
-    assert_every_window_once(dep, pg_schema_url, seeded)
     # The woken loads found their sessions ended and were refused; the ledger holds the
     # taker's fence and row count for every window.
     refused = stopped_loads(dep, frozen_name)
-    assert set(refused) == {format_instant(start) for start in paused}
-    assert all("lost the window to a newer owner" in why for why in refused.values()), refused
-    recorded = ledger(pg_schema_url)
-    final = {record.window_start: record for record in records(dep)}
-    for index, (start, fence) in enumerate(sorted(paused.items())):
-        ledger_fence, rows = recorded[start]
-        assert fence < ledger_fence < final[start].fence  # the taker's load, then its audit
-        assert rows == DOCS[index] == final[start].target_count
+    assert_taken_over_once(dep, pg_schema_url, seeded, paused, refused)
     taker_loads = [
         e
         for e in worker_events(dep, dep.name_of(taker))
@@ -412,7 +382,7 @@ def test_a_load_frozen_before_its_ledger_write_is_refused_by_the_target_when_it_
 ) -> None:
     seeded = seed_events(pg_schema_url, DOCS)
     create_target_tables(pg_schema_url)
-    with LedgerWriteHold(upstream_of(pg_schema_url)) as hold:
+    with WireHold(upstream_of(pg_schema_url), LEDGER_WRITE) as hold:
         dep = deployment(tmp_path, "windowpipe", redis_db, pg_schema_url, pg_schema_url)
         # The frozen worker's config differs only in its target URL: through the proxy.
         held_dep = deployment(

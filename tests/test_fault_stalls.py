@@ -27,10 +27,9 @@ from tests.test_fault_paused_load import (
     DOCS,
     SETTINGS,
     WINDOWS,
-    assert_every_window_once,
+    assert_taken_over_once,
     create_target_tables,
     deployments,
-    ledger,
     load_fences_in_server,
     loads_running_in,
     records,
@@ -48,6 +47,7 @@ from tests.test_faults import (
     pipeline,
     process_tree,
     seed_events,
+    slow_extract_deployment,
     sql_source,
     sql_target,
     stage_starts,
@@ -172,19 +172,7 @@ def test_a_worker_that_lost_its_lock_never_takes_it_back_and_its_stage_stops(
     """
     seeded = seed_events(pg_schema_url, [120])
     with TcpFaultProxy(upstream_of(pg_schema_url), latency=0.04) as source_proxy:
-        dep = deploy(
-            tmp_path,
-            redis_db,
-            {
-                "events": pipeline(
-                    sql_source(via_proxy(pg_schema_url, source_proxy.port), page_size=2),
-                    {"type": "local", "path": str(tmp_path / "stage")},
-                    sql_target(pg_schema_url),
-                    1,
-                )
-            },
-            lock_ttl="3s",
-        )
+        dep = slow_extract_deployment(tmp_path, redis_db, pg_schema_url, source_proxy.port)
         stop_all.append(dep)
         dep.start_workers(("precheck", "load", "audit", "control"), concurrency=1)
         paused = dep.start_workers(["extract"], concurrency=1)["extract"]
@@ -297,16 +285,8 @@ def test_a_load_frozen_inside_its_transaction_does_not_hold_the_window_from_the_
         "the woken worker's loads all stopped",
     )
 
-    assert_every_window_once(dep, pg_schema_url, seeded)
-    refused = stopped_loads(held_dep, frozen_name)
-    assert set(refused) == {format_instant(start) for start in paused}
-    assert all("lost the window" in why for why in refused.values()), refused
-    recorded = ledger(pg_schema_url)
-    final = {record.window_start: record for record in records(dep)}
-    for index, (start, fence) in enumerate(sorted(paused.items())):
-        ledger_fence, rows = recorded[start]
-        assert fence < ledger_fence < final[start].fence  # the taker's load, then its audit
-        assert rows == DOCS[index] == final[start].target_count
+    assert_taken_over_once(dep, pg_schema_url, seeded, paused, stopped_loads(held_dep, frozen_name))
+    for start in paused:
         assert stage_starts(dep, start) == {"precheck": 1, "extract": 1, "load": 2, "audit": 1}
     ended = [
         event
