@@ -14,6 +14,7 @@ forward, guarded by `fence <= :fence`. A load whose token is older is refused
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from core.errors import (
     one_line,
 )
 from core.instants import format_instant, utc_now
+from core.logs import get_logger
 from core.ports import StagedLines, TargetAudit
 from core.retry import as_time_limit
 from core.windows import Window
@@ -44,6 +46,16 @@ from core.windows import Window
 IDLE_LOAD_SECONDS = 300
 """PostgreSQL ends a load's session that sits idle inside its transaction this long (a frozen
 worker), releasing the window's ledger row for the next owner."""
+
+LEDGER_WAIT_SECONDS = 5
+"""How long a PostgreSQL load waits for its window's ledger row (`lock_timeout`) before it
+looks who holds it and ends an older fence's load of the same window (`take_ledger_row`)."""
+
+LEDGER_WAITS = 6
+"""How many such waits a load makes before it gives up (TransientError: the stage retries)."""
+
+LOAD_TAG = "windowpipe-load"
+"""First word of a PostgreSQL load's `application_name`: `windowpipe-load FENCE KEY LABEL`."""
 
 LEDGER_TABLE = "windowpipe_ledger"
 """The target's ledger, beside the target table (same schema): per window, the newest fence
@@ -158,6 +170,116 @@ def record_fence(
     # Refused: the row exists with a fence at least ours (ON CONFLICT locked it, so this read
     # sees the value that refused us).
     return int(conn.execute(sa.select(ledger.c.fence).where(*key)).scalar_one())
+
+
+def window_key(table: str, pipeline: str, window_start: datetime) -> str:
+    """A short name of (target table, pipeline, window) that a load's session tag carries: 16
+    hex digits (PostgreSQL keeps 63 bytes of `application_name`; pipeline names run to 200)."""
+    text = f"{table}\0{pipeline}\0{_utc_text(window_start)}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+class LoadTag:
+    """How a PostgreSQL load names its session for the length of its transaction.
+
+    `application_name` = `windowpipe-load FENCE KEY LABEL`: KEY is a hash of (target table,
+    pipeline, window start), the identity another load of the same window compares; LABEL is
+    `pipeline@window start` for people reading `pg_stat_activity`, cut to the 63 bytes the server
+    keeps. Set with `set_config(..., true)`, i.e. `SET LOCAL`: it ends with the transaction, so
+    a connection a shared pool hands to another load (or to anything else) never carries a
+    stale tag.
+    """
+
+    def __init__(self, table: str, pipeline: str, window_start: datetime, fence: int) -> None:
+        self.key = window_key(table, pipeline, window_start)
+        self.fence = fence
+        label = f"{pipeline}@{_utc_text(window_start)}"
+        text = f"{LOAD_TAG} {fence} {self.key} {label}".encode()[:63]
+        self.text = text.decode("utf-8", errors="ignore")
+
+    def apply(self, conn: sa.Connection) -> None:
+        """Tag this transaction, bound its ledger wait (`LEDGER_WAIT_SECONDS`) and its idle time
+        (`IDLE_LOAD_SECONDS`); one round trip, every setting local to the transaction."""
+        conn.execute(
+            sa.text(
+                "SELECT set_config('application_name', :tag, true),"
+                " set_config('lock_timeout', :wait, true),"
+                " set_config('idle_in_transaction_session_timeout', :idle, true)"
+            ),
+            {"tag": self.text, "wait": f"{LEDGER_WAIT_SECONDS}s", "idle": f"{IDLE_LOAD_SECONDS}s"},
+        )
+
+
+_TERMINATE_OLDER_LOADS = sa.text(
+    "SELECT pid, application_name, pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE usename = current_user AND datname = current_database()"
+    " AND pid <> pg_backend_pid()"
+    " AND split_part(application_name, ' ', 1) = :prefix"
+    " AND split_part(application_name, ' ', 3) = :key"
+    " AND CASE WHEN split_part(application_name, ' ', 2) ~ '^[0-9]{1,18}$'"
+    " THEN split_part(application_name, ' ', 2)::bigint END < :fence"
+)
+"""End every backend of this role and database whose tag names an older fence of the same
+window (the server evaluates the filter and the termination in one statement, so a backend
+whose transaction ended meanwhile, and with it its tag, is not touched)."""
+
+
+def take_ledger_row(
+    conn: sa.Connection, ledger: sa.Table, tag: LoadTag, **record: Any
+) -> int | None:
+    """`record_fence` on PostgreSQL, for a load tagged `tag` (`LoadTag.apply`): a load frozen
+    with the window's ledger row cannot make this one wait longer than
+    `LEDGER_WAITS * LEDGER_WAIT_SECONDS`.
+
+    The upsert runs in a savepoint under `lock_timeout`. When the wait runs out, the backends
+    tagged as an older fence of this window are terminated (same role, same database; an
+    unrelated session, or a newer fence, is never touched) and the upsert is tried again.
+    Then `lock_timeout` goes back to the session's default, so the rest of the load waits as
+    before (on a user's lock on the target table, say).
+
+    Timeline, A (fence 3) frozen inside its load, B (fence 5) loading the same window:
+        t0  A moves the ledger row to 3 (row locked) and freezes: between statements (idle in
+            transaction), mid-COPY (the server waits for data; `idle_in_transaction_session_
+            timeout` does not apply), or with its whole worker stopped
+        t1  A's Redis lock expires; cleanup requeues; B claims (fence 5), waits on the row
+        t2  `LEDGER_WAIT_SECONDS` later B's wait runs out: B's savepoint rolls back (its
+            transaction lives on), B terminates the backend tagged `windowpipe-load 3 <same
+            window>`; the server rolls A's transaction back and frees the row
+        t3  B's upsert takes the row (3 <= 5), B loads and commits: the window holds B's rows
+        t4  A wakes: its connection is gone (TransientError); its retry's guard sees 5 > 3
+            and is refused (StaleFenceError). Nothing of A's load was committed.
+    If the row is held by a newer fence (B is the stale one), nothing is terminated: B waits
+    its turn and the guard then refuses it. Why the tag and not `pg_blocking_pids` alone: once
+    the wait ran out, B no longer waits, so nobody blocks it; and every older fence of this
+    window is fenced out anyway, so ending one that does not hold the row yet loses nothing.
+    """
+    for _ in range(LEDGER_WAITS):
+        try:
+            with conn.begin_nested():
+                recorded = record_fence(conn, ledger, **record)
+        except sa.exc.OperationalError as error:
+            if getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            ended = conn.execute(
+                _TERMINATE_OLDER_LOADS, {"prefix": LOAD_TAG, "key": tag.key, "fence": tag.fence}
+            ).all()
+            get_logger("windowpipe.sql_target").warning(
+                "waited on the window's ledger row; ended older loads holding it",
+                fence=tag.fence,
+                ended=[f"{pid} ({name})" for pid, name, _ in ended],
+            )
+            continue
+        conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+        return recorded
+    raise TransientError(
+        f"sql target: the ledger row of window {record['pipeline']} "
+        f"{_utc_text(record['window_start'])} stayed locked by a load that is not older than "
+        f"fence {tag.fence} for {LEDGER_WAITS * LEDGER_WAIT_SECONDS}s"
+    )
+
+
+_LOCK_NOT_AVAILABLE = "55P03"
+"""PostgreSQL's SQLSTATE for a lock wait that ran past `lock_timeout`."""
 
 
 def _utc_text(value: datetime) -> str:
@@ -288,6 +410,15 @@ class SqlTarget:
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
+    def _load_tag(
+        self, engine: sa.Engine, pipeline: str, window_start: datetime, fence: int
+    ) -> LoadTag | None:
+        """The session tag of a fenced write on PostgreSQL (`take_ledger_row`); None elsewhere
+        (SQLite targets are single-writer)."""
+        if engine.dialect.name != "postgresql":
+            return None
+        return LoadTag(self.config.table, pipeline, window_start, fence)
+
     def load_window(
         self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
     ) -> int:
@@ -321,15 +452,17 @@ class SqlTarget:
         loaded = 0
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
-                if engine.dialect.name == "postgresql":
-                    # A worker frozen between two statements of this transaction holds the
-                    # ledger row, and every later load of the window waits on it: the server
-                    # ends such a session after this long, so the wait is bounded.
-                    conn.exec_driver_sql(
-                        f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_LOAD_SECONDS}s'"
-                    )
                 # Committed only if the staged files hold exactly `manifest.rows` (below).
-                _take_fence(conn, ledger, pipeline, start, fence, manifest.rows, loaded_at)
+                _take_fence(
+                    conn,
+                    ledger,
+                    pipeline,
+                    start,
+                    fence,
+                    manifest.rows,
+                    loaded_at,
+                    tag=self._load_tag(engine, pipeline, manifest.window_start, fence),
+                )
                 _delete_window(conn, table, pipeline, start)
                 if engine.dialect.name == "postgresql":
                     chunks = self._copy_chunks(manifest, staging, pipeline, start, end, loaded_at)
@@ -435,7 +568,14 @@ class SqlTarget:
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
                 _take_fence(
-                    conn, ledger, pipeline, start, fence, 0, self._instant(engine, utc_now())
+                    conn,
+                    ledger,
+                    pipeline,
+                    start,
+                    fence,
+                    0,
+                    self._instant(engine, utc_now()),
+                    tag=self._load_tag(engine, pipeline, window.start, fence),
                 )
                 return _delete_window(conn, table, pipeline, start)
         except sa.exc.SQLAlchemyError as error:
@@ -499,18 +639,25 @@ def _take_fence(
     fence: int,
     rows: int,
     loaded_at: datetime,
+    *,
+    tag: LoadTag | None,
 ) -> None:
     """`record_fence` inside the caller's transaction, or `StaleFenceError` (naming the
-    ledger's fence) raised inside it, so that it rolls back and nothing changes."""
-    recorded = record_fence(
-        conn,
-        ledger,
-        pipeline=pipeline,
-        window_start=start,
-        fence=fence,
-        rows=rows,
-        loaded_at=loaded_at,
-    )
+    ledger's fence) raised inside it, so that it rolls back and nothing changes. With a `tag`
+    (PostgreSQL), the transaction is tagged and a frozen older fence of the window cannot hold
+    the ledger row for long (`take_ledger_row`)."""
+    record: dict[str, Any] = {
+        "pipeline": pipeline,
+        "window_start": start,
+        "fence": fence,
+        "rows": rows,
+        "loaded_at": loaded_at,
+    }
+    if tag is not None:
+        tag.apply(conn)
+        recorded = take_ledger_row(conn, ledger, tag, **record)
+    else:
+        recorded = record_fence(conn, ledger, **record)
     if recorded is not None:
         raise StaleFenceError(
             "sql target: " + stale_fence_error(pipeline, start, fence, recorded),

@@ -8,7 +8,7 @@ Scheduled and manual (backfill) windows have separate caps per pipeline, so a ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -21,7 +21,7 @@ from core.locks import DispatchLock
 from core.logs import get_logger
 from core.records import Stage, WindowKind, WindowRecord, WindowStatus
 from core.retry import FAILED_RETRY_BASE, failed_retry_delay
-from core.store import StateStore
+from core.store import StateStore, UnfinishedGroup
 from core.transitions import resume_stage
 from core.validation import ChainProblem, validate_chain
 from core.windows import Window, due_windows
@@ -179,3 +179,86 @@ def generation_tick(
         store, client, pipeline, send, now, failed_retry_base=failed_retry_base
     )
     return report
+
+
+def pipelines_to_dispatch(
+    unfinished: Iterable[UnfinishedGroup],
+    pipelines: Mapping[str, PipelineConfig],
+    now: datetime,
+    *,
+    failed_retry_base: timedelta = FAILED_RETRY_BASE,
+) -> list[str]:
+    """The pipelines a dispatch would move now, from `StateStore.unfinished()`: those with a
+    runnable window (pending, or failed past its retry delay with attempts left) of a kind
+    whose cap has room, or a failed window out of attempts (dispatch buries it). Sorted.
+
+    Pure: the safety net (`dispatch_waiting`) reads the store once for every pipeline and
+    dispatches only these. A failed group is due when its oldest window is: the others wait
+    in `dispatch` itself, which checks each record's own delay.
+    """
+    active: dict[tuple[str, WindowKind], int] = {}
+    runnable: set[tuple[str, WindowKind]] = set()
+    bury: set[str] = set()
+    for group in unfinished:
+        pipeline = pipelines.get(group.pipeline)
+        if pipeline is None:
+            continue  # a pipeline no longer in the config: nothing runs it
+        key = (group.pipeline, group.kind)
+        if group.status in (WindowStatus.QUEUED, WindowStatus.RUNNING):
+            active[key] = active.get(key, 0) + group.count
+        elif group.status == WindowStatus.PENDING:
+            runnable.add(key)
+        elif group.attempts >= pipeline.max_attempts:
+            bury.add(group.pipeline)
+        elif group.oldest_finished_at is None or (
+            group.oldest_finished_at + failed_retry_delay(group.attempts, failed_retry_base) <= now
+        ):
+            runnable.add(key)
+    with_room = {
+        name for name, kind in runnable if active.get((name, kind), 0) < _cap(pipelines[name], kind)
+    }
+    return sorted(with_room | bury)
+
+
+def _cap(pipeline: PipelineConfig, kind: WindowKind) -> int:
+    """How many windows of `kind` may be active at once (the caps `dispatch` applies)."""
+    if kind == WindowKind.SCHEDULED:
+        return pipeline.max_active_windows
+    return pipeline.max_backfill_windows
+
+
+def dispatch_waiting(
+    store: StateStore,
+    client: redis.Redis,
+    pipelines: Mapping[str, PipelineConfig],
+    send: SendChain,
+    now: datetime,
+    *,
+    failed_retry_base: timedelta = FAILED_RETRY_BASE,
+) -> dict[str, int]:
+    """The safety net: dispatch every pipeline that has runnable windows and room for them,
+    whatever happened to the message that should have done it; returns how many windows each
+    dispatched pipeline queued.
+
+    A window is dispatched by generation (every `every`), by a finishing window's request, or
+    by `windowpipe enqueue`. Each is one message, and a message can die with the broker:
+        t0  a backfill runs 8 windows at a time, `every = "1h"`
+        t1  the 8 finish; their dispatch request waits in the control queue
+        t2  Redis is wiped: the request is gone, nothing is queued or running
+        t3  nothing else asks for a dispatch until generation, up to an hour later
+    Cleanup runs this every `cleanup_every`, so the backfill goes on at t2 + `cleanup_every`.
+    One read of the store for all pipelines (`StateStore.unfinished`), then `dispatch` only
+    for the pipelines that need it: with 1,000 pipelines, an idle deployment costs one query.
+    `dispatch`'s own guards apply unchanged (its per-pipeline lock, each window's guarded
+    enqueue), so this racing a generation tick or a requested dispatch queues no window twice.
+    """
+    due = pipelines_to_dispatch(
+        store.unfinished(), pipelines, now, failed_retry_base=failed_retry_base
+    )
+    dispatched = {}
+    for name in due:
+        queued, _ = dispatch(
+            store, client, pipelines[name], send, now, failed_retry_base=failed_retry_base
+        )
+        dispatched[name] = len(queued)
+    return dispatched

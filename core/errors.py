@@ -31,6 +31,12 @@ class LostOwnershipError(WindowpipeError):
     """This worker no longer owns the window (its lock expired and another run took over)."""
 
 
+class LockLostError(LostOwnershipError):
+    """This worker's window lock expired or was wiped under it (a renewal found it gone or
+    someone else's): the stage stops at its next check, and if no newer owner claimed the
+    window meanwhile, puts it back in the queue without a new attempt."""
+
+
 class InvalidTransitionError(WindowpipeError):
     """A state change was requested from a state that does not allow it."""
 

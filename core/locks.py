@@ -92,7 +92,6 @@ class WindowLock:
         self.ttl_seconds = ttl_seconds
         self.renew_every = max(ttl_seconds / 3, 0.05)
         self.token = owner_token()
-        self._client = client
         self._lock = client.lock(self.key, timeout=ttl_seconds, blocking=False, thread_local=False)
         self._lost = threading.Event()
         # Serializes renew() and release(): a renewal racing a release must not take the
@@ -108,12 +107,26 @@ class WindowLock:
 
     @property
     def lost(self) -> bool:
-        """True once a renewal found the lock owned by someone else."""
+        """True once a renewal found the lock no longer this process's (expired, taken by
+        another owner, or wiped with Redis)."""
         return self._lost.is_set()
 
     def renew(self) -> bool:
-        """Reset the TTL. If Redis lost the key (a restart) take it back; if another owner has
-        it, mark the lock lost and return False. False too once released."""
+        """Extend the TTL only if this process still holds the lock (compare-and-extend);
+        otherwise mark it lost and return False. False too once released.
+
+        The extension is redis-py's `Lock.reacquire`: one Lua script (KEYS[1] the lock key,
+        ARGV[1] this owner's token, ARGV[2] the TTL in ms) that sets the TTL only while the key
+        still holds the token. A lost lock is never taken back, even when the key is gone:
+            t0  A holds the lock (fence 7) and freezes; the lock expires
+            t1  B takes it (fence 8), runs the stage, releases it: the key is gone
+            t2  A wakes; its renewal finds no key. Taking it again (SET NX) would make every
+                later message of the window find it "locked by another worker" and stop,
+                leaving the window to cleanup's `stale_after`. So A's lock is lost, and A's
+                stage stops at its next check (`core.runner`).
+        A Redis restart looks the same from here (the key is gone): the stage stops and puts
+        its window back in the queue (fenced), rather than hold a key nobody can vouch for.
+        """
         with self._guard:
             if not self._held:
                 return False
@@ -121,9 +134,6 @@ class WindowLock:
                 self._lock.reacquire()
                 return True
             except LockNotOwnedError:
-                ttl_ms = int(self.ttl_seconds * 1000)
-                if self._client.set(self.key, self.token, nx=True, px=ttl_ms):
-                    return True
                 self._lost.set()
                 return False
             except redis.RedisError:

@@ -10,6 +10,10 @@ A window is lost when its record says work is in flight but nobody is doing it:
   it sends the message again WITHOUT using an attempt. A duplicate is harmless, since a stage
   runs only after claiming the record (the second message finds the stage done or taken).
   So waiting never kills a window, however long the backlog.
+- `pending`, or `failed` past its retry delay, while its pipeline has room under its cap: the
+  message that should have dispatched it (generation, a finishing window's request, `enqueue`)
+  died with the broker. Cleanup dispatches such pipelines itself (`dispatch_waiting`), so no
+  window waits for the next generation tick (`every`, up to an hour) after a Redis wipe.
 Locks whose owner process is dead on this host are released first. Requeued windows resume
 from their recorded stage; every stage is idempotent, so a requeue that races a slow but live
 worker costs time, never correctness (fencing refuses the loser's commit, in the state store
@@ -24,7 +28,7 @@ from datetime import datetime, timedelta
 import redis
 
 from core.config import Config
-from core.dispatch import SendChain
+from core.dispatch import SendChain, dispatch_waiting
 from core.instants import format_instant
 from core.keys import window_lock_key
 from core.locks import HeldLock, force_release, held_locks
@@ -39,6 +43,8 @@ class CleanupReport:
     released: list[HeldLock] = field(default_factory=list)
     requeued: list[tuple[WindowRecord, str]] = field(default_factory=list)
     failed: list[tuple[WindowRecord, str]] = field(default_factory=list)
+    dispatched: dict[str, int] = field(default_factory=dict)
+    """Pipelines the safety net dispatched, with how many windows each queued."""
 
     def summary(self) -> dict[str, list[str]]:
         return {
@@ -49,6 +55,7 @@ class CleanupReport:
             "failed": [
                 f"{r.pipeline} {format_instant(r.window_start)}: {why}" for r, why in self.failed
             ],
+            "dispatched": [f"{name}: {count} queued" for name, count in self.dispatched.items()],
         }
 
 
@@ -77,7 +84,8 @@ def stale_windows(
 def cleanup(
     store: StateStore, client: redis.Redis, config: Config, send: SendChain, now: datetime
 ) -> CleanupReport:
-    """Release dead owners' locks, then requeue (or fail, if out of attempts) lost windows."""
+    """Release dead owners' locks, requeue (or fail, if out of attempts) lost windows, then
+    dispatch every pipeline that has runnable windows and room (`dispatch_waiting`)."""
     log = get_logger("windowpipe.cleanup")
     report = CleanupReport()
     for held in held_locks(client):
@@ -128,6 +136,14 @@ def cleanup(
         send(record.pipeline, requeued.window_start, resume_stage(requeued.status, requeued.stage))
         report.requeued.append((record, reason))
         log.warning("requeued lost window", reason=reason, stage=str(requeued.stage), **context)
+    report.dispatched = dispatch_waiting(
+        store,
+        client,
+        config.pipelines,
+        send,
+        now,
+        failed_retry_base=config.settings.failed_retry_base,
+    )
     return report
 
 

@@ -16,7 +16,7 @@ window's rows in one transaction, so a redelivered or duplicated message changes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -29,6 +29,7 @@ from core.config import Config, PipelineConfig
 from core.errors import (
     TIME_LIMIT_ERRORS,
     InvalidTransitionError,
+    LockLostError,
     LostOwnershipError,
     StagedDataLostError,
     StageTimeLimitError,
@@ -116,6 +117,7 @@ class _Step(Generic[BatchT, RunT]):
     record: WindowRecord
     fence: int
     policy: StagePolicy
+    lock: WindowLock
 
     @property
     def window(self) -> Window:
@@ -130,7 +132,33 @@ class _Step(Generic[BatchT, RunT]):
     def target(self) -> WindowTarget[RunT]:
         return self.runtime.connectors("target", self.pipeline)
 
+    def check_owned(self) -> None:
+        """Raise `LockLostError` once the renewer found this window's lock no longer ours.
+
+        Checked before every commit, between extract's batches and before the load: a worker
+        that lost its lock (frozen past the TTL, or Redis wiped) stops there instead of
+        working on for nothing. Fencing, not this check, keeps a stale commit out."""
+        if self.lock.lost:
+            raise LockLostError(
+                f"the window's lock was lost (expired or wiped) during {self.record.stage}"
+            )
+
+    def while_owned(self, batches: Iterable[BatchT]) -> Iterator[BatchT]:
+        """`batches`, checking before each one that the lock is still ours. Stopping closes
+        the source's iterator at once (ending its read transaction), not at garbage
+        collection."""
+        iterator = iter(batches)
+        try:
+            for batch in iterator:
+                self.check_owned()
+                yield batch
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
     def commit(self, status: WindowStatus, **fields: Any) -> WindowRecord:
+        self.check_owned()
         return self.runtime.store.transition(
             self.pipeline.name,
             self.record.window_start,
@@ -183,10 +211,13 @@ def run_stage(
         if record is None:
             return why_not("window changed meanwhile")
         fence = record.fence
-        step = _Step(runtime, pipeline, record, fence, stage_policy(stage, pipeline))
+        step = _Step(runtime, pipeline, record, fence, stage_policy(stage, pipeline), lock)
         log.info("stage started", fence=fence, attempt=record.attempts, retry=retry)
-        with lock.renewing():
-            return _run_guarded(step, stage, retry, result)
+        try:
+            with lock.renewing():
+                return _run_guarded(step, stage, retry, result)
+        except LockLostError as error:
+            return _give_back(step, stage, error, result)
     except LostOwnershipError as error:
         return result(Outcome.STOPPED, f"lost the window to a newer owner: {error}")
     except InvalidTransitionError as error:
@@ -194,6 +225,37 @@ def run_stage(
         return result(Outcome.STOPPED, f"window changed meanwhile: {error}")
     finally:
         lock.release()
+
+
+def _give_back(
+    step: _Step[BatchT, RunT],
+    stage: Stage,
+    error: LockLostError,
+    result: Callable[..., StageResult],
+) -> StageResult:
+    """The stage lost its lock: put the window back in the queue at this stage (fenced, no new
+    attempt) and send the stage again, to run under a lock of its own.
+
+    Timeline, A running with fence 7:
+        t0  A's lock is lost (Redis wiped, or A frozen past the TTL); A's renewer marks it
+        t1  A reaches its next check and stops: its work is not committed
+        t2a nobody claimed the window: the fenced move back to queued matches fence 7, and the
+            stage is sent again; its new run takes a fresh lock and a new fence
+        t2b B claimed it meanwhile (fence 8): the move is refused (`LostOwnershipError`) and A
+            stops; B's run goes on
+    Nothing A did before the check is lost: every stage is idempotent and fenced."""
+    try:
+        step.runtime.store.transition(
+            step.pipeline.name,
+            step.record.window_start,
+            WindowStatus.QUEUED,
+            expect=[WindowStatus.RUNNING],
+            fence=step.fence,
+            error=f"{stage.value}: {error}; sent again",
+        )
+    except LostOwnershipError as lost:
+        return result(Outcome.STOPPED, f"lost the window to a newer owner: {lost}")
+    return result(Outcome.RETRY, f"{error}; sent again", retry_in=0.0)
 
 
 def _not_for_this_stage(record: WindowRecord | None, stage: Stage) -> tuple[Outcome, str] | None:
@@ -360,7 +422,7 @@ def _extract(step: _Step[BatchT, RunT]) -> WindowRecord:
     manifest = call_with_retries(
         step.policy,
         lambda: staging.write_window(
-            step.pipeline.name, step.window, run, source.iter_batches(step.window)
+            step.pipeline.name, step.window, run, step.while_owned(source.iter_batches(step.window))
         ),
     )
     if manifest.rows == 0 and manifest.rejected_count == 0:
@@ -395,6 +457,7 @@ def _load(step: _Step[BatchT, RunT]) -> WindowRecord:
         raise StagedDataLostError(
             f"{len(missing)} staged file(s) of run {manifest.run} are gone, e.g. {missing[0]}"
         )
+    step.check_owned()
     # The rows the load's own transaction wrote; the audit counts the target again on its own
     # (one count per window instead of two).
     name = step.pipeline.name

@@ -152,6 +152,20 @@ WINDOWS = sa.Table(
 """One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
 
 
+@dataclass(frozen=True)
+class UnfinishedGroup:
+    """Unfinished windows of one pipeline and kind that share a status and an attempt count:
+    what the dispatch safety net reads of every pipeline at once (`StateStore.unfinished`)."""
+
+    pipeline: str
+    kind: WindowKind
+    status: WindowStatus
+    attempts: int
+    count: int
+    oldest_finished_at: datetime | None
+    """The earliest `finished_at` of the group (a failed window's retry delay runs from it)."""
+
+
 class RecordNotFoundError(InvalidTransitionError, LookupError):
     """The window record a change was asked for does not exist."""
 
@@ -335,6 +349,31 @@ class StateStore:
             .limit(limit)
         )
         return self._records(query)
+
+    def unfinished(self) -> list[UnfinishedGroup]:
+        """Every pipeline's pending, queued, running and failed windows, counted per pipeline,
+        kind, status and attempts, in one query (one round trip for 1,000 pipelines, and a few
+        rows per pipeline that has unfinished windows; finished ones are not returned)."""
+        waiting = (WindowStatus.PENDING, WindowStatus.FAILED, *ACTIVE)
+        columns = (WINDOWS.c.pipeline, WINDOWS.c.kind, WINDOWS.c.status, WINDOWS.c.attempts)
+        query = (
+            sa.select(*columns, sa.func.count(), sa.func.min(WINDOWS.c.finished_at))
+            .where(WINDOWS.c.status.in_(_values(waiting)))
+            .group_by(*columns)
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).tuples().all()
+        return [
+            UnfinishedGroup(
+                pipeline=pipeline,
+                kind=WindowKind(kind),
+                status=WindowStatus(status),
+                attempts=int(attempts),
+                count=int(count),
+                oldest_finished_at=oldest,  # min() keeps the column's type: aware UTC
+            )
+            for pipeline, kind, status, attempts, count, oldest in rows
+        ]
 
     def stale_candidates(self, older_than: datetime) -> list[WindowRecord]:
         """Queued or running records of every pipeline not updated since `older_than`."""

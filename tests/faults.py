@@ -108,12 +108,16 @@ class TcpFaultProxy:
         except OSError:
             pass
         finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
-                with self._lock:
-                    self._open.discard(end)
+            self._close_pair(source, sink)
+
+    def _close_pair(self, source: socket.socket, sink: socket.socket) -> None:
+        """End both sides of a proxied connection (a pump's last step)."""
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+            with self._lock:
+                self._open.discard(end)
 
     def close(self) -> None:
         self._stopped.set()
@@ -121,8 +125,59 @@ class TcpFaultProxy:
         with self._lock:
             open_now = list(self._open)
         for end in open_now:
+            # shutdown first: close() alone leaves a socket open while a pump thread is
+            # blocked in recv() on it (the server would keep the session, and its locks).
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 end.close()
+
+
+class WireHold(TcpFaultProxy):
+    """A TCP proxy in front of a database that holds, on each connection, every client message
+    from the first one carrying `marker` (with `after`: from the message after it) until
+    `release()`. The server then sees its client stop right there: a statement not sent yet,
+    or (after a `COPY ... FROM STDIN`) a COPY waiting for its data. Server -> client traffic
+    and other connections pass untouched. `held` counts the connections holding."""
+
+    def __init__(self, upstream: tuple[str, int], marker: bytes, *, after: bool = False) -> None:
+        super().__init__(upstream)
+        self.marker = marker
+        self.after = after
+        self.held = 0
+        self._released = threading.Event()
+
+    def __enter__(self) -> WireHold:
+        super().__enter__()
+        return self
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
+        if source.getsockname()[1] != self.port:  # server -> client: untouched
+            super()._pump(source, sink, delay)
+            return
+        seen = holding = False
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if not self._released.is_set():
+                    marked = self.marker in data
+                    if not holding and ((marked and not self.after) or (seen and self.after)):
+                        holding = True
+                        with self._lock:
+                            self.held += 1
+                    seen = seen or marked
+                    if holding:
+                        self._released.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close_pair(source, sink)
 
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}

@@ -8,8 +8,10 @@ window at once:
 
 - A holds its ledger rows (the method in TESTING.md): a test connection holds the target table
   in EXCLUSIVE mode, so A's loads get through their ledger upsert and wait at their DELETE. B's
-  loads wait on A's ledger rows. The table lock is released, A is woken and commits, then B's
-  guard sees A's older fence and B replaces A's rows. A's record commit is refused.
+  loads wait on A's ledger rows until `lock_timeout`, then end A's sessions (tagged with an
+  older fence of the same window, `connectors.sql_target.take_ledger_row`), take the rows and
+  wait at their own DELETE. The table lock is released and B commits; A is woken, finds its
+  connection gone, and its retry is refused by the ledger.
 - A is frozen before its ledger write reaches the server: a TCP proxy in front of PostgreSQL,
   used by A only, holds the message carrying A's ledger upsert. B loads and commits, audit
   marks the windows succeeded, and only then is A woken: the target refuses its load
@@ -27,9 +29,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -47,7 +47,7 @@ from core.locks import held_locks
 from core.records import Stage, WindowRecord, WindowStatus
 from core.windows import Window
 from tests.deployment import Deployment, statuses, write_config
-from tests.faults import TcpFaultProxy
+from tests.faults import WireHold
 from tests.test_faults import (
     FAST_RECOVERY,
     ORIGIN,
@@ -149,6 +149,24 @@ def waiting_backends(url: str, pattern: str) -> int:
         engine.dispose()
 
 
+def load_fences_in_server(url: str) -> list[int]:
+    """The fences of the loads PostgreSQL has a session for in this database (a load tags its
+    transaction `windowpipe-load FENCE ...`, `connectors.sql_target.LoadTag`)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(
+                sa.text(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                    " AND application_name LIKE 'windowpipe-load %'"
+                )
+            ).scalars()
+            return [int(name.split()[1]) for name in names]
+    finally:
+        engine.dispose()
+
+
 def loads_running_in(dep: Deployment, worker: subprocess.Popen[bytes]) -> dict[datetime, int]:
     """The windows whose load runs in a process of `worker`, with that load's fence."""
     client, store = dep.redis(), dep.store()
@@ -244,6 +262,32 @@ def assert_every_window_once(dep: Deployment, url: str, seeded: Counter[str]) ->
     assert loaded == seeded, (loaded - seeded, seeded - loaded)
 
 
+LEDGER_WRITE = b"INSERT INTO windowpipe_ledger"
+"""What `WireHold` holds of a load to freeze it before its ledger write reaches the server: the
+load has begun its transaction, but its first write has not arrived."""
+
+
+def assert_taken_over_once(
+    dep: Deployment,
+    url: str,
+    seeded: Counter[str],
+    paused: dict[datetime, int],
+    refused: dict[str, str],
+) -> None:
+    """Every window once in the target, loaded by the next owner: each frozen load (window ->
+    its fence in `paused`) stopped as refused (`refused`: window -> detail), and the ledger holds
+    the next owner's fence, between the frozen one and the audit's, and row count."""
+    assert_every_window_once(dep, url, seeded)
+    assert set(refused) == {format_instant(start) for start in paused}
+    assert all("lost the window to a newer owner" in why for why in refused.values()), refused
+    recorded = ledger(url)
+    final = {record.window_start: record for record in records(dep)}
+    for index, (start, fence) in enumerate(sorted(paused.items())):
+        ledger_fence, rows = recorded[start]
+        assert fence < ledger_fence < final[start].fence  # the taker's load, then its audit
+        assert rows == DOCS[index] == final[start].target_count
+
+
 class TableLock:
     """A test connection holding the target table in EXCLUSIVE mode (reads go on; a load's
     DELETE waits, inside its transaction)."""
@@ -260,52 +304,6 @@ class TableLock:
         self.conn.rollback()
         self.conn.close()
         self.engine.dispose()
-
-
-class LedgerWriteHold(TcpFaultProxy):
-    """A TCP proxy in front of PostgreSQL that holds, until `release()`, every client message
-    carrying a ledger upsert: the load that sent it has begun its transaction, but its first
-    write has not reached the server. Everything else passes through."""
-
-    MARKER = b"INSERT INTO windowpipe_ledger"
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        super().__init__(upstream)
-        self.held = 0
-        self._released = threading.Event()
-        self._counted = threading.Condition()
-
-    def __enter__(self) -> LedgerWriteHold:
-        super().__enter__()
-        return self
-
-    def release(self) -> None:
-        self._released.set()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
-        if source.getsockname()[1] != self.port:  # server -> client: untouched
-            super()._pump(source, sink, delay)
-            return
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if self.MARKER in data and not self._released.is_set():
-                    with self._counted:
-                        self.held += 1
-                        self._counted.notify_all()
-                    self._released.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                end.close()
-                with self._lock:
-                    self._open.discard(end)
 
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -341,12 +339,15 @@ def test_a_load_frozen_holding_its_ledger_rows_is_replaced_once_by_the_next_owne
         os.killpg(frozen.pid, signal.SIGSTOP)
 
         taker = dep.start_workers(["load"], concurrency=WINDOWS)["load"]
-        # Locks expire, cleanup requeues, the second worker claims each window (newer fence)
-        # and waits on the frozen worker's ledger row.
+        # Locks expire, cleanup requeues, the second worker claims each window (newer fence),
+        # waits on the frozen worker's ledger row, ends that session and takes the row.
         wait_for(lambda: taken_over(dep, paused), "every window claimed again", tick=cleanup)
         wait_for(
-            lambda: waiting_backends(pg_schema_url, "%windowpipe_ledger%") == WINDOWS,
-            "every load of the second worker waiting on a ledger row",
+            lambda: (
+                not set(load_fences_in_server(pg_schema_url)) & set(paused.values())
+                and waiting_backends(pg_schema_url, "DELETE FROM%events_loaded%") == WINDOWS
+            ),
+            "every frozen load's session ended, the second worker's loads at their DELETE",
         )
     os.killpg(frozen.pid, signal.SIGCONT)
 
@@ -360,18 +361,10 @@ def test_a_load_frozen_holding_its_ledger_rows_is_replaced_once_by_the_next_owne
         "the woken worker's loads all stopped",
     )
 
-    assert_every_window_once(dep, pg_schema_url, seeded)
-    # The woken loads committed first (their rows were replaced) and their record commits
-    # were refused; the ledger holds the taker's fence and row count for every window.
+    # The woken loads found their sessions ended and were refused; the ledger holds the
+    # taker's fence and row count for every window.
     refused = stopped_loads(dep, frozen_name)
-    assert set(refused) == {format_instant(start) for start in paused}
-    assert all("lost the window to a newer owner" in why for why in refused.values()), refused
-    recorded = ledger(pg_schema_url)
-    final = {record.window_start: record for record in records(dep)}
-    for index, (start, fence) in enumerate(sorted(paused.items())):
-        ledger_fence, rows = recorded[start]
-        assert fence < ledger_fence < final[start].fence  # the taker's load, then its audit
-        assert rows == DOCS[index] == final[start].target_count
+    assert_taken_over_once(dep, pg_schema_url, seeded, paused, refused)
     taker_loads = [
         e
         for e in worker_events(dep, dep.name_of(taker))
@@ -389,7 +382,7 @@ def test_a_load_frozen_before_its_ledger_write_is_refused_by_the_target_when_it_
 ) -> None:
     seeded = seed_events(pg_schema_url, DOCS)
     create_target_tables(pg_schema_url)
-    with LedgerWriteHold(upstream_of(pg_schema_url)) as hold:
+    with WireHold(upstream_of(pg_schema_url), LEDGER_WRITE) as hold:
         dep = deployment(tmp_path, "windowpipe", redis_db, pg_schema_url, pg_schema_url)
         # The frozen worker's config differs only in its target URL: through the proxy.
         held_dep = deployment(

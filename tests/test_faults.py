@@ -167,6 +167,27 @@ def deploy(
     return Deployment(config_path=config, workdir=tmp_path, extra_env=dict(env or {}))
 
 
+def slow_extract_deployment(
+    tmp_path: Path, redis_url: str, url: str, proxy_port: int
+) -> Deployment:
+    """One window (source, local stage and target on the database `url`) whose extraction
+    takes seconds: its source is read 2 documents a page through a proxy on `proxy_port`
+    (`TcpFaultProxy` with latency). Lock TTL 3 s."""
+    return deploy(
+        tmp_path,
+        redis_url,
+        {
+            "events": pipeline(
+                sql_source(via_proxy(url, proxy_port), page_size=2),
+                {"type": "local", "path": str(tmp_path / "stage")},
+                sql_target(url),
+                1,
+            )
+        },
+        lock_ttl="3s",
+    )
+
+
 # --- observing the workers ---------------------------------------------------------------------
 
 
@@ -465,19 +486,7 @@ def test_worker_paused_past_its_lock_ttl_cannot_commit_after_another_took_the_wi
     seeded = seed_events(pg_schema_url, [80])
     # 80 documents, 2 a page, 40 ms a round trip: extraction takes a few seconds.
     with TcpFaultProxy(upstream_of(pg_schema_url), latency=0.04) as source_proxy:
-        dep = deploy(
-            tmp_path,
-            redis_db,
-            {
-                "events": pipeline(
-                    sql_source(via_proxy(pg_schema_url, source_proxy.port), page_size=2),
-                    {"type": "local", "path": str(tmp_path / "stage")},
-                    sql_target(pg_schema_url),
-                    1,
-                )
-            },
-            lock_ttl="3s",
-        )
+        dep = slow_extract_deployment(tmp_path, redis_db, pg_schema_url, source_proxy.port)
         stop_all.append(dep)
         dep.start_workers(("precheck", "load", "audit", "control"), concurrency=1)
         paused = dep.start_workers(["extract"], concurrency=1)["extract"]

@@ -336,6 +336,34 @@ def test_stale_candidates_are_active_records_not_updated_lately(store: StateStor
     assert store.stale_candidates(older_than=utc_now() - timedelta(minutes=1)) == []
 
 
+def test_unfinished_counts_every_pipelines_waiting_windows_in_one_read(
+    store: StateStore,
+) -> None:
+    store.create_windows(PIPELINE, windows(4))
+    store.create_windows(PIPELINE, windows(2, first=4), kind=WindowKind.MANUAL)
+    store.create_windows("other", windows(2))
+    drive(store, 0, S.QUEUED, S.RUNNING, S.FAILED)
+    drive(store, 1, S.QUEUED)
+    drive(store, 2, S.QUEUED, S.RUNNING, S.SUCCEEDED)
+    store.queue("other", start(0), expect=[S.PENDING])
+    failed = store.get(PIPELINE, start(0))
+    assert failed is not None and failed.finished_at is not None
+
+    found = {(g.pipeline, g.kind, g.status, g.attempts): g for g in store.unfinished()}
+    assert {key: g.count for key, g in found.items()} == {
+        (PIPELINE, WindowKind.SCHEDULED, S.FAILED, 1): 1,
+        (PIPELINE, WindowKind.SCHEDULED, S.QUEUED, 1): 1,
+        (PIPELINE, WindowKind.SCHEDULED, S.PENDING, 0): 1,
+        (PIPELINE, WindowKind.MANUAL, S.PENDING, 0): 2,
+        ("other", WindowKind.SCHEDULED, S.QUEUED, 1): 1,
+        ("other", WindowKind.SCHEDULED, S.PENDING, 0): 1,
+    }  # the succeeded window is not read
+    assert found[(PIPELINE, WindowKind.SCHEDULED, S.FAILED, 1)].oldest_finished_at == (
+        failed.finished_at
+    )
+    assert found[(PIPELINE, WindowKind.MANUAL, S.PENDING, 0)].oldest_finished_at is None
+
+
 # --- administrative resets ------------------------------------------------------------------
 
 

@@ -45,7 +45,8 @@ ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
 SIZE = timedelta(minutes=15)
 PIPELINE = "events"
 LOCK_TTL = timedelta(seconds=60)
-"""Long enough that no renewal runs within a test (a renewal would take a deleted key back)."""
+"""Long enough that no renewal runs within a test (a renewal would find a deleted key gone and
+mark the lock lost)."""
 STALE_AFTER = timedelta(minutes=2)
 
 DEAD_PID = 2**22 + 1
@@ -494,11 +495,29 @@ def test_a_dead_workers_window_without_attempts_left_fails_and_then_dies(
 
     report = deployment.cleanup(after=LOCK_TTL + timedelta(seconds=1))
     assert [r.window_start for r, _ in report.failed] == [start(3)]
-    assert deployment.record(3).status == WindowStatus.FAILED
     assert not deployment.broker.messages
-
-    assert deployment.dispatch() == ([], 1)
+    # The same cleanup's safety net dispatches the pipeline, and dispatch buries the window.
+    assert report.dispatched == {PIPELINE: 0}
     assert deployment.record(3).status == WindowStatus.DEAD
+    assert deployment.dispatch() == ([], 0)
+
+
+def test_pending_windows_whose_dispatch_was_lost_are_dispatched_by_cleanup(
+    deploy: DeployFactory,
+) -> None:
+    deployment = deploy(max_active_windows=2)
+    deployment.store.create_windows(PIPELINE, [window(0), window(2), window(3)])
+    # Nobody dispatched them (the message died with the broker): cleanup does, within the cap.
+    report = deployment.cleanup(after=timedelta(0))
+    assert report.dispatched == {PIPELINE: 2}
+    assert [m.window_start for m in deployment.broker.messages] == [start(0), start(2)]
+    # A pipeline at its cap is left alone: running windows' finishing requests dispatch it.
+    assert deployment.cleanup(after=timedelta(0)).dispatched == {}
+    deployment.work()
+    assert deployment.cleanup(after=timedelta(0)).dispatched == {PIPELINE: 1}
+    deployment.work()
+    assert deployment.statuses() == [WindowStatus.SUCCEEDED] * 3
+    assert deployment.cleanup(after=timedelta(0)).dispatched == {}
 
 
 def test_duplicate_messages_run_each_stage_once(deployment: MemoryDeployment) -> None:

@@ -54,7 +54,8 @@ def dispatch(pipeline: str) -> dict[str, Any]:
 
 @shared_task(name="windowpipe.cleanup", bind=True)
 def cleanup(self: Task) -> dict[str, Any]:
-    """Release locks of dead owners and requeue windows nobody is working on."""
+    """Release locks of dead owners, requeue windows nobody is working on, and dispatch every
+    pipeline with runnable windows and room (the safety net for lost dispatch messages)."""
     rt, config = runtime(), process_config()
     report = cleanup_stale(rt.store, rt.redis, config, send_chain, utc_now())
     record_run(rt.redis, CLEANUP_RAN_KEY, utc_now(), str(self.request.hostname or ""))

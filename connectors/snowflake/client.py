@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from connectors.snowflake.sql import LOCK_TIMEOUT_SECONDS
 from core.config import SnowflakeTargetConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError
 from core.retry import as_time_limit
@@ -61,7 +62,11 @@ def connect(config: SnowflakeTargetConfig) -> Any:
         "paramstyle": "qmark",
         "application": "windowpipe",
         # Out-of-band telemetry posts to Snowflake's own endpoint, outside the session.
-        "session_parameters": {"CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False},
+        "session_parameters": {
+            "CLIENT_OUT_OF_BAND_TELEMETRY_ENABLED": False,
+            # A load waits this long on a table lock, not 12 hours (the target's takeover).
+            "LOCK_TIMEOUT": LOCK_TIMEOUT_SECONDS,
+        },
     }
     secret = resolve_secret(config.password_env)
     if config.private_key_path:

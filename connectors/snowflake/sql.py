@@ -76,6 +76,32 @@ BEGIN = "BEGIN"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
+LOCK_TIMEOUT_SECONDS = 60
+"""The session's `LOCK_TIMEOUT` (Snowflake's default is 43,200 s): how long a load waits on a
+table lock before its statement fails and it looks who holds the lock."""
+
+LOCK_WAIT_ERRNO = 625
+"""Snowflake's error number for a statement that gave up waiting on another transaction's
+table lock (its message names the holding statement and transaction)."""
+
+LOAD_TAG = "windowpipe-load"
+"""First word of a load's `QUERY_TAG`: `windowpipe-load FENCE KEY`."""
+
+PROBE_QUERY_TAG = f"ALTER SESSION SET QUERY_TAG = '{LOAD_TAG}'"
+"""Sent once per session: a server that refuses it (fakesnow 0.12 implements no ALTER SESSION)
+gets no per-load tags, and its loads wait out `LOCK_TIMEOUT` instead of taking over."""
+
+ABORT_TRANSACTION = "SELECT SYSTEM$ABORT_TRANSACTION(?)"
+"""End another session's transaction by id (a role may end its own user's transactions)."""
+
+QUERY_TAG_OF = (
+    "SELECT query_tag FROM TABLE(INFORMATION_SCHEMA.QUERY_HISTORY_BY_USER("
+    "RESULT_LIMIT => 10000)) WHERE query_id = ?"
+)
+"""The tag a statement of this user ran with; binds (query_id)."""
+
+_LOCK_HOLDER = re.compile(r"Statement '([0-9a-fA-F-]+)' has locked table .* in transaction (\d+)")
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,254}")
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -252,3 +278,44 @@ def ledger_row_sql(ledger: str) -> str:
 def count_window_sql(table: str) -> str:
     """Count a window's rows; binds (pipeline, window_start)."""
     return f"SELECT COUNT(*) FROM {table} WHERE pipeline = ? AND window_start = ?"
+
+
+def load_tag(key: str, fence: int) -> str:
+    """A load's `QUERY_TAG`: only the tag word, digits and the window's hex key, so it is safe
+    as a literal (ALTER SESSION takes no bound values)."""
+    if not re.fullmatch(r"[0-9a-f]{1,32}", key):
+        raise ValueError(f"not a window key: {key!r}")
+    return f"{LOAD_TAG} {int(fence)} {key}"
+
+
+def set_load_tag_sql(key: str, fence: int) -> str:
+    """Tag the session's next statements with a load of window `key` at `fence`."""
+    return f"ALTER SESSION SET QUERY_TAG = '{load_tag(key, fence)}'"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds the table lock a statement gave up waiting on (from Snowflake's message)."""
+
+    statement: str
+    transaction: int
+
+
+def lock_holder(message: str) -> LockHolder | None:
+    """The holding statement and transaction named by a lock-wait error (`LOCK_WAIT_ERRNO`),
+    or None when the message does not name them."""
+    found = _LOCK_HOLDER.search(message)
+    return LockHolder(found.group(1), int(found.group(2))) if found else None
+
+
+def is_older_load(query_tag: str | None, key: str, fence: int) -> bool:
+    """True when `query_tag` is a load's tag for window `key` with a fence older than `fence`:
+    the only transactions a load ever ends."""
+    words = (query_tag or "").split()
+    return (
+        len(words) == 3
+        and words[0] == LOAD_TAG
+        and words[2] == key
+        and words[1].isdigit()
+        and int(words[1]) < fence
+    )

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from connectors.base import Manifest
 from connectors.snowflake import sql
 from connectors.snowflake.client import connect, translate
+from connectors.sql_target import window_key
 from core.checksum import checksum_text, ids_sum
 from core.config import SnowflakeTargetConfig
 from core.errors import (
@@ -28,6 +29,7 @@ from core.errors import (
     WindowpipeError,
 )
 from core.instants import format_instant, utc_now
+from core.logs import get_logger
 from core.ports import StagedLines, TargetAudit
 from core.windows import Window
 
@@ -51,6 +53,8 @@ class SnowflakeTarget:
         self.config = config
         self.names = sql.Names.of(config.database, config.schema_, config.table, config.stage)
         self._connection: Any = None
+        self._tags_loads = False
+        """Whether this session accepts a per-load QUERY_TAG (`sql.PROBE_QUERY_TAG`)."""
         self._lock = threading.Lock()
 
     # -- session --
@@ -66,6 +70,7 @@ class SnowflakeTarget:
             except Exception as error:
                 connection.close()
                 raise translate(error, "create table") from None
+            self._tags_loads = _accepts_query_tag(cursor)
             self._connection = connection
         return self._connection
 
@@ -156,9 +161,17 @@ class SnowflakeTarget:
                     f"snowflake target: COPY loaded {landed} rows but the manifest of run "
                     f"{manifest.run} lists {manifest.rows}"
                 )
+            key = window_key(self.names.table, pipeline, manifest.window_start)
+            if self._tags_loads:
+                cursor.execute(sql.set_load_tag_sql(key, fence))
             cursor.execute(sql.BEGIN)
             try:
-                recorded = self._record_fence(cursor, pipeline, start, fence, landed, loaded_at)
+                recorded = self._take_ledger_lock(
+                    cursor,
+                    key,
+                    lambda: self._record_fence(cursor, pipeline, start, fence, landed, loaded_at),
+                    fence,
+                )
                 if recorded is not None:
                     raise _stale(pipeline, manifest.window_start, fence, recorded)
                 cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
@@ -223,10 +236,18 @@ class SnowflakeTarget:
 
     def _clear(self, pipeline: str, window: Window, fence: int) -> int:
         cursor = self._session().cursor()
-        start = _ntz(window.start)
+        start, cleared_at = _ntz(window.start), _ntz(utc_now())
+        key = window_key(self.names.table, pipeline, window.start)
+        if self._tags_loads:
+            cursor.execute(sql.set_load_tag_sql(key, fence))
         cursor.execute(sql.BEGIN)
         try:
-            recorded = self._record_fence(cursor, pipeline, start, fence, 0, _ntz(utc_now()))
+            recorded = self._take_ledger_lock(
+                cursor,
+                key,
+                lambda: self._record_fence(cursor, pipeline, start, fence, 0, cleared_at),
+                fence,
+            )
             if recorded is not None:
                 raise _stale(pipeline, window.start, fence, recorded)
             cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
@@ -257,6 +278,60 @@ class SnowflakeTarget:
             checksum=checksum_text(total),
             ledger_fence=_first_int(held),
             ledger_rows=int(held[1]) if held and held[1] is not None else None,
+        )
+
+    def _take_ledger_lock(
+        self, cursor: Any, key: str, record_fence: Callable[[], int | None], fence: int
+    ) -> int | None:
+        """`record_fence()` inside the open transaction; when its wait for the ledger's table
+        lock runs out (`LOCK_TIMEOUT`), end the holder if its tag names an older fence of the
+        same window, and try again (at most `TAKEOVER_TRIES` times in all).
+
+        Argued from Snowflake's documentation; fakesnow has one writer and implements neither
+        `ALTER SESSION`, `LOCK_TIMEOUT` waits nor `SYSTEM$ABORT_TRANSACTION`, so only the path
+        without a wait runs in the tests. Timeline, A (fence 3) frozen inside its load's
+        transaction, B (fence 5) loading the same window:
+            t0  A tags its session (`QUERY_TAG` = `windowpipe-load 3 KEY`), begins, runs its
+                ledger UPDATE (the ledger's table lock is A's until A's transaction ends) and
+                freezes; or A's client dies and the transaction is left detached, which
+                Snowflake keeps for hours
+            t1  A's Redis lock expires; cleanup requeues; B claims (fence 5), tags its session,
+                begins, and its ledger UPDATE waits on A's lock
+            t2  `LOCK_TIMEOUT` later the UPDATE fails (error 625, naming the statement and the
+                transaction that hold the lock); B's transaction stays open (Snowflake rolls
+                back the failed statement only). B reads the holding statement's QUERY_TAG
+                from `QUERY_HISTORY_BY_USER`: `windowpipe-load 3 KEY`, the same window and an
+                older fence, so B runs `SYSTEM$ABORT_TRANSACTION(A's transaction)`; a holder
+                without such a tag (another window's load, anything else) is never ended
+            t3  B's UPDATE runs again, takes the lock (3 <= 5), B loads and commits
+            t4  A wakes: its transaction is gone (its statements fail: TransientError) and its
+                retry is refused by the ledger (5 > 3)
+        A wait behind another window's load of the same table (the ledger is per table) ends
+        the same way without the abort: B waits again, and after `TAKEOVER_TRIES` waits gives up
+        (TransientError, the stage retries later)."""
+        from snowflake.connector import errors
+
+        for _ in range(TAKEOVER_TRIES):
+            try:
+                return record_fence()
+            except errors.Error as error:
+                if getattr(error, "errno", None) != sql.LOCK_WAIT_ERRNO:
+                    raise
+                holder = sql.lock_holder(str(getattr(error, "raw_msg", None) or error))
+            if holder is None:
+                continue
+            cursor.execute(sql.QUERY_TAG_OF, (holder.statement,))
+            row = cursor.fetchone()
+            if sql.is_older_load(row[0] if row else None, key, fence):
+                cursor.execute(sql.ABORT_TRANSACTION, (holder.transaction,))
+                get_logger("windowpipe.snowflake_target").warning(
+                    "ended an older load of the window holding the ledger",
+                    fence=fence,
+                    transaction=holder.transaction,
+                )
+        raise TransientError(
+            f"snowflake target: the ledger stayed locked by another load for "
+            f"{TAKEOVER_TRIES} waits of {sql.LOCK_TIMEOUT_SECONDS}s"
         )
 
     def count_window(self, pipeline: str, window: Window) -> int:
@@ -293,6 +368,22 @@ def _stale(pipeline: str, window_start: datetime, fence: int, recorded: int) -> 
         "which loaded the window last",
         recorded=recorded,
     )
+
+
+TAKEOVER_TRIES = 3
+"""How many `LOCK_TIMEOUT` waits a load makes for the ledger before it gives up."""
+
+
+def _accepts_query_tag(cursor: Any) -> bool:
+    """Whether the server takes `ALTER SESSION SET QUERY_TAG` (Snowflake does; fakesnow 0.12
+    answers "not implemented"). Without tags a load never ends another one."""
+    from snowflake.connector import errors
+
+    try:
+        cursor.execute(sql.PROBE_QUERY_TAG)
+    except errors.ProgrammingError:
+        return False
+    return True
 
 
 def _rows_loaded(cursor: Any) -> int:

@@ -123,10 +123,12 @@ def locks(
             ("released", "released"),
             ("requeued", "requeued"),
             ("failed (attempts exhausted)", "failed"),
+            ("dispatched", "dispatched"),
         ):
             for line in summary[key]:
                 print(f"{label}: {line}")
-        total = len(report.released) + len(report.requeued) + len(report.failed)
+        queued = sum(report.dispatched.values())
+        total = len(report.released) + len(report.requeued) + len(report.failed) + queued
         print(f"cleanup: {total} change(s)")
 
 
