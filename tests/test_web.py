@@ -215,6 +215,18 @@ def test_csrf_token_is_good_only_for_its_user_and_this_process() -> None:
     assert not tokens.valid(None, "operator")
 
 
+def test_csrf_token_survives_a_restart_with_the_same_credentials_and_not_a_new_password() -> None:
+    served = CsrfTokens.for_access(Access("operator", "secret", read_only=False))
+    token = served.issue("operator")
+    # Another replica, or the same server after a restart: the same credentials, the same key.
+    assert CsrfTokens.for_access(Access("operator", "secret", read_only=False)).valid(
+        token, "operator"
+    )
+    assert not CsrfTokens.for_access(Access("operator", "changed", read_only=False)).valid(
+        token, "operator"
+    )
+
+
 # --- the pipelines page -------------------------------------------------------------------------
 
 

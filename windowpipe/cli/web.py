@@ -38,7 +38,7 @@ def web(
 ) -> None:
     """The window grid in a browser: pipelines, windows by status, detail, re-run
     (authenticated: WINDOWPIPE_WEB_USER and WINDOWPIPE_WEB_PASSWORD, or --read-only)."""
-    from windowpipe.web.security import access_from_env
+    from windowpipe.web.security import CsrfTokens, access_from_env
 
     access = guarded(lambda: access_from_env(os.environ, read_only=read_only))
     # The web view sends chains but runs none: it needs no connector secret.
@@ -60,6 +60,7 @@ def web(
         store=store,
         redis_client=client,
         access=access,
+        csrf=CsrfTokens.for_access(access),
         flower_url=flower_url or os.environ.get("WINDOWPIPE_WEB_FLOWER_URL") or None,
     )
     mode = "read-only" if access.read_only else "re-run enabled"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -124,6 +125,19 @@ class CsrfTokens:
         self._serializer = URLSafeTimedSerializer(
             key or secrets.token_bytes(32), salt="windowpipe-web-action"
         )
+
+    @classmethod
+    def for_access(cls, access: Access) -> CsrfTokens:
+        """Tokens signed with a key derived from the credentials (HMAC of the user name under
+        the password), so every replica and every restart serving the same credentials accepts
+        a page's token, and changing the password voids them all. Without credentials (no
+        action to protect) a key drawn at random."""
+        if access.user is None or access.password is None:
+            return cls()
+        key = hmac.new(
+            access.password.encode(), b"windowpipe-web-csrf\0" + access.user.encode(), "sha256"
+        ).digest()
+        return cls(key)
 
     def issue(self, user: str) -> str:
         """A token for a form served to `user`."""
