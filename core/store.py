@@ -793,6 +793,14 @@ class StateStore:
 # --- engine -------------------------------------------------------------------------------------
 
 
+STORE_POOL_SIZE = 1
+"""PostgreSQL connections the state store keeps open while idle, per process."""
+
+STORE_POOL_OVERFLOW = 7
+"""More connections the state store opens while threads of one process use it at once (a
+thread pool worker, `windowpipe status` reading in parallel); closed when returned."""
+
+
 def _build_engine(url: str) -> Engine:
     """The engine for a SQLite or PostgreSQL URL, set up for many processes sharing it."""
     backend = make_url(url).get_backend_name()
@@ -800,7 +808,11 @@ def _build_engine(url: str) -> Engine:
         # No pre-ping: it costs a round trip per checkout, several per stage of every window.
         # A connection dropped by a server restart is invalidated on its first error, and the
         # task fails visibly; the cleanup resumes its window.
-        return sa.create_engine(url, pool_recycle=300)
+        # One connection kept per process (a prefork process runs one task at a time); more
+        # are opened while threads use the store at once, and closed when returned.
+        return sa.create_engine(
+            url, pool_recycle=300, pool_size=STORE_POOL_SIZE, max_overflow=STORE_POOL_OVERFLOW
+        )
     if backend == "sqlite":
         engine = sa.create_engine(
             url,
