@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -301,6 +301,49 @@ class StateStore:
         with self._reading() as conn:
             found = {status: count for status, count in conn.execute(query).tuples()}
         return {status.value: int(found.get(status.value, 0)) for status in WindowStatus}
+
+    def pipeline_summaries(self) -> dict[str, PipelineSummary]:
+        """Every pipeline's windows by status and where its complete prefix ends, in one
+        statement (grouped by pipeline and status), whatever the number of pipelines.
+
+        The complete prefix is as `core.metrics.read_frontier` reads it for one pipeline: the
+        end of the newest window starting before the oldest window not succeeded or skipped
+        (of the newest window, when every one is).
+        """
+        unfinished = _values(set(WindowStatus) - FINISHED)
+        firsts = (
+            sa.select(
+                WINDOWS.c.pipeline.label("pipeline"),
+                sa.func.min(WINDOWS.c.window_start).label("first_unfinished"),
+            )
+            .where(WINDOWS.c.status.in_(unfinished))
+            .group_by(WINDOWS.c.pipeline)
+            .subquery("firsts")
+        )
+        in_prefix = sa.or_(
+            firsts.c.first_unfinished.is_(None),
+            WINDOWS.c.window_start < firsts.c.first_unfinished,
+        )
+        query = (
+            sa.select(
+                WINDOWS.c.pipeline,
+                WINDOWS.c.status,
+                sa.func.count(),
+                sa.func.max(WINDOWS.c.window_end).filter(in_prefix),
+            )
+            .select_from(WINDOWS.outerjoin(firsts, firsts.c.pipeline == WINDOWS.c.pipeline))
+            .group_by(WINDOWS.c.pipeline, WINDOWS.c.status)
+        )
+        summaries: dict[str, PipelineSummary] = {}
+        with self._reading() as conn:
+            rows = conn.execute(query).tuples().all()
+        for pipeline, status, count, prefix_end in rows:
+            summary = summaries.setdefault(pipeline, PipelineSummary(pipeline))
+            summary.counts[WindowStatus(status)] = int(count)
+            through = summary.complete_through
+            if prefix_end is not None and (through is None or prefix_end > through):
+                summary.complete_through = prefix_end
+        return summaries
 
     def count_active(self, pipeline: str, kind: WindowKind) -> int:
         """How many windows of `kind` are queued or running (for the pipeline's caps)."""
@@ -788,6 +831,28 @@ class StateStore:
             if engine is not self._engine:
                 engine.dispose()
         return current, head
+
+
+@dataclass
+class PipelineSummary:
+    """One pipeline's windows at a glance (`StateStore.pipeline_summaries`)."""
+
+    pipeline: str
+    counts: dict[WindowStatus, int] = field(default_factory=dict)
+    """Windows by status; statuses with none are absent."""
+    complete_through: datetime | None = None
+    """End of the newest window such that it and every window before it succeeded or were
+    skipped; None when no such window exists."""
+
+    @property
+    def backlog(self) -> int:
+        """Windows still to run: neither finished (succeeded, skipped) nor dead."""
+        done = FINISHED | {WindowStatus.DEAD}
+        return sum(count for status, count in self.counts.items() if status not in done)
+
+    @property
+    def dead(self) -> int:
+        return self.counts.get(WindowStatus.DEAD, 0)
 
 
 # --- engine -------------------------------------------------------------------------------------
