@@ -44,7 +44,15 @@ class ControlActivity:
 def record_run(client: redis.Redis, key: str, at: datetime, worker: str) -> None:
     """Record that a control task completed at `at` on `worker` (no expiry: a record that
     stops moving is the signal)."""
-    client.hset(key, mapping={"at": format_instant(at), "worker": worker})
+    record_runs(client, [key], at, worker)
+
+
+def record_runs(client: redis.Redis, keys: Iterable[str], at: datetime, worker: str) -> None:
+    """`record_run` for many keys in one round trip (a generation task over many pipelines)."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hset(key, mapping={"at": format_instant(at), "worker": worker})
+    pipe.execute()
 
 
 def parse_last_run(fields: Mapping[bytes | str, bytes | str]) -> LastRun | None:

@@ -293,6 +293,25 @@ class StateStore:
             value: datetime | None = conn.execute(query).scalar_one()
         return value
 
+    def last_window_ends(
+        self, pipelines: Sequence[str], *, kind: WindowKind | None = None
+    ) -> dict[str, datetime | None]:
+        """`last_window_end` of each of `pipelines`, in one statement: a `max()` per pipeline,
+        each one step of the (pipeline, kind, window_end) index whatever the history (a
+        GROUP BY would read every window of the pipelines)."""
+        names = list(dict.fromkeys(pipelines))
+        if not names:
+            return {}
+        columns = []
+        for at, name in enumerate(names):
+            query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(WINDOWS.c.pipeline == name)
+            if kind is not None:
+                query = query.where(WINDOWS.c.kind == WindowKind(kind).value)
+            columns.append(query.scalar_subquery().label(f"end_{at}"))
+        with self._reading() as conn:
+            row = conn.execute(sa.select(*columns)).one()
+        return dict(zip(names, row, strict=True))
+
     def counts_by_status(self, pipeline: str | None = None) -> dict[str, int]:
         """How many records are in each status (every status listed, zeros included)."""
         query = sa.select(WINDOWS.c.status, sa.func.count()).group_by(WINDOWS.c.status)

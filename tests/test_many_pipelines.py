@@ -177,9 +177,12 @@ def test_two_hundred_pipelines_on_one_database_hold_connections_per_process_not_
         assert bound < DATABASE_LIMIT < PIPELINES
 
         with ConnectionSampler(role) as sampler:
+            # As beat sends it: a generation task per group of 50 pipelines.
             app = Celery(broker=redis_db)
-            for index in range(PIPELINES):
-                app.send_task("windowpipe.generate", (f"p{index}",), queue="control")
+            names = [f"p{index}" for index in range(PIPELINES)]
+            for first in range(0, PIPELINES, 50):
+                group = names[first : first + 50]
+                app.send_task("windowpipe.generate_batch", (group,), queue="control")
             app.close()
 
             def all_finished() -> bool:
