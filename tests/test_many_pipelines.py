@@ -7,7 +7,6 @@ database that allows fewer connections than there are pipelines.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
+from bench.common import ConnectionSampler
 from core.instants import format_instant
 from tests.conftest import PG_ADMIN_URL
 from tests.deployment import STAGE_QUEUES, Deployment, write_config
@@ -63,38 +63,6 @@ def limited_database() -> Iterator[tuple[str, str]]:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
             conn.execute(sa.text(f'DROP ROLE IF EXISTS "{name}"'))
         admin.dispose()
-
-
-class ConnectionSampler:
-    """Counts the role's sessions on the database (pg_stat_activity) every 0.2 s, from a
-    connection of the admin's to another database, and keeps the highest count."""
-
-    def __init__(self, role: str) -> None:
-        self.role = role
-        self.highest = 0
-        self._stop = threading.Event()
-        self._engine = sa.create_engine(PG_ADMIN_URL, poolclass=sa.pool.NullPool)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with self._engine.connect() as conn:
-            while not self._stop.is_set():
-                count = conn.execute(
-                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE usename = :role"),
-                    {"role": self.role},
-                ).scalar_one()
-                conn.rollback()  # a fresh snapshot of the statistics each time
-                self.highest = max(self.highest, int(count))
-                self._stop.wait(0.2)
-
-    def __enter__(self) -> ConnectionSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._engine.dispose()
 
 
 def seed(role_url: str, origin: datetime) -> None:
@@ -176,7 +144,7 @@ def test_two_hundred_pipelines_on_one_database_hold_connections_per_process_not_
         bound = processes * ENGINES_PER_PROCESS
         assert bound < DATABASE_LIMIT < PIPELINES
 
-        with ConnectionSampler(role) as sampler:
+        with ConnectionSampler(PG_ADMIN_URL, role=role, every=0.2) as sampler:
             # As beat sends it: a generation task per group of 50 pipelines.
             app = Celery(broker=redis_db)
             names = [f"p{index}" for index in range(PIPELINES)]
