@@ -8,7 +8,7 @@ Scheduled and manual (backfill) windows have separate caps per pipeline, so a ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -120,25 +120,39 @@ def dispatch(
     now: datetime,
     *,
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
+    waiting: Collection[tuple[WindowKind, WindowStatus]] | None = None,
 ) -> tuple[list[WindowRecord], int]:
     """Enqueue runnable windows up to the pipeline's caps; returns (queued, newly dead).
 
     One dispatcher per pipeline at a time (`DispatchLock`); the guarded `queue()` (ENQUEUE)
     makes each window's enqueue happen once even if two dispatchers raced anyway.
+
+    `waiting`, when given, is the (kind, status) pairs of the pipeline's pending and failed
+    windows as read just before (`StateStore.waiting`): a kind with none is not looked at,
+    failed windows are buried only if there are some, and with none at all the dispatch is
+    over before taking its lock. A window that became pending or failed since is no worse off
+    than if this dispatch had run a moment earlier: the next one (a finishing window's, the
+    next tick's) takes it.
     """
     log = get_logger("windowpipe.dispatch", pipeline=pipeline.name)
+    if waiting is not None and not waiting:
+        return [], 0
     lock = DispatchLock(client, pipeline.name)
     if not lock.acquire():
         log.info("dispatch already running elsewhere")
         return [], 0
     try:
-        dead = store.mark_dead_exhausted(pipeline.name, pipeline.max_attempts)
+        dead = 0
+        if waiting is None or any(status == WindowStatus.FAILED for _, status in waiting):
+            dead = store.mark_dead_exhausted(pipeline.name, pipeline.max_attempts)
         queued: list[WindowRecord] = []
         caps = {
             WindowKind.SCHEDULED: pipeline.max_active_windows,
             WindowKind.MANUAL: pipeline.max_backfill_windows,
         }
         for kind, cap in caps.items():
+            if waiting is not None and all(k != kind for k, _ in waiting):
+                continue
             free = cap - store.count_active(pipeline.name, kind)
             if free <= 0:
                 continue
@@ -177,11 +191,13 @@ def generation_tick(
     *,
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
     last_end: LastEnd | None = None,
+    waiting: Collection[tuple[WindowKind, WindowStatus]] | None = None,
 ) -> TickReport:
     """Beat's job for one pipeline: create due windows, validate the chain, dispatch.
 
-    `last_end` is the end of its last scheduled window if already read (`generation_batch`
-    reads it for many pipelines at once)."""
+    `last_end` is the end of its last scheduled window and `waiting` its pending and failed
+    windows' (kind, status) pairs, if already read (`generation_batch` reads both for many
+    pipelines at once; see `dispatch`)."""
     report = TickReport(pipeline.name)
     frontier = generation_frontier(store, pipeline, last_end)
     due = _due_after(pipeline, now, frontier)
@@ -197,8 +213,10 @@ def generation_tick(
         log = get_logger("windowpipe.generation", pipeline=pipeline.name)
         for problem in report.problems[:20]:
             log.warning("chain problem", kind=problem.kind.value, message=problem.message)
+    if waiting is not None and report.created:
+        waiting = {*waiting, (WindowKind.SCHEDULED, WindowStatus.PENDING)}
     report.queued, report.dead = dispatch(
-        store, client, pipeline, send, now, failed_retry_base=failed_retry_base
+        store, client, pipeline, send, now, failed_retry_base=failed_retry_base, waiting=waiting
     )
     return report
 
@@ -231,10 +249,13 @@ def generation_batch(
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
 ) -> BatchReport:
     """`generation_tick` for each of `pipelines`, their last scheduled ends read in one
-    statement. One pipeline's error (a bad source config, a chain that no longer fits, a lost
+    statement and their waiting windows in another (a pipeline with nothing to dispatch is
+    not dispatched). One pipeline's error (a bad source config, a chain that no longer fits, a lost
     connection) is logged and reported under its name; the others still run."""
     report = BatchReport()
-    ends = store.last_window_ends([p.name for p in pipelines], kind=WindowKind.SCHEDULED)
+    names = [p.name for p in pipelines]
+    ends = store.last_window_ends(names, kind=WindowKind.SCHEDULED)
+    waiting = store.waiting(names)
     for pipeline in pipelines:
         try:
             tick = generation_tick(
@@ -245,6 +266,7 @@ def generation_batch(
                 now,
                 failed_retry_base=failed_retry_base,
                 last_end=LastEnd(ends[pipeline.name]),
+                waiting=waiting[pipeline.name],
             )
         except Exception as error:
             message = one_line(f"{type(error).__name__}: {error}")

@@ -312,6 +312,28 @@ class StateStore:
             row = conn.execute(sa.select(*columns)).one()
         return dict(zip(names, row, strict=True))
 
+    def waiting(self, pipelines: Sequence[str]) -> dict[str, set[tuple[WindowKind, WindowStatus]]]:
+        """For each of `pipelines`, the (kind, status) pairs of its pending and failed windows
+        (what a dispatch may queue or bury), in one statement through the (pipeline, status)
+        index: it reads those windows only, never the history. A pipeline with none maps to
+        an empty set."""
+        names = list(dict.fromkeys(pipelines))
+        found: dict[str, set[tuple[WindowKind, WindowStatus]]] = {name: set() for name in names}
+        if not names:
+            return found
+        query = (
+            sa.select(WINDOWS.c.pipeline, WINDOWS.c.kind, WINDOWS.c.status)
+            .where(
+                WINDOWS.c.pipeline.in_(names),
+                WINDOWS.c.status.in_(_values(DISPATCHABLE)),
+            )
+            .distinct()
+        )
+        with self._reading() as conn:
+            for pipeline, kind, status in conn.execute(query).tuples():
+                found[pipeline].add((WindowKind(kind), WindowStatus(status)))
+        return found
+
     def counts_by_status(self, pipeline: str | None = None) -> dict[str, int]:
         """How many records are in each status (every status listed, zeros included)."""
         query = sa.select(WINDOWS.c.status, sa.func.count()).group_by(WINDOWS.c.status)
@@ -1190,6 +1212,10 @@ def _aware(value: datetime, what: str = "window_start") -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} {value.isoformat()} is naive; the state store needs UTC")
     return value
+
+
+DISPATCHABLE = frozenset({WindowStatus.PENDING, WindowStatus.FAILED})
+"""What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 
 def _values(statuses: Collection[WindowStatus]) -> list[str]:

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from beat_schedule import build_schedule
 from core.config import Config, config_from_dict
 from core.dispatch import generation_batch, generation_tick
-from core.records import Stage, WindowKind
-from core.store import StateStore
+from core.records import Stage, WindowKind, WindowStatus
+from core.store import WINDOWS, StateStore
 from core.windows import Window
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
@@ -139,3 +139,44 @@ def test_a_batch_creates_what_a_tick_per_pipeline_creates(tmp_path: Path) -> Non
 
 def _none(name: str, start: datetime, stage: Stage) -> None:
     return None
+
+
+def test_a_batch_queues_waiting_backfills_buries_exhausted_windows_and_skips_idle_pipelines(
+    store: StateStore,
+) -> None:
+    settings = config({"a": pipeline(), "idle": pipeline()}).pipelines
+    before_due = ORIGIN + timedelta(minutes=30)  # no scheduled window is due yet
+    hour = timedelta(hours=1)
+    store.create_windows(
+        "a", [Window(ORIGIN + 5 * hour, ORIGIN + 6 * hour)], kind=WindowKind.MANUAL
+    )
+    store.create_windows(
+        "a", [Window(ORIGIN + 7 * hour, ORIGIN + 8 * hour)], kind=WindowKind.MANUAL
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(WINDOWS)
+            .where(WINDOWS.c.pipeline == "a", WINDOWS.c.window_start == ORIGIN + 7 * hour)
+            .values(status=WindowStatus.FAILED.value, attempts=settings["a"].max_attempts)
+        )
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    report = generation_batch(store, fakeredis.FakeRedis(), [settings["idle"]], _none, before_due)
+    idle_batch = len([s for s in statements if "windows" in s])
+    statements.clear()
+    generation_tick(store, fakeredis.FakeRedis(), settings["idle"], _none, before_due)
+    idle_tick = len([s for s in statements if "windows" in s])
+    sa.event.remove(store.engine, "before_cursor_execute", seen)
+    report = generation_batch(store, fakeredis.FakeRedis(), [settings["a"]], _none, before_due)
+
+    assert [(r.window_start, r.status) for r in store.list_records("a")] == [
+        (ORIGIN + 5 * hour, WindowStatus.QUEUED),
+        (ORIGIN + 7 * hour, WindowStatus.DEAD),
+    ]
+    assert report.summary()["queued"] == 1 and report.summary()["dead"] == 1
+    # The idle pipeline: its end and waiting windows read with the batch, nothing dispatched.
+    assert idle_batch < idle_tick
