@@ -23,7 +23,9 @@ def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
     for every, names in sorted(by_every.items()):
         for first in range(0, len(names), size):
             group = names[first : first + size]
-            schedule[f"generate:{every:g}s:{group[0]}"] = {
+            # A pipeline alone keeps the entry name it always had.
+            entry = f"generate:{group[0]}" if len(group) == 1 else f"generate:{every:g}s:{group[0]}"
+            schedule[entry] = {
                 "task": "windowpipe.generate_batch",
                 "schedule": every,
                 "args": (group,),
