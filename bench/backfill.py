@@ -220,7 +220,13 @@ class _Setup:
         pipelines[ARCHIVE] = self._pipeline(ARCHIVE, "0s", "1h", cap)
         write_config(
             self.config_path,
-            {"redis_url": self.redis_url, "state_url": self.state_url, "log_level": "INFO"},
+            # A generation task per pipeline: the delays are read per pipeline from beat's log.
+            {
+                "redis_url": self.redis_url,
+                "state_url": self.state_url,
+                "log_level": "INFO",
+                "generation_batch": 1,
+            },
             pipelines,
         )
 

@@ -12,9 +12,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,23 +263,81 @@ def cpu_seconds(process_groups: Sequence[int], database: str | None = None) -> f
     On a shared, loaded machine a rate moves with whatever else runs; the CPU each window costs
     moves much less, so the bench reports both.
     """
-    tick = os.sysconf("SC_CLK_TCK")
     groups = set(process_groups)
+
+    def mine(entry: Path, name: str, fields: list[str]) -> bool:
+        if int(fields[2]) in groups:  # pgrp
+            return True
+        if database is not None and "postgres" in name:
+            return f" {database} " in (entry / "cmdline").read_text().replace("\0", " ")
+        return False
+
+    return _proc_cpu(mine)
+
+
+def redis_server_cpu() -> float:
+    """CPU seconds used so far by the Redis server(s) on this machine (shared by everyone)."""
+    return _proc_cpu(lambda _entry, name, _fields: name == "redis-server")
+
+
+def _proc_cpu(match: Callable[[Path, str, list[str]], bool]) -> float:
+    """CPU seconds (user + system) of every process that `match(entry, name, stat fields after
+    the name)` selects, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
-            mine = int(fields[2]) in groups  # pgrp
-            if not mine and database is not None and "postgres" in stat[: stat.rindex(")")]:
-                mine = f" {database} " in (entry / "cmdline").read_text().replace("\0", " ")
-            if mine:
+            if match(entry, name, fields):
                 total += int(fields[11]) + int(fields[12])  # utime, stime
         except (OSError, ValueError, IndexError):
             continue  # the process ended meanwhile
     return total / tick
+
+
+class ConnectionSampler:
+    """The most sessions on PostgreSQL at once matching `database` and/or `role`, sampled from
+    pg_stat_activity every `every` seconds on a connection of `admin_url`'s (not counted)."""
+
+    def __init__(
+        self,
+        admin_url: str,
+        *,
+        database: str | None = None,
+        role: str | None = None,
+        every: float = 0.5,
+    ) -> None:
+        self.highest = 0
+        self._query = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+            "AND (CAST(:db AS text) IS NULL OR datname = :db) "
+            "AND (CAST(:role AS text) IS NULL OR usename = :role)"
+        ).bindparams(db=database, role=role)
+        self._every = every
+        self._engine = sa.create_engine(admin_url, poolclass=sa.pool.NullPool)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self._engine.connect() as conn:
+            while not self._stop.is_set():
+                count = conn.execute(self._query).scalar_one()
+                conn.rollback()  # a fresh snapshot of the statistics each time
+                self.highest = max(self.highest, int(count))
+                self._stop.wait(self._every)
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._engine.dispose()
 
 
 # --- beat ---------------------------------------------------------------------------------------

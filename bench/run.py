@@ -19,6 +19,7 @@ from bench import (
     bulk,
     extract_search,
     generation,
+    many_pipelines,
     memory,
     orchestration,
     scaling,
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (~3 min)")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 9), help="run only these benchmarks"
+        "--only", type=int, nargs="+", choices=range(1, 10), help="run only these benchmarks"
     )
     parser.add_argument(
         "--output",
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the report (default docs/BENCHMARKS.md)",
     )
     args = parser.parse_args(argv)
-    selected = set(args.only or range(1, 9))
+    selected = set(args.only or range(1, 10))
     large, small = (QUICK_LARGE, QUICK_SMALL) if args.quick else (LARGE, SMALL)
     configure_logging("WARNING")
     began = time.monotonic()
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             if 7 in selected:
                 rows += extract_search.run(args.quick)
             if 8 in selected:
+                rows += many_pipelines.run(args.quick, database_url, redis_url, workdir)
+            if 9 in selected:
                 rows += web.run(args.quick, database_url, redis_url)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

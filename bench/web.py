@@ -13,7 +13,7 @@ browser asks for it), `RUNS` times after one warm-up; the medians are reported. 
 the HTML as sent (gzip) and unpacked. On SQLite and on PostgreSQL.
 
 `python -m bench.web [--quick]` prints the rows as a Markdown table; `make bench` runs it as
-benchmark 8 with the others.
+benchmark 9 with the others.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def _rows(backend: str, url: str, redis_url: str, runs: int) -> list[Row]:
         grid = median(page_s)
         rows.append(
             Row(
-                "8. web",
+                "9. web",
                 f"grid of 35,040 windows, server s vs `status --json`'s read + print, {backend}",
                 grid,
                 median(status_s),
@@ -196,7 +196,7 @@ def _rows(backend: str, url: str, redis_url: str, runs: int) -> list[Row]:
         overview = median(page_s)
         rows.append(
             Row(
-                "8. web",
+                "9. web",
                 f"pipelines page, 1,000 pipelines, server s vs `status --json`'s read + print, "
                 f"{backend}",
                 overview,

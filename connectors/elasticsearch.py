@@ -41,6 +41,7 @@ from connectors.base import (
     staged_line,
     unencodable_reason,
 )
+from connectors.shared import Lease, lease
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, resolve_secret
 from core.errors import (
     ConfigError,
@@ -518,29 +519,46 @@ class _SliceReaders:
 class SearchEngineSource(ABC):
     """The paging logic shared by the Elasticsearch and OpenSearch sources.
 
-    The client is built on first use, once per instance (so once per worker process, through
-    the registry), and is safe to share between threads.
+    The client is leased on first use from `connectors.shared`, keyed by hosts, credentials
+    and the options that shape it (`_client_key`): every pipeline of a process that reads the
+    same cluster the same way shares one client and its connection pool. It is safe to share
+    between threads (the slice threads of many windows included).
     """
 
     def __init__(self, config: ElasticsearchSourceConfig) -> None:
         self.config = config
-        self._adapter: SearchClientAdapter | None = None
+        self._lease: Lease[SearchClientAdapter] | None = None
         self._lock = threading.Lock()
 
     @abstractmethod
     def _build_adapter(self) -> SearchClientAdapter:
         """The SDK's client, wrapped: one subclass per SDK (Elasticsearch, OpenSearch)."""
 
+    def _client_key(self) -> tuple[Any, ...]:
+        """What the client is built from: two sources with the same key share a client."""
+        config = self.config
+        return (
+            config.type,
+            tuple(config.hosts),
+            config.username,
+            resolve_secret(config.password_env),
+            resolve_secret(config.api_key_env),
+            config.verify_certs,
+            config.ca_certs,
+            config.request_timeout,
+            max(10, config.slices),  # the connection pool's size (see the adapters)
+        )
+
     @property
     def adapter(self) -> SearchClientAdapter:
-        """The client adapter, built on first use."""
+        """The client adapter, leased on first use."""
         with self._lock:
-            if self._adapter is None:
+            if self._lease is None:
                 try:
-                    self._adapter = self._build_adapter()
+                    self._lease = lease(self._client_key(), self._build_adapter, _close_adapter)
                 except ValueError as error:  # the SDK refusing a host URL or an option
                     raise TerminalError(one_line(f"{self.config.type} client: {error}")) from None
-            return self._adapter
+            return self._lease.client
 
     def _call(self, action: str, call: Any, *args: Any) -> Any:
         adapter = self.adapter
@@ -679,11 +697,16 @@ class SearchEngineSource(ABC):
         return batch
 
     def close(self) -> None:
-        """Close the client (it is built again on next use)."""
+        """Give the client back (the last source using it closes it); leased again on next
+        use."""
         with self._lock:
-            adapter, self._adapter = self._adapter, None
-        if adapter is not None:
-            adapter.close()
+            held, self._lease = self._lease, None
+        if held is not None:
+            held.release()
+
+
+def _close_adapter(adapter: SearchClientAdapter) -> None:
+    adapter.close()
 
 
 class ElasticsearchSource(SearchEngineSource):
@@ -699,6 +722,9 @@ class ElasticsearchSource(SearchEngineSource):
 
     def _build_adapter(self) -> SearchClientAdapter:
         return ElasticsearchAdapter(self.config, node_class=self._node_class)
+
+    def _client_key(self) -> tuple[Any, ...]:
+        return (*super()._client_key(), self._node_class)
 
 
 class OpenSearchSource(SearchEngineSource):

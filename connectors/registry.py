@@ -1,4 +1,5 @@
-"""From a config's `type` to a connector class; clients built once per process.
+"""From a config's `type` to a connector class; connectors built once per pipeline and process,
+clients shared by every pipeline of the process that connects to the same place.
 
 Classes are named by import path so that heavy SDKs (boto3, snowflake-connector) load only in
 the processes that use them. A connector class takes its validated config model.
@@ -6,6 +7,10 @@ the processes that use them. A connector class takes its validated config model.
 `source_for`, `staging_for` and `target_for` return a pipeline's process-wide connectors as the
 protocols of `connectors.base`; `connector_for(role, pipeline)` is the same by role, typed per
 role, and is the `core.ports.ConnectorFactory` a worker hands to the runner.
+
+A connector is cheap (a config, a table's shape); the engine, SDK client or session under it
+is leased from `connectors.shared`, keyed by what it connects to, so a process holds one pool
+per database whatever the number of pipelines.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel
 
+from connectors import shared
 from connectors.base import Batch, Manifest, Source, StagingArea, Target
 from core.config import PipelineConfig
 from core.errors import ConfigError
@@ -160,20 +166,22 @@ _RUNNER_CONNECTORS: ConnectorFactory[Batch, Manifest] = connector_for
 
 
 def close_all() -> None:
-    """Close every cached connector (worker shutdown, tests)."""
+    """Close every cached connector and every shared client (worker shutdown, tests)."""
     with _instances_lock:
         instances: list[Connector] = [*_sources.values(), *_stagings.values(), *_targets.values()]
         for instance in instances:
             with contextlib.suppress(Exception):  # closing is best effort at shutdown
                 instance.close()
         _clear()
+    shared.close_all()
 
 
 def forget_all() -> None:
-    """Drop cached connectors without closing them: after a fork, the parent's sockets are
-    not ours to close."""
+    """Drop cached connectors and shared clients without closing them: after a fork, the
+    parent's sockets are not ours to close."""
     with _instances_lock:
         _clear()
+    shared.forget_all()
 
 
 def _clear() -> None:

@@ -7,7 +7,8 @@ aborted if the run fails). Memory per writer is about one chunk, whatever the wi
 A crashed process can leave an incomplete multipart upload behind: a bucket lifecycle rule
 (`AbortIncompleteMultipartUpload`) reclaims those.
 
-boto3 is imported when the client is first needed, and the client is built once per stage.
+boto3 is imported when the client is first needed; the client is built once per process for
+every stage with the same endpoint, region and keys (`connectors.shared`).
 SDK errors become `TransientError` (throttling, 5xx, connection trouble, timeouts) or
 `TerminalError` (access denied, no such bucket, bad keys, anything else), in one line.
 """
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, BinaryIO, cast
 
+from connectors.shared import Lease, lease
 from connectors.staging import ObjectStage, PartSink, normalize_prefix
 from core.config import S3StageConfig, resolve_secret
 from core.errors import (
@@ -194,21 +196,28 @@ class S3Stage(ObjectStage):
         self.bucket = config.bucket
         self.prefix = normalize_prefix(config.prefix)
         """Keys are `prefix + path`; `Manifest.path` and `StagedFile.path` never include it."""
-        self._client: Any = None
+        self._lease: Lease[Any] | None = None
         self._client_lock = threading.Lock()
 
     @property
+    def _client(self) -> Any:
+        """The leased client, or None before first use and after `close()`."""
+        held = self._lease
+        return held.client if held is not None else None
+
+    @property
     def client(self) -> Any:
-        """The boto3 S3 client, built on first use (boto3 is imported only then)."""
+        """The boto3 S3 client, leased on first use (boto3 is imported only then): one per
+        process for every stage with the same endpoint, region and keys (`connectors.shared`).
+        A botocore client is safe to share between threads."""
         with self._client_lock:
-            if self._client is None:
-                self._client = self._build_client()
-            return self._client
+            if self._lease is None:
+                key_id, secret = self._credentials()
+                key = ("s3", self.config.endpoint_url, self.config.region, key_id, secret)
+                self._lease = lease(key, lambda: self._build_client(key_id, secret), _close_client)
+            return self._lease.client
 
-    def _build_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
+    def _credentials(self) -> tuple[str | None, str | None]:
         key_id = resolve_secret(self.config.access_key_id_env)
         secret = resolve_secret(self.config.secret_access_key_env)
         if (key_id is None) != (secret is None):
@@ -216,6 +225,12 @@ class S3Stage(ObjectStage):
                 "s3 stage: set both access_key_id_env and secret_access_key_env, or neither "
                 "(to use the default credential chain)"
             )
+        return key_id, secret
+
+    def _build_client(self, key_id: str | None, secret: str | None) -> Any:
+        import boto3
+        from botocore.config import Config
+
         options: dict[str, Any] = {
             "connect_timeout": 10,
             "read_timeout": 60,
@@ -233,10 +248,12 @@ class S3Stage(ObjectStage):
         return session.client("s3", endpoint_url=self.config.endpoint_url, config=Config(**options))
 
     def close(self) -> None:
+        """Give the client back (the last stage using it closes it); leased again on next
+        use."""
         with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            held, self._lease = self._lease, None
+        if held is not None:
+            held.release()
 
     def _key(self, path: str) -> str:
         return self.prefix + path
@@ -317,3 +334,7 @@ def _error_code(exc: Exception) -> str | None:
         code = response.get("Error", {}).get("Code")
         return str(code) if code is not None else None
     return None
+
+
+def _close_client(client: Any) -> None:
+    client.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, time
 from functools import partial
 from itertools import repeat
@@ -33,29 +33,81 @@ from connectors.base import (
     staged_line,
     unencodable_reason,
 )
+from connectors.shared import Lease, lease
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError, one_line
 from core.recheck import Fingerprint
 from core.retry import as_time_limit
 from core.windows import Window
 
+POOL_SIZE = 1
+"""Connections an engine keeps open while idle. A prefork worker process runs one task at a
+time, so one connection per engine serves it; the engine is shared by every pipeline of the
+process that connects with the same URL (`lease_engine`)."""
 
-def create_engine(raw_url: str, password_env: str | None, role: str, **options: Any) -> sa.Engine:
-    """An engine for a connector's URL, its password taken from `password_env` (never from the
-    file), with connect timeouts so an unreachable server fails fast and transiently."""
+POOL_OVERFLOW = 7
+"""Connections an engine opens beyond `POOL_SIZE` while that many are in use at once (a
+thread pool worker, `-P threads -c 8`), closed as soon as they are returned. A ninth user
+waits for one (up to SQLAlchemy's 30 s pool timeout, then a transient error)."""
+
+POOL_RECYCLE_SECONDS = 300
+"""An idle connection older than this is replaced at its next checkout (servers, proxies and
+firewalls drop long-idle sessions)."""
+
+
+def engine_url(raw_url: str | sa.URL, password_env: str | None, role: str) -> sa.URL:
+    """A connector's URL with its password taken from `password_env` (never from the file)."""
     try:
         url = sa.make_url(raw_url)
-        password = resolve_secret(password_env)
-        if password is not None:
-            url = url.set(password=password)
+    except sa.exc.ArgumentError as error:
+        raise TerminalError(one_line(f"{role}: bad url: {error}")) from None
+    password = resolve_secret(password_env)
+    return url.set(password=password) if password is not None else url
+
+
+def create_engine(
+    raw_url: str | sa.URL, password_env: str | None, role: str, **options: Any
+) -> sa.Engine:
+    """An engine for a connector's URL, its password taken from `password_env` (never from the
+    file), with connect timeouts so an unreachable server fails fast and transiently, and a
+    small pool (`POOL_SIZE`, `POOL_OVERFLOW`) checked before use."""
+    url = engine_url(raw_url, password_env, role)
+    try:
         connect_args: dict[str, Any] = {}
         if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
             connect_args["connect_timeout"] = 10
         elif url.get_backend_name() == "sqlite":
             connect_args["timeout"] = 30
+        if url.get_backend_name() != "sqlite":
+            options = {
+                "pool_size": POOL_SIZE,
+                "max_overflow": POOL_OVERFLOW,
+                "pool_recycle": POOL_RECYCLE_SECONDS,
+                **options,
+            }
         return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **options)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
         raise TerminalError(one_line(f"{role}: bad url: {error}")) from None
+
+
+def lease_engine(
+    raw_url: str, password_env: str | None, role: str, build: Callable[[sa.URL], sa.Engine]
+) -> Lease[sa.Engine]:
+    """A lease of this process's engine for `role` ("sql source", "sql target") on the URL
+    with its password: every pipeline reading (or loading into) the same database through the
+    same URL shares one engine and its pool. `build(url)` makes the engine the first time.
+
+    Keyed by role too: a source's and a target's engines differ in their options and event
+    hooks (SQLite text decoding, `BEGIN IMMEDIATE`). URLs differing in anything (a query
+    option such as `search_path`) get engines of their own.
+    """
+    url = engine_url(raw_url, password_env, role)
+    key = ("sqlalchemy", role, url.render_as_string(hide_password=False))
+    return lease(key, lambda: build(url), _dispose)
+
+
+def _dispose(engine: sa.Engine) -> None:
+    engine.dispose()
 
 
 # --- source -------------------------------------------------------------------------------------
@@ -167,14 +219,15 @@ def _lenient_text(raw: bytes) -> str:
 class SqlSource:
     """A table with a timestamp column and a unique id column, read a window at a time.
 
-    The engine is built and the table reflected on first use, once per instance (once per
-    worker process through the registry). A document's id is the id column's value as text,
-    its body the whole row as an object of column name to value.
+    The engine is leased on first use (`lease_engine`: one per process for every source on
+    the same URL) and the table reflected once per instance (once per pipeline in a worker
+    process, through the registry). A document's id is the id column's value as text, its
+    body the whole row as an object of column name to value.
     """
 
     def __init__(self, config: SqlSourceConfig) -> None:
         self.config = config
-        self._engine: sa.Engine | None = None
+        self._lease: Lease[sa.Engine] | None = None
         self._table: sa.Table | None = None
         self._lock = threading.Lock()
         self.driver_rows = True
@@ -187,21 +240,14 @@ class SqlSource:
 
     def _connect(self) -> tuple[sa.Engine, sa.Table]:
         with self._lock:
-            if self._engine is None or self._table is None:
-                engine = self._engine or self._create_engine()
-                self._engine = engine
+            if self._lease is None:
+                self._lease = lease_engine(
+                    self.config.url, self.config.password_env, "sql source", _source_engine
+                )
+            engine = self._lease.client
+            if self._table is None:
                 self._table = self._reflect(engine)
-            return self._engine, self._table
-
-    def _create_engine(self) -> sa.Engine:
-        engine = create_engine(self.config.url, self.config.password_env, "sql source")
-        if engine.dialect.name == "sqlite":
-
-            @sa.event.listens_for(engine, "connect")
-            def _text_factory(dbapi_connection: Any, _record: Any) -> None:
-                dbapi_connection.text_factory = _lenient_text
-
-        return engine
+            return engine, self._table
 
     def _reflect(self, engine: sa.Engine) -> sa.Table:
         schema, _, name = self.config.table.rpartition(".")
@@ -408,11 +454,24 @@ class SqlSource:
         return batch
 
     def close(self) -> None:
-        """Dispose of the engine's connections (it is built again on next use)."""
+        """Give the engine back (the last source using it disposes of its connections); it is
+        leased again on next use."""
         with self._lock:
-            engine, self._engine, self._table = self._engine, None, None
-        if engine is not None:
-            engine.dispose()
+            held, self._lease, self._table = self._lease, None, None
+        if held is not None:
+            held.release()
+
+
+def _source_engine(url: sa.URL) -> sa.Engine:
+    """A source's engine; on SQLite, text is decoded leniently (`_lenient_text`)."""
+    engine = create_engine(url, None, "sql source")
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _text_factory(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.text_factory = _lenient_text
+
+    return engine
 
 
 def _driver_rows(

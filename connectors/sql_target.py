@@ -26,7 +26,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, decode_line
-from connectors.sql import _translate, create_engine
+from connectors.shared import Lease
+from connectors.sql import _translate, create_engine, lease_engine
 from core.checksum import checksum_text, ids_sum
 from core.config import SqlTargetConfig
 from core.errors import (
@@ -371,7 +372,7 @@ class SqlTarget:
 
     def __init__(self, config: SqlTargetConfig) -> None:
         self.config = config
-        self._engine: sa.Engine | None = None
+        self._lease: Lease[sa.Engine] | None = None
         self._table: sa.Table | None = None
         self._ledger: sa.Table | None = None
         self._lock = threading.Lock()
@@ -381,28 +382,22 @@ class SqlTarget:
         return engine, table
 
     def _connect_with_ledger(self) -> tuple[sa.Engine, sa.Table, sa.Table]:
+        """The process's engine for this URL (`lease_engine`, shared by every target on it),
+        and this target's table and ledger, created if missing on first use."""
         with self._lock:
-            if self._engine is None or self._table is None or self._ledger is None:
-                engine = self._engine or self._create_engine()
-                self._engine = engine
+            if self._lease is None:
+                self._lease = lease_engine(
+                    self.config.url, self.config.password_env, "sql target", _target_engine
+                )
+            engine = self._lease.client
+            if self._table is None or self._ledger is None:
                 metadata = sa.MetaData()
                 table = target_table(self.config.table, metadata)
                 ledger = ledger_table(self.config.table, metadata)
                 for created in (table, ledger):
                     _create_if_missing(engine, created)
                 self._table, self._ledger = table, ledger
-            return self._engine, self._table, self._ledger
-
-    def _create_engine(self) -> sa.Engine:
-        engine = create_engine(
-            self.config.url,
-            self.config.password_env,
-            "sql target",
-            json_serializer=lambda value: orjson.dumps(value).decode(),
-        )
-        if engine.dialect.name == "sqlite":
-            _begin_sqlite_writes_immediately(engine)
-        return engine
+            return engine, self._table, self._ledger
 
     def _instant(self, engine: sa.Engine, value: datetime) -> datetime:
         # SQLite keeps no zone: store and compare naive UTC there.
@@ -623,12 +618,23 @@ class SqlTarget:
             raise _translate_target(error, "count window") from None
 
     def close(self) -> None:
+        """Give the engine back (the last target using it disposes of its connections); it is
+        leased again on next use."""
         with self._lock:
-            if self._engine is not None:
-                self._engine.dispose()
-            self._engine = None
-            self._table = None
-            self._ledger = None
+            held, self._lease = self._lease, None
+            self._table = self._ledger = None
+        if held is not None:
+            held.release()
+
+
+def _target_engine(url: sa.URL) -> sa.Engine:
+    """A target's engine: JSON through orjson; on SQLite, loads begin with `BEGIN IMMEDIATE`."""
+    engine = create_engine(
+        url, None, "sql target", json_serializer=lambda value: orjson.dumps(value).decode()
+    )
+    if engine.dialect.name == "sqlite":
+        _begin_sqlite_writes_immediately(engine)
+    return engine
 
 
 def _take_fence(

@@ -295,6 +295,9 @@ class Settings(BaseSettings):
     """A window queued this long with no lock held is considered lost and requeued."""
     cleanup_every: Duration = timedelta(minutes=1)
     """How often beat runs the stale-lock cleanup."""
+    generation_batch: int = Field(default=50, ge=1, le=1000)
+    """Pipelines per generation task: beat sends one task per this many pipelines sharing an
+    `every` (1: a task per pipeline)."""
     failed_retry_base: Duration = timedelta(seconds=30)
     """A failed window waits this long before its next attempt, doubling each attempt (max 1h)."""
     visibility_timeout: Duration = timedelta(hours=2)

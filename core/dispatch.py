@@ -8,14 +8,14 @@ Scheduled and manual (backfill) windows have separate caps per pipeline, so a ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis
 
 from core.config import PipelineConfig
-from core.errors import BadInputError
+from core.errors import BadInputError, one_line
 from core.instants import format_instant
 from core.locks import DispatchLock
 from core.logs import get_logger
@@ -50,28 +50,44 @@ class TickReport:
         }
 
 
-def generation_frontier(store: StateStore, pipeline: PipelineConfig) -> datetime | None:
+@dataclass(frozen=True)
+class LastEnd:
+    """The end of a pipeline's last scheduled window (None: no such window), read beforehand:
+    `StateStore.last_window_ends` reads it for many pipelines in one statement."""
+
+    value: datetime | None
+
+
+def generation_frontier(
+    store: StateStore, pipeline: PipelineConfig, last_end: LastEnd | None = None
+) -> datetime | None:
     """Where the next scheduled window starts: the end of the last scheduled window, moved past
     windows that already exist there (a backfill or a forced re-run may have created them as
-    manual windows); None on the first run.
+    manual windows); None on the first run. `last_end`, when given, saves reading that end.
 
     Manual windows further ahead, after a hole, do not move it: the schedule never skips a
     window because a backfill ran beyond it.
     """
-    last_end = store.last_window_end(pipeline.name, kind=WindowKind.SCHEDULED)
-    cursor = last_end or pipeline.start
+    if last_end is None:
+        last_end = LastEnd(store.last_window_end(pipeline.name, kind=WindowKind.SCHEDULED))
+    cursor = last_end.value or pipeline.start
     ahead = store.list_records(pipeline.name, start=cursor, limit=pipeline.max_windows_per_tick)
     for record in ahead:
         if record.window_start != cursor:
             break
         cursor = record.window_end
-    if last_end is None and cursor == pipeline.start:
+    if last_end.value is None and cursor == pipeline.start:
         return None
     return cursor
 
 
 def planned_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) -> list[Window]:
     """The windows a generation tick at `now` creates (what `windowpipe plan` prints)."""
+    return _due_after(pipeline, now, generation_frontier(store, pipeline))
+
+
+def _due_after(pipeline: PipelineConfig, now: datetime, frontier: datetime | None) -> list[Window]:
+    """The windows due at `now` from `frontier` (`generation_frontier`) on."""
     try:
         return due_windows(
             origin=pipeline.start,
@@ -79,7 +95,7 @@ def planned_windows(store: StateStore, pipeline: PipelineConfig, now: datetime) 
             lag=pipeline.lag,
             max_windows=pipeline.max_windows_per_tick,
             now=now,
-            last_end=generation_frontier(store, pipeline),
+            last_end=frontier,
         )
     except ValueError as error:
         # Stored windows no longer fit the config: `start` or `window` changed after windows
@@ -104,25 +120,39 @@ def dispatch(
     now: datetime,
     *,
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
+    waiting: Collection[tuple[WindowKind, WindowStatus]] | None = None,
 ) -> tuple[list[WindowRecord], int]:
     """Enqueue runnable windows up to the pipeline's caps; returns (queued, newly dead).
 
     One dispatcher per pipeline at a time (`DispatchLock`); the guarded `queue()` (ENQUEUE)
     makes each window's enqueue happen once even if two dispatchers raced anyway.
+
+    `waiting`, when given, is the (kind, status) pairs of the pipeline's pending and failed
+    windows as read just before (`StateStore.waiting`): a kind with none is not looked at,
+    failed windows are buried only if there are some, and with none at all the dispatch is
+    over before taking its lock. A window that became pending or failed since is no worse off
+    than if this dispatch had run a moment earlier: the next one (a finishing window's, the
+    next tick's) takes it.
     """
     log = get_logger("windowpipe.dispatch", pipeline=pipeline.name)
+    if waiting is not None and not waiting:
+        return [], 0
     lock = DispatchLock(client, pipeline.name)
     if not lock.acquire():
         log.info("dispatch already running elsewhere")
         return [], 0
     try:
-        dead = store.mark_dead_exhausted(pipeline.name, pipeline.max_attempts)
+        dead = 0
+        if waiting is None or any(status == WindowStatus.FAILED for _, status in waiting):
+            dead = store.mark_dead_exhausted(pipeline.name, pipeline.max_attempts)
         queued: list[WindowRecord] = []
         caps = {
             WindowKind.SCHEDULED: pipeline.max_active_windows,
             WindowKind.MANUAL: pipeline.max_backfill_windows,
         }
         for kind, cap in caps.items():
+            if waiting is not None and all(k != kind for k, _ in waiting):
+                continue
             free = cap - store.count_active(pipeline.name, kind)
             if free <= 0:
                 continue
@@ -160,11 +190,19 @@ def generation_tick(
     now: datetime,
     *,
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
+    last_end: LastEnd | None = None,
+    waiting: Collection[tuple[WindowKind, WindowStatus]] | None = None,
 ) -> TickReport:
-    """Beat's job for one pipeline: create due windows, validate the chain, dispatch."""
+    """Beat's job for one pipeline: create due windows, validate the chain, dispatch.
+
+    `last_end` is the end of its last scheduled window and `waiting` its pending and failed
+    windows' (kind, status) pairs, if already read (`generation_batch` reads both for many
+    pipelines at once; see `dispatch`)."""
     report = TickReport(pipeline.name)
-    frontier = generation_frontier(store, pipeline)
-    report.created = create_due_windows(store, pipeline, now)
+    frontier = generation_frontier(store, pipeline, last_end)
+    due = _due_after(pipeline, now, frontier)
+    if due:
+        report.created = store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED)
     # Only the tail of the chain is validated (from one window before where this tick began):
     # reading the whole history every tick grows without bound. `windowpipe validate` checks
     # the whole chain.
@@ -175,8 +213,10 @@ def generation_tick(
         log = get_logger("windowpipe.generation", pipeline=pipeline.name)
         for problem in report.problems[:20]:
             log.warning("chain problem", kind=problem.kind.value, message=problem.message)
+    if waiting is not None and report.created:
+        waiting = {*waiting, (WindowKind.SCHEDULED, WindowStatus.PENDING)}
     report.queued, report.dead = dispatch(
-        store, client, pipeline, send, now, failed_retry_base=failed_retry_base
+        store, client, pipeline, send, now, failed_retry_base=failed_retry_base, waiting=waiting
     )
     return report
 
@@ -262,3 +302,61 @@ def dispatch_waiting(
         )
         dispatched[name] = len(queued)
     return dispatched
+
+
+@dataclass
+class BatchReport:
+    """What one generation task over many pipelines did."""
+
+    ticks: list[TickReport] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Pipeline -> the one-line error its tick raised (the other pipelines went on)."""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "pipelines": len(self.ticks) + len(self.failed),
+            "created": sum(len(tick.created) for tick in self.ticks),
+            "queued": sum(len(tick.queued) for tick in self.ticks),
+            "dead": sum(tick.dead for tick in self.ticks),
+            "failed": dict(self.failed),
+        }
+
+
+def generation_batch(
+    store: StateStore,
+    client: redis.Redis,
+    pipelines: Sequence[PipelineConfig],
+    send: SendChain,
+    now: datetime,
+    *,
+    failed_retry_base: timedelta = FAILED_RETRY_BASE,
+) -> BatchReport:
+    """`generation_tick` for each of `pipelines`, their last scheduled ends read in one
+    statement and their waiting windows in another (a pipeline with nothing to dispatch is
+    not dispatched). One pipeline's error (a bad source config, a chain that no longer fits, a lost
+    connection) is logged and reported under its name; the others still run."""
+    report = BatchReport()
+    names = [p.name for p in pipelines]
+    ends = store.last_window_ends(names, kind=WindowKind.SCHEDULED)
+    waiting = store.waiting(names)
+    for pipeline in pipelines:
+        try:
+            tick = generation_tick(
+                store,
+                client,
+                pipeline,
+                send,
+                now,
+                failed_retry_base=failed_retry_base,
+                last_end=LastEnd(ends[pipeline.name]),
+                waiting=waiting[pipeline.name],
+            )
+        except Exception as error:
+            message = one_line(f"{type(error).__name__}: {error}")
+            get_logger("windowpipe.generation", pipeline=pipeline.name).exception(
+                "generation failed", error=message
+            )
+            report.failed[pipeline.name] = message
+            continue
+        report.ticks.append(tick)
+    return report

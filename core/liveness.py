@@ -44,7 +44,15 @@ class ControlActivity:
 def record_run(client: redis.Redis, key: str, at: datetime, worker: str) -> None:
     """Record that a control task completed at `at` on `worker` (no expiry: a record that
     stops moving is the signal)."""
-    client.hset(key, mapping={"at": format_instant(at), "worker": worker})
+    record_runs(client, [key], at, worker)
+
+
+def record_runs(client: redis.Redis, keys: Iterable[str], at: datetime, worker: str) -> None:
+    """`record_run` for many keys in one round trip (a generation task over many pipelines)."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hset(key, mapping={"at": format_instant(at), "worker": worker})
+    pipe.execute()
 
 
 def parse_last_run(fields: Mapping[bytes | str, bytes | str]) -> LastRun | None:
@@ -103,15 +111,31 @@ def describe_activity(activity: ControlActivity, now: datetime) -> list[str]:
     ]
 
 
-def control_activity_lines(redis_url: str, pipelines: Iterable[str], now: datetime) -> list[str]:
-    """`describe_activity` for `status`: a short timeout, and one line instead of the records
-    when Redis cannot be read (status still shows the window records)."""
+def read_control_activity(redis_url: str, pipelines: Iterable[str]) -> ControlActivity | str:
+    """The control records of `pipelines` for `status`, with a short timeout; when Redis cannot
+    be read, one line saying so instead (status still shows the window records)."""
     client = redis.Redis.from_url(
         redis_url, socket_timeout=STATUS_REDIS_TIMEOUT, socket_connect_timeout=STATUS_REDIS_TIMEOUT
     )
     try:
-        return describe_activity(read_last_runs(client, pipelines), now)
+        return read_last_runs(client, pipelines)
     except redis.RedisError as error:
-        return [f"control activity unknown: Redis: {type(error).__name__}: {error}"]
+        return f"control activity unknown: Redis: {type(error).__name__}: {error}"
     finally:
         client.close()
+
+
+def control_activity_lines(redis_url: str, pipelines: Iterable[str], now: datetime) -> list[str]:
+    """`describe_activity` for `status` (`read_control_activity`)."""
+    activity = read_control_activity(redis_url, pipelines)
+    return [activity] if isinstance(activity, str) else describe_activity(activity, now)
+
+
+def generation_age(activity: ControlActivity, pipeline: str, now: datetime) -> str:
+    """`generation last ran 12s ago on control@a` (or that it never ran) for one pipeline."""
+    return _ran("generation", activity.generation.get(pipeline), now)
+
+
+def cleanup_age(activity: ControlActivity, now: datetime) -> str:
+    """`cleanup last ran 3s ago on control@b` (or that it never ran)."""
+    return _ran("cleanup", activity.cleanup, now)

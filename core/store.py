@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -311,6 +311,47 @@ class StateStore:
             value: datetime | None = conn.execute(query).scalar_one()
         return value
 
+    def last_window_ends(
+        self, pipelines: Sequence[str], *, kind: WindowKind | None = None
+    ) -> dict[str, datetime | None]:
+        """`last_window_end` of each of `pipelines`, in one statement: a `max()` per pipeline,
+        each one step of the (pipeline, kind, window_end) index whatever the history (a
+        GROUP BY would read every window of the pipelines)."""
+        names = list(dict.fromkeys(pipelines))
+        if not names:
+            return {}
+        columns = []
+        for at, name in enumerate(names):
+            query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(WINDOWS.c.pipeline == name)
+            if kind is not None:
+                query = query.where(WINDOWS.c.kind == WindowKind(kind).value)
+            columns.append(query.scalar_subquery().label(f"end_{at}"))
+        with self._reading() as conn:
+            row = conn.execute(sa.select(*columns)).one()
+        return dict(zip(names, row, strict=True))
+
+    def waiting(self, pipelines: Sequence[str]) -> dict[str, set[tuple[WindowKind, WindowStatus]]]:
+        """For each of `pipelines`, the (kind, status) pairs of its pending and failed windows
+        (what a dispatch may queue or bury), in one statement through the (pipeline, status)
+        index: it reads those windows only, never the history. A pipeline with none maps to
+        an empty set."""
+        names = list(dict.fromkeys(pipelines))
+        found: dict[str, set[tuple[WindowKind, WindowStatus]]] = {name: set() for name in names}
+        if not names:
+            return found
+        query = (
+            sa.select(WINDOWS.c.pipeline, WINDOWS.c.kind, WINDOWS.c.status)
+            .where(
+                WINDOWS.c.pipeline.in_(names),
+                WINDOWS.c.status.in_(_values(DISPATCHABLE)),
+            )
+            .distinct()
+        )
+        with self._reading() as conn:
+            for pipeline, kind, status in conn.execute(query).tuples():
+                found[pipeline].add((WindowKind(kind), WindowStatus(status)))
+        return found
+
     def counts_by_status(self, pipeline: str | None = None) -> dict[str, int]:
         """How many records are in each status (every status listed, zeros included)."""
         query = sa.select(WINDOWS.c.status, sa.func.count()).group_by(WINDOWS.c.status)
@@ -319,6 +360,49 @@ class StateStore:
         with self._reading() as conn:
             found = {status: count for status, count in conn.execute(query).tuples()}
         return {status.value: int(found.get(status.value, 0)) for status in WindowStatus}
+
+    def pipeline_summaries(self) -> dict[str, PipelineSummary]:
+        """Every pipeline's windows by status and where its complete prefix ends, in one
+        statement (grouped by pipeline and status), whatever the number of pipelines.
+
+        The complete prefix is as `core.metrics.read_frontier` reads it for one pipeline: the
+        end of the newest window starting before the oldest window not succeeded or skipped
+        (of the newest window, when every one is).
+        """
+        unfinished = _values(set(WindowStatus) - FINISHED)
+        firsts = (
+            sa.select(
+                WINDOWS.c.pipeline.label("pipeline"),
+                sa.func.min(WINDOWS.c.window_start).label("first_unfinished"),
+            )
+            .where(WINDOWS.c.status.in_(unfinished))
+            .group_by(WINDOWS.c.pipeline)
+            .subquery("firsts")
+        )
+        in_prefix = sa.or_(
+            firsts.c.first_unfinished.is_(None),
+            WINDOWS.c.window_start < firsts.c.first_unfinished,
+        )
+        query = (
+            sa.select(
+                WINDOWS.c.pipeline,
+                WINDOWS.c.status,
+                sa.func.count(),
+                sa.func.max(WINDOWS.c.window_end).filter(in_prefix),
+            )
+            .select_from(WINDOWS.outerjoin(firsts, firsts.c.pipeline == WINDOWS.c.pipeline))
+            .group_by(WINDOWS.c.pipeline, WINDOWS.c.status)
+        )
+        summaries: dict[str, PipelineSummary] = {}
+        with self._reading() as conn:
+            rows = conn.execute(query).tuples().all()
+        for pipeline, status, count, prefix_end in rows:
+            summary = summaries.setdefault(pipeline, PipelineSummary(pipeline))
+            summary.counts[WindowStatus(status)] = int(count)
+            through = summary.complete_through
+            if prefix_end is not None and (through is None or prefix_end > through):
+                summary.complete_through = prefix_end
+        return summaries
 
     def count_active(self, pipeline: str, kind: WindowKind) -> int:
         """How many windows of `kind` are queued or running (for the pipeline's caps)."""
@@ -851,7 +935,37 @@ class StateStore:
         return current, head
 
 
+@dataclass
+class PipelineSummary:
+    """One pipeline's windows at a glance (`StateStore.pipeline_summaries`)."""
+
+    pipeline: str
+    counts: dict[WindowStatus, int] = field(default_factory=dict)
+    """Windows by status; statuses with none are absent."""
+    complete_through: datetime | None = None
+    """End of the newest window such that it and every window before it succeeded or were
+    skipped; None when no such window exists."""
+
+    @property
+    def backlog(self) -> int:
+        """Windows still to run: neither finished (succeeded, skipped) nor dead."""
+        done = FINISHED | {WindowStatus.DEAD}
+        return sum(count for status, count in self.counts.items() if status not in done)
+
+    @property
+    def dead(self) -> int:
+        return self.counts.get(WindowStatus.DEAD, 0)
+
+
 # --- engine -------------------------------------------------------------------------------------
+
+
+STORE_POOL_SIZE = 1
+"""PostgreSQL connections the state store keeps open while idle, per process."""
+
+STORE_POOL_OVERFLOW = 7
+"""More connections the state store opens while threads of one process use it at once (a
+thread pool worker, `windowpipe status` reading in parallel); closed when returned."""
 
 
 def _build_engine(url: str) -> Engine:
@@ -861,7 +975,11 @@ def _build_engine(url: str) -> Engine:
         # No pre-ping: it costs a round trip per checkout, several per stage of every window.
         # A connection dropped by a server restart is invalidated on its first error, and the
         # task fails visibly; the cleanup resumes its window.
-        return sa.create_engine(url, pool_recycle=300)
+        # One connection kept per process (a prefork process runs one task at a time); more
+        # are opened while threads use the store at once, and closed when returned.
+        return sa.create_engine(
+            url, pool_recycle=300, pool_size=STORE_POOL_SIZE, max_overflow=STORE_POOL_OVERFLOW
+        )
     if backend == "sqlite":
         engine = sa.create_engine(
             url,
@@ -1158,6 +1276,10 @@ def _aware(value: datetime, what: str = "window_start") -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} {value.isoformat()} is naive; the state store needs UTC")
     return value
+
+
+DISPATCHABLE = frozenset({WindowStatus.PENDING, WindowStatus.FAILED})
+"""What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 
 def _values(statuses: Collection[WindowStatus]) -> list[str]:

@@ -586,11 +586,12 @@ def test_frozen_control_and_stage_workers_are_restarted_from_the_probe_alone_whi
         assert restart.reason.startswith("probe: unhealthy: "), restart
         assert "not consuming" in restart.reason
 
-    # While control-a was frozen, control-b ran generation and cleanup, dispatched windows, and
-    # requeued the window extract-a froze on once its lock expired.
+    # While control-a was frozen, control-b ran generation (beat sends it in batches) and
+    # cleanup, dispatched windows, and requeued the window extract-a froze on once its lock
+    # expired.
     control_a_back = next(r.at for r in restarts if r.slot == "control-a")
     meanwhile = logged(dep.log_path(supervisor.node("control-b")), frozen_at, control_a_back)
-    for task in ("windowpipe.cleanup", "windowpipe.generate"):
+    for task in ("windowpipe.cleanup", "windowpipe.generate_batch"):
         assert any(
             e["event"].startswith(f"Task {task}[") and " succeeded in " in e["event"]
             for e in meanwhile

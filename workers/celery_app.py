@@ -85,6 +85,7 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "task_routes": {
             **{f"windowpipe.{stage.value}": {"queue": stage.value} for stage in STAGE_ORDER},
             "windowpipe.generate": {"queue": CONTROL_QUEUE},
+            "windowpipe.generate_batch": {"queue": CONTROL_QUEUE},
             "windowpipe.dispatch": {"queue": CONTROL_QUEUE},
             "windowpipe.cleanup": {"queue": CONTROL_QUEUE},
             "windowpipe.recheck": {"queue": RECHECK_QUEUE},
@@ -99,7 +100,7 @@ def celery_settings(config: Config) -> dict[str, Any]:
             },
             **{
                 f"windowpipe.{name}": {"time_limit": CONTROL_TIME_LIMIT}
-                for name in ("generate", "dispatch", "cleanup", "recheck")
+                for name in ("generate", "generate_batch", "dispatch", "cleanup", "recheck")
             },
         },
         # Beat: celery-redbeat keeps the schedule in Redis and holds a Redis lock, so a second

@@ -1,4 +1,5 @@
-"""Control tasks: generation (beat, per pipeline), dispatch, and the stale-lock cleanup.
+"""Control tasks: generation (beat, per group of pipelines; per pipeline on demand), dispatch,
+and the stale-lock cleanup.
 
 Generation and cleanup record each completed run (`core.liveness`), so `windowpipe status`
 shows when the control work last ran and on which worker.
@@ -11,10 +12,10 @@ from typing import Any
 from celery import Task, shared_task
 
 from core.dispatch import dispatch as dispatch_windows
-from core.dispatch import generation_tick
+from core.dispatch import generation_batch, generation_tick
 from core.instants import utc_now
 from core.keys import CLEANUP_RAN_KEY, generate_ran_key
-from core.liveness import record_run
+from core.liveness import record_run, record_runs
 from core.recovery import cleanup as cleanup_stale
 from workers.celery_app import process_config
 from workers.runtime import dispatch_started, runtime, send_chain
@@ -33,6 +34,33 @@ def generate(self: Task, pipeline: str) -> dict[str, Any]:
         failed_retry_base=config.settings.failed_retry_base,
     )
     record_run(rt.redis, generate_ran_key(pipeline), utc_now(), str(self.request.hostname or ""))
+    return report.summary()
+
+
+@shared_task(name="windowpipe.generate_batch", bind=True)
+def generate_batch(self: Task, pipelines: list[str]) -> dict[str, Any]:
+    """`generate` for each of `pipelines` in one task (what beat sends): one pipeline's failure
+    is logged and reported by name, and does not stop the others. Pipelines no longer in the
+    config (a schedule older than the config) are reported as failed too."""
+    rt, config = runtime(), process_config()
+    known = [config.pipelines[name] for name in pipelines if name in config.pipelines]
+    report = generation_batch(
+        rt.store,
+        rt.redis,
+        known,
+        send_chain,
+        utc_now(),
+        failed_retry_base=config.settings.failed_retry_base,
+    )
+    for name in pipelines:
+        if name not in config.pipelines:
+            report.failed[name] = "not in the config"
+    record_runs(
+        rt.redis,
+        [generate_ran_key(tick.pipeline) for tick in report.ticks],
+        utc_now(),
+        str(self.request.hostname or ""),
+    )
     return report.summary()
 
 

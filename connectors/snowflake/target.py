@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from connectors.base import Manifest
+from connectors.shared import Lease, lease
 from connectors.snowflake import sql
 from connectors.snowflake.client import connect, translate
 from connectors.sql_target import window_key
 from core.checksum import checksum_text, ids_sum
-from core.config import SnowflakeTargetConfig
+from core.config import SnowflakeTargetConfig, resolve_secret
 from core.errors import (
     StagedDataLostError,
     StaleFenceError,
@@ -41,44 +42,103 @@ def _ntz(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
+class _Session:
+    """A Snowflake session shared by every target of a process with the same connection
+    (`_session_key`), opened on first use; `lock` serializes its use, since a session has one
+    transaction at a time. After a transient failure it is dropped and the next use opens a
+    new one."""
+
+    def __init__(self, config: SnowflakeTargetConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self._connection: Any = None
+        self.tags_loads = False
+        """Whether the server accepts a per-load QUERY_TAG (`sql.PROBE_QUERY_TAG`), probed
+        once per connection."""
+
+    def connection(self) -> Any:
+        """The open connection, connected now if need be. Call with the lock."""
+        if self._connection is None:
+            connection = connect(self.config)
+            self.tags_loads = _accepts_query_tag(connection.cursor())
+            self._connection = connection
+        return self._connection
+
+    def drop(self) -> None:
+        """Close the connection (a new one opens on next use). Call with the lock."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # the session is gone either way
+                connection.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.drop()
+
+
+def _session_key(config: SnowflakeTargetConfig) -> tuple[Any, ...]:
+    """What a session is bound to: the login (account, user, secret or key), role and
+    warehouse, where it connects, and its current database and schema, which the landing
+    table (a session's temporary table) and COPY rely on. Targets in one schema share a
+    session whatever their tables."""
+    return (
+        "snowflake",
+        config.account,
+        config.user,
+        resolve_secret(config.password_env),
+        config.private_key_path,
+        config.role,
+        config.warehouse,
+        config.host,
+        config.port,
+        config.protocol,
+        config.database,
+        config.schema_,
+        config.login_timeout,
+        config.network_timeout,
+    )
+
+
 class SnowflakeTarget:
     """Loads windows into a Snowflake table, idempotently per window.
 
-    One session per instance (one per worker process through the registry), opened on first
-    use; a lock serializes its use, since a session has one transaction at a time. After a
-    transient failure the session is dropped and the next call opens a new one.
+    Its session is leased on first use from `connectors.shared`: one per process for every
+    target with the same login, role, warehouse, database and schema (`_session_key`), so
+    sessions grow with processes, not pipelines. Its lock serializes the loads of those
+    targets within a process (a prefork process runs one task at a time anyway). This
+    target's table and ledger are created if missing on its first use.
     """
 
     def __init__(self, config: SnowflakeTargetConfig) -> None:
         self.config = config
         self.names = sql.Names.of(config.database, config.schema_, config.table, config.stage)
-        self._connection: Any = None
-        self._tags_loads = False
-        """Whether this session accepts a per-load QUERY_TAG (`sql.PROBE_QUERY_TAG`)."""
-        self._lock = threading.Lock()
+        self._lease: Lease[_Session] | None = None
+        self._tables_ready = False
+        self._lease_lock = threading.Lock()
 
     # -- session --
 
-    def _session(self) -> Any:
-        """The open session, connected and the table ensured on first use. Call with the lock."""
-        if self._connection is None:
-            connection = connect(self.config)
+    def _shared(self) -> _Session:
+        with self._lease_lock:
+            if self._lease is None:
+                config = self.config
+                self._lease = lease(_session_key(config), lambda: _Session(config), _Session.close)
+            return self._lease.client
+
+    def _connection(self, session: _Session) -> Any:
+        """The session's connection, this target's tables ensured on first use. Call with the
+        session's lock."""
+        connection = session.connection()
+        if not self._tables_ready:
             try:
                 cursor = connection.cursor()
                 cursor.execute(sql.create_table_sql(self.names.table))
                 cursor.execute(sql.create_ledger_sql(self.names.ledger))
             except Exception as error:
-                connection.close()
+                session.drop()
                 raise translate(error, "create table") from None
-            self._tags_loads = _accepts_query_tag(cursor)
-            self._connection = connection
-        return self._connection
-
-    def _drop_session(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):  # the session is gone either way
-                connection.close()
+            self._tables_ready = True
+        return connection
 
     # -- the Target contract --
 
@@ -125,27 +185,29 @@ class SnowflakeTarget:
                   dropped, as Snowflake treats it.)
         """
         del staging  # Snowflake reads the files itself, through its own stage
-        return self._in_session("load window", lambda: self._load(pipeline, manifest, fence))
+        return self._in_session(
+            "load window", lambda session: self._load(session, pipeline, manifest, fence)
+        )
 
-    def _in_session(self, action: str, work: Callable[[], _T]) -> _T:
-        """`work()` holding the session lock, the SDK's errors translated; after a transient
-        failure the session is dropped (the next call opens a new one)."""
-        with self._lock:
+    def _in_session(self, action: str, work: Callable[[_Session], _T]) -> _T:
+        """`work(session)` holding the shared session's lock, the SDK's errors translated;
+        after a transient failure the session is dropped (the next use opens a new one)."""
+        session = self._shared()
+        with session.lock:
             try:
-                return work()
+                return work(session)
             except WindowpipeError as error:
                 if isinstance(error, TransientError):
-                    self._drop_session()
+                    session.drop()
                 raise
             except Exception as error:
                 translated = translate(error, action)
                 if isinstance(translated, TransientError):
-                    self._drop_session()
+                    session.drop()
                 raise translated from None
 
-    def _load(self, pipeline: str, manifest: Manifest, fence: int) -> int:
-        connection = self._session()
-        cursor = connection.cursor()
+    def _load(self, session: _Session, pipeline: str, manifest: Manifest, fence: int) -> int:
+        cursor = self._connection(session).cursor()
         landing = sql.quote_identifier(f"WINDOWPIPE_LANDING_{uuid.uuid4().hex[:16]}")
         start, end = _ntz(manifest.window_start), _ntz(manifest.window_end)
         loaded_at = _ntz(utc_now())
@@ -162,7 +224,7 @@ class SnowflakeTarget:
                     f"{manifest.run} lists {manifest.rows}"
                 )
             key = window_key(self.names.table, pipeline, manifest.window_start)
-            if self._tags_loads:
+            if session.tags_loads:
                 cursor.execute(sql.set_load_tag_sql(key, fence))
             cursor.execute(sql.BEGIN)
             try:
@@ -232,13 +294,15 @@ class SnowflakeTarget:
         rows). Or B first (ledger 5): A's UPDATE then matches nothing (newest fence 5 > 3),
         A rolls back with StaleFenceError. The window ends empty either way.
         """
-        return self._in_session("clear window", lambda: self._clear(pipeline, window, fence))
+        return self._in_session(
+            "clear window", lambda session: self._clear(session, pipeline, window, fence)
+        )
 
-    def _clear(self, pipeline: str, window: Window, fence: int) -> int:
-        cursor = self._session().cursor()
+    def _clear(self, session: _Session, pipeline: str, window: Window, fence: int) -> int:
+        cursor = self._connection(session).cursor()
         start, cleared_at = _ntz(window.start), _ntz(utc_now())
         key = window_key(self.names.table, pipeline, window.start)
-        if self._tags_loads:
+        if session.tags_loads:
             cursor.execute(sql.set_load_tag_sql(key, fence))
         cursor.execute(sql.BEGIN)
         try:
@@ -261,10 +325,12 @@ class SnowflakeTarget:
     def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
         """The window's rows, their ids' checksum (ids read back, `ID_FETCH_ROWS` at a time,
         hashed here) and its newest ledger row."""
-        return self._in_session("audit window", lambda: self._audit(pipeline, window))
+        return self._in_session(
+            "audit window", lambda session: self._audit(session, pipeline, window)
+        )
 
-    def _audit(self, pipeline: str, window: Window) -> TargetAudit:
-        cursor = self._session().cursor()
+    def _audit(self, session: _Session, pipeline: str, window: Window) -> TargetAudit:
+        cursor = self._connection(session).cursor()
         key = (pipeline, _ntz(window.start))
         cursor.execute(sql.window_ids_sql(self.names.table), key)
         rows = total = 0
@@ -336,9 +402,10 @@ class SnowflakeTarget:
 
     def count_window(self, pipeline: str, window: Window) -> int:
         """Rows the table holds for the window."""
-        with self._lock:
+        session = self._shared()
+        with session.lock:
             try:
-                cursor = self._session().cursor()
+                cursor = self._connection(session).cursor()
                 cursor.execute(
                     sql.count_window_sql(self.names.table), (pipeline, _ntz(window.start))
                 )
@@ -348,13 +415,16 @@ class SnowflakeTarget:
             except Exception as error:
                 translated = translate(error, "count window")
                 if isinstance(translated, TransientError):
-                    self._drop_session()
+                    session.drop()
                 raise translated from None
 
     def close(self) -> None:
-        """Close the session (a new one opens on next use)."""
-        with self._lock:
-            self._drop_session()
+        """Give the session back (the last target using it closes it); leased again on next
+        use."""
+        with self._lease_lock:
+            held, self._lease = self._lease, None
+        if held is not None:
+            held.release()
 
 
 ID_FETCH_ROWS = 10_000

@@ -1,0 +1,180 @@
+"""Generation over many pipelines in one task: the beat schedule groups pipelines, their last
+scheduled ends are read in one statement, and one pipeline's failure leaves the others to run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import sqlalchemy as sa
+
+from beat_schedule import build_schedule
+from core.config import Config, config_from_dict
+from core.dispatch import generation_batch, generation_tick
+from core.records import Stage, WindowKind, WindowStatus
+from core.store import WINDOWS, StateStore
+from core.windows import Window
+
+ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
+NOW = ORIGIN + timedelta(hours=3, minutes=5)
+
+
+def pipeline(every: str = "1m", window: str = "1h") -> dict[str, Any]:
+    return {
+        "window": window,
+        "start": "2026-01-01T00:00:00Z",
+        "every": every,
+        "source": {"type": "sql", "url": "sqlite://", "table": "events"},
+        "stage": {"type": "local", "path": "/tmp/windowpipe-stage"},
+        "target": {"type": "sql", "url": "sqlite://", "table": "loaded"},
+    }
+
+
+def config(pipelines: dict[str, dict[str, Any]], **settings: Any) -> Config:
+    return config_from_dict({"windowpipe": settings, "pipelines": pipelines})
+
+
+def test_beat_sends_one_generation_task_per_group_of_pipelines_sharing_an_every() -> None:
+    pipelines = {f"m{index:03}": pipeline("1m") for index in range(120)}
+    pipelines |= {"hourly-a": pipeline("1h"), "hourly-b": pipeline("1h")}
+
+    schedule = build_schedule(config(pipelines, generation_batch=50))
+
+    generation = {name: entry for name, entry in schedule.items() if name.startswith("generate")}
+    assert sorted(generation) == [
+        "generate:3600s:hourly-a",
+        "generate:60s:m000",
+        "generate:60s:m050",
+        "generate:60s:m100",
+    ]
+    groups = [entry["args"][0] for entry in generation.values()]
+    assert sorted(name for group in groups for name in group) == sorted(pipelines)
+    assert generation["generate:60s:m100"]["args"] == ([f"m{i:03}" for i in range(100, 120)],)
+    assert generation["generate:3600s:hourly-a"]["schedule"] == 3600
+    assert {entry["task"] for entry in generation.values()} == {"windowpipe.generate_batch"}
+
+
+def test_a_generation_batch_of_one_is_a_task_per_pipeline_under_its_old_name() -> None:
+    schedule = build_schedule(config({"a": pipeline(), "b": pipeline()}, generation_batch=1))
+    generation = {k: v["args"] for k, v in schedule.items() if k.startswith("generate")}
+    assert generation == {"generate:a": (["a"],), "generate:b": (["b"],)}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    with StateStore(f"sqlite:///{tmp_path}/state.db") as opened:
+        opened.migrate()
+        yield opened
+
+
+def test_last_window_ends_reads_each_pipelines_end_in_one_statement(store: StateStore) -> None:
+    hour = timedelta(hours=1)
+    store.create_windows("a", [Window(ORIGIN, ORIGIN + hour)], kind=WindowKind.SCHEDULED)
+    store.create_windows("a", [Window(ORIGIN + hour, ORIGIN + 2 * hour)], kind=WindowKind.MANUAL)
+    store.create_windows("b", [Window(ORIGIN, ORIGIN + 3 * hour)], kind=WindowKind.MANUAL)
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    ends = store.last_window_ends(["a", "b", "c"], kind=WindowKind.SCHEDULED)
+    every_kind = store.last_window_ends(["a", "b"])
+    sa.event.remove(store.engine, "before_cursor_execute", seen)
+
+    assert ends == {"a": ORIGIN + hour, "b": None, "c": None}
+    assert every_kind == {"a": ORIGIN + 2 * hour, "b": ORIGIN + 3 * hour}
+    assert len([s for s in statements if "windows" in s]) == 2
+
+
+def test_one_pipelines_failure_leaves_the_others_generating(store: StateStore) -> None:
+    settings = config({"a": pipeline(), "broken": pipeline(window="1h"), "c": pipeline()}).pipelines
+    # `broken`'s stored windows are 40 minutes long: they no longer fit its 1h `window`.
+    store.create_windows(
+        "broken", [Window(ORIGIN, ORIGIN + timedelta(minutes=40))], kind=WindowKind.SCHEDULED
+    )
+    sent: list[tuple[str, datetime, Stage]] = []
+
+    def send(name: str, start: datetime, stage: Stage) -> str:
+        sent.append((name, start, stage))
+        return "chain"
+
+    report = generation_batch(store, fakeredis.FakeRedis(), list(settings.values()), send, NOW)
+
+    assert set(report.failed) == {"broken"}
+    assert "did `start` or `window` change" in report.failed["broken"]
+    assert [tick.pipeline for tick in report.ticks] == ["a", "c"]
+    for name in ("a", "c"):
+        assert [r.window_start for r in store.list_records(name)] == [
+            ORIGIN + timedelta(hours=i) for i in range(3)
+        ]
+    assert {name for name, _, _ in sent} == {"a", "c"}
+    assert report.summary()["created"] == 6
+
+
+def test_a_batch_creates_what_a_tick_per_pipeline_creates(tmp_path: Path) -> None:
+    pipelines = config({f"p{i}": pipeline() for i in range(5)}).pipelines
+    created = []
+    for batch in (True, False):
+        with StateStore(f"sqlite:///{tmp_path}/state-{batch}.db") as store:
+            store.migrate()
+            for now in (NOW, NOW + timedelta(hours=2)):
+                if batch:
+                    generation_batch(
+                        store, fakeredis.FakeRedis(), list(pipelines.values()), _none, now
+                    )
+                else:
+                    for settings in pipelines.values():
+                        generation_tick(store, fakeredis.FakeRedis(), settings, _none, now)
+            created.append([(r.pipeline, r.window_start, r.status) for r in store.list_records()])
+    assert created[0] == created[1]
+    assert len(created[0]) == 5 * 5
+
+
+def _none(name: str, start: datetime, stage: Stage) -> None:
+    return None
+
+
+def test_a_batch_queues_waiting_backfills_buries_exhausted_windows_and_skips_idle_pipelines(
+    store: StateStore,
+) -> None:
+    settings = config({"a": pipeline(), "idle": pipeline()}).pipelines
+    before_due = ORIGIN + timedelta(minutes=30)  # no scheduled window is due yet
+    hour = timedelta(hours=1)
+    store.create_windows(
+        "a", [Window(ORIGIN + 5 * hour, ORIGIN + 6 * hour)], kind=WindowKind.MANUAL
+    )
+    store.create_windows(
+        "a", [Window(ORIGIN + 7 * hour, ORIGIN + 8 * hour)], kind=WindowKind.MANUAL
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(WINDOWS)
+            .where(WINDOWS.c.pipeline == "a", WINDOWS.c.window_start == ORIGIN + 7 * hour)
+            .values(status=WindowStatus.FAILED.value, attempts=settings["a"].max_attempts)
+        )
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    report = generation_batch(store, fakeredis.FakeRedis(), [settings["idle"]], _none, before_due)
+    idle_batch = len([s for s in statements if "windows" in s])
+    statements.clear()
+    generation_tick(store, fakeredis.FakeRedis(), settings["idle"], _none, before_due)
+    idle_tick = len([s for s in statements if "windows" in s])
+    sa.event.remove(store.engine, "before_cursor_execute", seen)
+    report = generation_batch(store, fakeredis.FakeRedis(), [settings["a"]], _none, before_due)
+
+    assert [(r.window_start, r.status) for r in store.list_records("a")] == [
+        (ORIGIN + 5 * hour, WindowStatus.QUEUED),
+        (ORIGIN + 7 * hour, WindowStatus.DEAD),
+    ]
+    assert report.summary()["queued"] == 1 and report.summary()["dead"] == 1
+    # The idle pipeline: its end and waiting windows read with the batch, nothing dispatched.
+    assert idle_batch < idle_tick
