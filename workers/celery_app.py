@@ -28,7 +28,8 @@ from core.keys import REDBEAT_KEY_PREFIX, REDBEAT_LOCK_KEY
 from core.logs import configure_logging
 from core.records import STAGE_ORDER
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
-from workers.liveness import LivenessSettings, install
+from workers.heartbeat import install
+from workers.liveness import LivenessSettings
 
 CONTROL_QUEUE = "control"
 """Generation, dispatch and stale-lock cleanup run here."""
@@ -125,7 +126,7 @@ def create_app(config: Config) -> Celery:
     app = Celery("windowpipe")
     app.conf.update(celery_settings(config))
     # A heartbeat file per worker for liveness probes, and watchdogs that end a worker which
-    # lost its broker or cannot finish shutting down (workers/liveness.py).
+    # lost its broker or cannot finish shutting down (workers/heartbeat.py).
     install(app, _liveness())
     for module in TASK_MODULES:
         importlib.import_module(module)
