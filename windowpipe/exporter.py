@@ -31,7 +31,7 @@ from core.config import Config
 from core.instants import utc_now
 from core.liveness import read_last_runs
 from core.logs import get_logger
-from core.metrics import CHAIN_STAGE, PrefixTallies, WindowMetrics, read_window_metrics
+from core.metrics import CHAIN_STAGE, HighWater, WindowMetrics, read_window_metrics
 from core.store import StateStore
 from workers.celery_app import QUEUES
 
@@ -93,8 +93,8 @@ class WindowpipeCollector(Collector):
         self.queues = tuple(queues)
         self.clock = clock
         self._store_problem: str | None = None
-        # The sums over each pipeline's complete prefix, moved forward at every scrape.
-        self._prefixes = PrefixTallies()
+        # The counters, held at their highest value so a re-run window never lowers them.
+        self._counters = HighWater()
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -106,7 +106,7 @@ class WindowpipeCollector(Collector):
         up.add_metric(["state_store"], 1 if windows is not None else 0)
         if windows is not None:
             yield from self._window_families(windows)
-            yield from self._recheck_families()
+            yield from self._recheck_families(windows)
         yield from self._config_families()
         yield from self._control_families()
         if self.broker is not None:
@@ -135,8 +135,13 @@ class WindowpipeCollector(Collector):
                     f"{head}; run `windowpipe migrate` (the exporter never migrates)"
                 )
                 return None
-            starts = {name: p.start for name, p in self.config.pipelines.items()}
-            metrics = read_window_metrics(self.store, starts, self.clock(), prefixes=self._prefixes)
+            pipelines = self.config.pipelines
+            metrics = read_window_metrics(
+                self.store,
+                {name: p.start for name, p in pipelines.items()},
+                self.clock(),
+                recheck={name: p.recheck for name, p in pipelines.items()},
+            )
         except Exception as error:
             self._store_down(f"cannot read the state store: {type(error).__name__}: {error}")
             return None
@@ -161,7 +166,7 @@ class WindowpipeCollector(Collector):
 
     # --- families ------------------------------------------------------------------------------
 
-    def _recheck_families(self) -> Iterable[Metric]:
+    def _recheck_families(self, metrics: WindowMetrics) -> Iterable[Metric]:
         """Rechecks of closed windows (core/recheck.py), for pipelines with `recheck` horizons
         (drifted windows for every pipeline: reconcile finds drift too)."""
         drifted = CounterMetricFamily(
@@ -180,18 +185,11 @@ class WindowpipeCollector(Collector):
             "Finished windows that reached a recheck horizon and wait for their recheck.",
             labels=["pipeline"],
         )
-        now = self.clock()
-        try:
-            for name, pipeline in sorted(self.config.pipelines.items()):
-                passed, drift = self.store.recheck_tally(name)
-                drifted.add_metric([name], drift)
-                done.add_metric([name], passed)
-                pending.add_metric(
-                    [name], self.store.count_due_rechecks(name, pipeline.recheck, now)
-                )
-        except Exception as error:
-            self._store_down(f"cannot read the state store: {type(error).__name__}: {error}")
-            return
+        hold = self._counters.hold
+        for name, item in metrics.pipelines.items():
+            drifted.add_metric([name], hold(("drift", name), item.drifted))
+            done.add_metric([name], hold(("rechecks", name), item.rechecks_passed))
+            pending.add_metric([name], item.rechecks_pending)
         yield from (drifted, done, pending)
 
     def _control_families(self) -> Iterable[Metric]:
@@ -249,8 +247,8 @@ class WindowpipeCollector(Collector):
         )
         attempts = GaugeMetricFamily(
             "windowpipe_window_attempts",
-            "The most attempts used by any window not succeeded or skipped (queued, running, "
-            "failed or dead); 0 when there is none.",
+            "The most attempts used by any window still being retried (pending, queued, "
+            "running or failed; dead windows are windowpipe_dead_windows); 0 when there is none.",
             labels=["pipeline"],
         )
         dead = GaugeMetricFamily(
@@ -278,13 +276,14 @@ class WindowpipeCollector(Collector):
             "windowpipe_stage_seconds",
             "Seconds of a succeeded window's latest attempt, from its first claim (precheck) to "
             'its audit commit, waits between stages included (stage="chain": the records hold '
-            "no time per stage).",
+            "no time per stage). Never decreases: held at its highest while a window re-runs.",
             labels=["pipeline", "stage"],
         )
         rows = CounterMetricFamily(
             "windowpipe_rows",
             "Documents of succeeded windows: counted in the source by precheck, written to the "
-            "stage by extract, in the target after load.",
+            "stage by extract, in the target after load. Never decreases: held at its highest "
+            "while a window re-runs.",
             labels=["pipeline", "stage"],
         )
         for name, item in metrics.pipelines.items():
@@ -298,7 +297,8 @@ class WindowpipeCollector(Collector):
                 waiting.add_metric([name, stage], count)
             for stage, count in item.running.items():
                 running.add_metric([name, stage], count)
-            histogram = item.chain_seconds
+            # Counters: held at their high-water mark (core/metrics.py HighWater).
+            histogram = self._counters.histogram(("chain_seconds", name), item.chain_seconds)
             buckets: list[tuple[str, float]] = [
                 (_bound(bound), count)
                 for bound, count in zip(histogram.bounds, histogram.cumulative, strict=True)
@@ -306,7 +306,7 @@ class WindowpipeCollector(Collector):
             buckets.append(("+Inf", histogram.count))
             seconds.add_metric([name, CHAIN_STAGE], buckets, histogram.total)
             for stage, count in item.rows.items():
-                rows.add_metric([name, stage], count)
+                rows.add_metric([name, stage], self._counters.hold(("rows", name, stage), count))
         yield from (freshness, windows, attempts, dead, audit, waiting, running, seconds, rows)
 
 
