@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -147,9 +149,33 @@ def process_config() -> Config:
     return _config
 
 
+SECRETLESS_COMMANDS = frozenset({"beat", "flower"})
+"""Celery commands that run no task, so reach no connector: they load the config without
+requiring the connectors' secrets (least privilege: beat and Flower are given none)."""
+
+CELERY_COMMANDS = frozenset(
+    {"worker", "beat", "flower", "events", "inspect", "control", "status", "shell", "call"}
+    | {"purge", "result", "migrate", "multi", "graph", "list", "logtool", "amqp", "report"}
+)
+"""The subcommands of the `celery` program: the first of them on its command line says what
+this process is."""
+
+
+def celery_command(argv: Sequence[str]) -> str | None:
+    """The `celery` subcommand on the command line `argv` (`celery -A workers beat` -> beat);
+    None when this process is not the `celery` program."""
+    program = Path(argv[0]) if argv else Path()
+    if program.name != "celery" and program.parts[-2:] != ("celery", "__main__.py"):
+        return None
+    return next((arg for arg in argv[1:] if arg in CELERY_COMMANDS), None)
+
+
 def _load() -> Config:
+    # A worker, or anything that is not beat or Flower, requires every secret its config
+    # names: it refuses to start without one, as `check` and `enqueue` do.
+    require_secrets = celery_command(sys.argv) not in SECRETLESS_COMMANDS
     try:
-        return load_config()
+        return load_config(require_secrets=require_secrets)
     except ConfigError as error:
         # Workers, beat and Flower build the app first: fail in one line, exit 2.
         print(f"windowpipe: {error}", file=sys.stderr)
