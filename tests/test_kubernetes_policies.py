@@ -1,6 +1,7 @@
 """What a real cluster enforces on deploy/kubernetes/, checked on what `kubectl kustomize` builds
 (the base, and the base with the Prometheus Operator component): every object validates
-(kubernetes-validate --strict for the built-in kinds, KEDA's own CRD schemas for its objects),
+(kubernetes-validate --strict for the built-in kinds, the CRD schemas of KEDA and of the
+Prometheus Operator for theirs),
 every pod template passes Pod Security "restricted", disruptions and rollouts are handled
 (budgets, anti-affinity, safe-to-evict, a config change rolls the pods, migrations before new
 workers, a pinned image), and beat and Flower get no connector secrets and start without them.
@@ -121,7 +122,7 @@ def test_every_built_in_object_validates_strictly(
 ) -> None:
     output = validate_built_in(with_operator, tmp_path)
     passed = [line for line in output.splitlines() if line.startswith("INFO") and "passed" in line]
-    # The custom resources have no schema in kubernetes-validate: KEDA's are checked below.
+    # The custom resources have no schema in kubernetes-validate: their CRDs' are used below.
     custom = {"keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
     assert {doc["apiVersion"] for doc in with_operator} >= custom
     built_in = [doc for doc in with_operator if doc["apiVersion"] not in custom]
@@ -151,31 +152,48 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def keda_validator(kind: str) -> jsonschema.Draft7Validator:
-    """A validator of KEDA's `kind` from its CRD schema (vendored, see the file's $comment)."""
-    schema = json.loads((SCHEMAS / f"keda-{kind.lower()}.json").read_text())
+CRD_SCHEMAS = {
+    "ScaledObject": "keda-scaledobject.json",
+    "TriggerAuthentication": "keda-triggerauthentication.json",
+    "ServiceMonitor": "prometheus-operator-servicemonitor.json",
+    "PrometheusRule": "prometheus-operator-prometheusrule.json",
+}
+"""The custom resources' schemas, vendored from their projects' CRDs (each file's $comment says
+which version and commit)."""
+
+
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    """A validator of the custom resource `kind` from its CRD's schema."""
+    schema = json.loads((SCHEMAS / CRD_SCHEMAS[kind]).read_text())
     return jsonschema.Draft7Validator(strict(schema))
 
 
-def test_keda_objects_validate_against_kedas_crd_schemas(built: list[dict[str, Any]]) -> None:
-    checked = 0
-    for kind in ("ScaledObject", "TriggerAuthentication"):
-        validator = keda_validator(kind)
-        for name, doc in named(built, kind).items():
+def test_custom_resources_validate_against_their_crd_schemas(
+    with_operator: list[dict[str, Any]],
+) -> None:
+    checked: dict[str, int] = {}
+    for kind in CRD_SCHEMAS:
+        validator = crd_validator(kind)
+        for name, doc in named(with_operator, kind).items():
             errors = [error.message for error in validator.iter_errors(doc)]
             assert errors == [], (kind, name, errors)
-            checked += 1
-    assert checked == len(Stage) + 1
+            checked[kind] = checked.get(kind, 0) + 1
+    assert checked == {
+        "ScaledObject": len(Stage),
+        "TriggerAuthentication": 1,
+        "ServiceMonitor": 2,
+        "PrometheusRule": 1,
+    }
 
 
 def test_kedas_schema_refuses_a_misspelt_field(built: list[dict[str, Any]]) -> None:
     scaled = copy.deepcopy(next(iter(named(built, "ScaledObject").values())))
     scaled["spec"]["minReplicas"] = 1  # KEDA's name is minReplicaCount
-    errors = list(keda_validator("ScaledObject").iter_errors(scaled))
+    errors = list(crd_validator("ScaledObject").iter_errors(scaled))
     assert any("minReplicas" in error.message for error in errors)
     scaled = copy.deepcopy(next(iter(named(built, "ScaledObject").values())))
     scaled["spec"]["pollingInterval"] = "15"
-    assert list(keda_validator("ScaledObject").iter_errors(scaled))
+    assert list(crd_validator("ScaledObject").iter_errors(scaled))
 
 
 # --- Pod Security "restricted" -------------------------------------------------------------------
