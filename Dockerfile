@@ -11,6 +11,6 @@ COPY connectors ./connectors
 COPY workers ./workers
 COPY windowpipe ./windowpipe
 # The dependencies are installed above: windowpipe itself only.
-RUN pip install --no-cache-dir --no-deps '.[all]'
+RUN pip install --no-cache-dir --no-deps .
 # 65534 (nobody), as the Kubernetes pods' runAsUser; the root filesystem may be read-only.
 USER 65534:65534
