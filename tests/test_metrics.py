@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from core.config import Config, load_config
 from core.instants import format_instant
@@ -34,9 +37,17 @@ from core.records import Stage, WindowKind, WindowStatus
 from core.store import WINDOWS, StateStore
 from core.windows import Window
 from tests.deployment import REPO, Deployment, write_config
+from tests.support import wait_until
 
 # Fixtures: a Redis DB of our own, deployments stopped after the test.
-from windowpipe.exporter import QUEUES, WindowpipeCollector, queue_depths, queue_list_names, render
+from windowpipe.exporter import (
+    QUEUES,
+    ScrapeCache,
+    WindowpipeCollector,
+    queue_depths,
+    queue_list_names,
+    render,
+)
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
 SIZE = timedelta(minutes=15)
@@ -485,6 +496,81 @@ def test_counters_never_decrease_across_a_forced_re_run(
     store.dispose()
 
 
+class Flaky(Collector):
+    """A collector that counts its reads, and fails them on demand."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.tries = 0
+        self.failing = False
+
+    def collect(self) -> Iterator[Metric]:
+        self.tries += 1
+        if self.failing:
+            raise RuntimeError("store gone")
+        self.reads += 1
+        family = GaugeMetricFamily("windowpipe_test_reads", "Reads so far.")
+        family.add_metric([], self.reads)
+        yield family
+
+
+def test_the_scrape_cache_serves_its_last_reading_with_its_age() -> None:
+    now = [100.0]
+    collector = Flaky()
+    cache = ScrapeCache(collector, clock=lambda: now[0])
+    cache.refresh()
+    now[0] += 4.0
+
+    def served(name: str) -> float:
+        return float(families(cache.exposition().decode())[name].samples[0].value)
+
+    assert served("windowpipe_test_reads") == 1
+    assert served("windowpipe_exporter_data_age_seconds") == 4.0
+    # Readings that fail in the background leave the last one served; its age keeps growing.
+    collector.failing = True
+    stop = threading.Event()
+    runner = threading.Thread(target=cache.run, args=(stop, 0.01))
+    runner.start()
+    try:
+        wait_until(lambda: collector.tries >= 3, 30, "three failed readings")
+    finally:
+        stop.set()
+        runner.join(10)
+    now[0] += 60.0
+    assert served("windowpipe_test_reads") == 1
+    assert served("windowpipe_exporter_data_age_seconds") == 64.0
+    collector.failing = False
+    cache.refresh()
+    assert served("windowpipe_test_reads") == 2
+    assert served("windowpipe_exporter_data_age_seconds") == 0.0
+
+
+@pytest.mark.integration
+def test_the_exporter_refreshing_in_the_background_follows_the_store(
+    tmp_path: Path, sqlite_url: str, redis_db: str
+) -> None:
+    store = StateStore(sqlite_url)
+    store.migrate()
+    config = example_config(tmp_path, sqlite_url, redis_db)
+    dep = Deployment(Path(config.path), tmp_path)
+    exporter = Exporter(dep, "--refresh", "0.5")
+    try:
+        first = exporter.scrape()
+        assert first.value("windowpipe_windows", pipeline="events", status="pending") == 0
+        assert 0 <= first.value("windowpipe_exporter_data_age_seconds") < 60
+        create(store, "events", 3)
+
+        def pending() -> float:
+            return exporter.scrape().value(
+                "windowpipe_windows", pipeline="events", status="pending"
+            )
+
+        wait_until(lambda: pending() == 3, 60, "the new windows served")
+    finally:
+        exporter.close()
+        store.dispose()
+
+
 @pytest.mark.integration
 def test_a_store_without_the_schema_is_reported_down_and_left_alone(
     tmp_path: Path, redis_db: str
@@ -582,7 +668,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     from tests.conftest import REDIS_TEST_URL
 
     config = example_config(tmp_path, url, f"{REDIS_TEST_URL}/0")
-    text = render(WindowpipeCollector(config, store, broker=None))
+    # As served by default: read in the background, with the reading's age.
+    cache = ScrapeCache(WindowpipeCollector(config, store, broker=None))
+    cache.refresh()
+    text = cache.exposition().decode()
     store.dispose()
     # No broker client: queue depth is left out of this scrape, but served with a broker.
     return served_names(text) | {"windowpipe_queue_depth"}
@@ -643,9 +732,12 @@ def test_promtool_accepts_the_rules_and_every_dashboard_query(tmp_path: Path) ->
 
 
 class Exporter:
-    """`windowpipe metrics --port 0` as a subprocess of a deployment; scraped over HTTP."""
+    """`windowpipe metrics --port 0` as a subprocess of a deployment; scraped over HTTP. By
+    default it reads the store at each scrape (`--refresh 0`), so a scrape's numbers are of the
+    instant it was made."""
 
-    def __init__(self, dep: Deployment) -> None:
+    def __init__(self, dep: Deployment, *options: str) -> None:
+        self.options = options or ("--refresh", "0")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -656,6 +748,7 @@ class Exporter:
                 "0",
                 "--address",
                 "127.0.0.1",
+                *self.options,
             ],
             cwd=dep.workdir,
             env=dep.env,
