@@ -17,6 +17,7 @@ from pathlib import Path
 from bench import (
     backfill,
     bulk,
+    exporter_scrape,
     extract_search,
     generation,
     many_pipelines,
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs (~3 min)")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 10), help="run only these benchmarks"
+        "--only", type=int, nargs="+", choices=range(1, 11), help="run only these benchmarks"
     )
     parser.add_argument(
         "--output",
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the report (default docs/BENCHMARKS.md)",
     )
     args = parser.parse_args(argv)
-    selected = set(args.only or range(1, 10))
+    selected = set(args.only or range(1, 11))
     large, small = (QUICK_LARGE, QUICK_SMALL) if args.quick else (LARGE, SMALL)
     configure_logging("WARNING")
     began = time.monotonic()
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += many_pipelines.run(args.quick, database_url, redis_url, workdir)
             if 9 in selected:
                 rows += web.run(args.quick, database_url, redis_url)
+            if 10 in selected:
+                rows += exporter_scrape.run(args.quick, database_url, redis_url, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows.sort(key=lambda row: row.benchmark)

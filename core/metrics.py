@@ -1,11 +1,11 @@
 """What the Prometheus exporter reports about windows, read from the window records.
 
 Everything here is computed from the state store alone, so the numbers are the same whatever
-the number of worker hosts: no worker keeps a registry of its own. Nothing of the history is
-loaded into Python, and a scrape does not grow with it: the freshness frontier is two index
-lookups per pipeline, the windows in flight are read through the (pipeline, status) index, and
-the sums over finished windows are kept by the exporter between scrapes for the complete prefix
-of each pipeline (`PrefixTallies`), so each scrape adds only the windows completed since.
+the number of worker hosts: no worker keeps a registry of its own. A scrape runs one statement
+per metric family for every pipeline (`GROUP BY pipeline`), never one per pipeline: the
+frontier is two index lookups per pipeline inside one statement, the backlog an index-only read
+of the windows in flight (a partial index), and the sums one pass over the table. The sums are
+recomputed at each scrape; `HighWater` keeps the ones reported as counters from going down.
 
 What each number measures, honestly, given what a record holds (one row per window: status,
 stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest attempt):
@@ -13,8 +13,7 @@ stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest 
 - freshness: now minus the end of the newest window such that it and every window before it
   succeeded or were skipped; the point up to which the target is complete;
 - windows by status, and windows queued or running at each stage (the stage's backlog);
-- the most attempts any window that is not finished well has used (a window being retried, or
-  dead at `max_attempts`);
+- the most attempts any window still being retried has used (dead windows are counted apart);
 - dead windows, and windows whose last attempt failed the audit (counts disagreed);
 - chain seconds: a succeeded window's latest attempt from its first claim (precheck) to its
   audit commit, queue waits between stages and retries inside the attempt included. The
@@ -25,16 +24,18 @@ stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from core.records import FINISHED, STAGE_ORDER, Stage, WindowStatus
-from core.store import WINDOWS, StateStore
+from core.store import WINDOWS, StateStore, recheck_due
 
 CHAIN_SECONDS_BUCKETS: tuple[float, ...] = (
     1,
@@ -134,7 +135,8 @@ class PipelineMetrics:
     running: Mapping[str, int]
     """Windows running at each stage."""
     max_attempts_unfinished: int
-    """The most attempts of any window not succeeded or skipped (0 when none)."""
+    """The most attempts of any window being retried: not succeeded, skipped or dead (0 when
+    none)."""
     audit_failures: int
     """Windows failed or dead because their last attempt's audit found the counts differ."""
     chain_seconds: Histogram
@@ -142,6 +144,12 @@ class PipelineMetrics:
     rows: Mapping[str, int]
     """Documents of succeeded windows per stage (precheck: source, extract: staged, load:
     target)."""
+    rechecks_passed: int = 0
+    """Recheck horizons passed by the pipeline's windows."""
+    drifted: int = 0
+    """Windows whose source was found to have drifted (by a recheck or reconcile)."""
+    rechecks_pending: int = 0
+    """Finished windows past a recheck horizon, waiting for their recheck."""
 
     @property
     def dead(self) -> int:
@@ -190,124 +198,151 @@ def seconds_between(dialect: str, start: Any, end: Any) -> sa.ColumnElement[Any]
     return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
 
 
-def stage_backlog_query(pipeline: str) -> sa.Select[Any]:
-    """(stage, status, count) of the pipeline's windows queued or running at a stage; reads
-    only those, through the (pipeline, status) index.
+FAR_FUTURE = datetime(9999, 12, 31, tzinfo=UTC)
+"""Stands for "no bound" where SQL needs an instant (a pipeline with no unfinished window)."""
 
-    The Kubernetes ScaledObjects run the same selection per stage (deploy/kubernetes/keda.yaml,
-    checked by tests/test_kubernetes.py).
-    """
-    active = [WindowStatus.QUEUED.value, WindowStatus.RUNNING.value]
-    return (
-        sa.select(WINDOWS.c.stage, WINDOWS.c.status, sa.func.count())
+ACTIVE = (WindowStatus.QUEUED.value, WindowStatus.RUNNING.value)
+"""The statuses of a stage's backlog; the partial index ix_windows_active_stage (migration
+0004) holds exactly these windows, and KEDA's query counts them per stage."""
+
+
+def configured_pipelines(dialect: str, names: Iterable[str]) -> sa.TableValuedAlias:
+    """The pipeline names as a one-column table (`value`), passed as one JSON parameter: the
+    driving table of the per-pipeline index lookups in `frontier_query`."""
+    text = json.dumps(sorted(names))
+    if dialect == "postgresql":
+        rows = sa.func.json_array_elements_text(sa.cast(sa.literal(text), postgresql.JSON))
+    else:
+        rows = sa.func.json_each(sa.literal(text))
+    return rows.table_valued("value").alias("configured")
+
+
+def frontier_query(dialect: str, names: Iterable[str]) -> sa.Select[Any]:
+    """(pipeline, first unfinished window's start, complete_through) of each pipeline in
+    `names`, in one statement: per pipeline, the oldest window not succeeded or skipped
+    through the (pipeline, status) index, then the newest window before it through the
+    (pipeline, window_start) index; nothing of the history is scanned.
+
+    On SQLite the first column is written `+window_start`: for a bare `min(window_start)` its
+    planner walks the (pipeline, window_start) index from the oldest window instead, through
+    the whole history (measured: 100 ms instead of 0.1 ms with 500,000 windows)."""
+    configured = configured_pipelines(dialect, names)
+    start: Any = WINDOWS.c.window_start
+    if dialect == "sqlite":
+        start = sa.literal_column("+windows.window_start", type_=WINDOWS.c.window_start.type)
+    first = (
+        sa.select(sa.func.min(start))
         .where(
-            WINDOWS.c.pipeline == pipeline,
-            WINDOWS.c.status.in_(active),
-            WINDOWS.c.stage.is_not(None),
+            WINDOWS.c.pipeline == configured.c.value,
+            WINDOWS.c.status.in_([s.value for s in UNFINISHED]),
         )
-        .group_by(WINDOWS.c.stage, WINDOWS.c.status)
+        .scalar_subquery()
     )
-
-
-def unfinished_query(pipeline: str) -> sa.Select[Any]:
-    """(most attempts, audit failures) over the pipeline's windows not succeeded or skipped;
-    reads only those, through the (pipeline, status) index.
-
-    An audit failure is a window failed (or dead) by the audit finding the counts differ: the
-    runner records it with an `audit: ` error and sends the window back to precheck, which
-    tells it apart from an audit stage that could not reach the target (that keeps its stage).
-    """
-    audit_failed = sa.and_(
-        WINDOWS.c.status.in_([WindowStatus.FAILED.value, WindowStatus.DEAD.value]),
-        WINDOWS.c.error.like(f"{AUDIT_ERROR_PREFIX}%"),
-        WINDOWS.c.stage == Stage.PRECHECK.value,
+    frontier = sa.select(
+        configured.c.value.label("pipeline"), first.label("first_unfinished")
+    ).subquery("frontier")
+    bound = sa.func.coalesce(
+        frontier.c.first_unfinished, sa.literal(FAR_FUTURE, WINDOWS.c.window_start.type)
+    )
+    newest_before = (
+        sa.select(WINDOWS.c.window_end)
+        .where(WINDOWS.c.pipeline == frontier.c.pipeline, WINDOWS.c.window_start < bound)
+        .order_by(WINDOWS.c.window_start.desc())
+        .limit(1)
+        .scalar_subquery()
     )
     return sa.select(
-        sa.func.max(WINDOWS.c.attempts), sa.func.sum(sa.case((audit_failed, 1), else_=0))
-    ).where(WINDOWS.c.pipeline == pipeline, WINDOWS.c.status.in_([s.value for s in UNFINISHED]))
+        frontier.c.pipeline,
+        sa.type_coerce(frontier.c.first_unfinished, WINDOWS.c.window_start.type),
+        newest_before,
+    )
 
 
-def tally_query(
-    dialect: str,
-    bounds: Sequence[float],
-    pipeline: str,
-    *,
-    since: datetime | None = None,
-    before: datetime | None = None,
-) -> sa.Select[Any]:
-    """Per status, over the pipeline's windows starting in `[since, before)`: the count, and
-    the "at or below" count of each bound, the count and sum of the chain durations, and the
-    row sums (used from the succeeded group only). A range scan of the (pipeline,
-    window_start) index; windows without both instants are left out of the durations."""
+def tally_query(dialect: str, bounds: Sequence[float]) -> sa.Select[Any]:
+    """Per (pipeline, status): the count, and, used from the succeeded group only, the
+    "at or below" count of each bound, the count and sum of the chain durations, and the row
+    sums. One pass over the table for every pipeline; windows without both instants are left
+    out of the durations."""
     duration = seconds_between(dialect, WINDOWS.c.started_at, WINDOWS.c.finished_at)
     timed = sa.and_(WINDOWS.c.started_at.is_not(None), WINDOWS.c.finished_at.is_not(None))
-    columns: list[Any] = [WINDOWS.c.status, sa.func.count()]
+    columns: list[Any] = [WINDOWS.c.pipeline, WINDOWS.c.status, sa.func.count()]
     for bound in bounds:
         columns.append(sa.func.sum(sa.case((sa.and_(timed, duration <= bound), 1), else_=0)))
     columns.append(sa.func.sum(sa.case((timed, 1), else_=0)))
     columns.append(sa.func.coalesce(sa.func.sum(sa.case((timed, duration), else_=None)), 0.0))
     for _stage, column in ROW_COLUMNS:
         columns.append(sa.func.coalesce(sa.func.sum(WINDOWS.c[column]), 0))
-    query = sa.select(*columns).where(WINDOWS.c.pipeline == pipeline)
-    if since is not None:
-        query = query.where(WINDOWS.c.window_start >= since)
-    if before is not None:
-        query = query.where(WINDOWS.c.window_start < before)
-    return query.group_by(WINDOWS.c.status)
+    return sa.select(*columns).group_by(WINDOWS.c.pipeline, WINDOWS.c.status)
 
 
-def read_tally(
-    conn: Connection,
-    bounds: Sequence[float],
-    pipeline: str,
-    *,
-    since: datetime | None = None,
-    before: datetime | None = None,
-) -> Tally:
-    """The `Tally` of the pipeline's windows starting in `[since, before)`."""
-    query = tally_query(conn.dialect.name, bounds, pipeline, since=since, before=before)
-    tally = Tally.zero(bounds)
-    for row in conn.execute(query):
-        status, count = row[0], int(row[1])
-        sums = Tally.zero(bounds)
-        if status == WindowStatus.SUCCEEDED.value:
-            n = len(bounds)
-            sums = Tally(
-                {},
-                tuple(int(v or 0) for v in row[2 : 2 + n]),
-                int(row[2 + n] or 0),
-                float(row[3 + n] or 0.0),
-                tuple(int(v or 0) for v in row[4 + n :]),
-            )
-        tally = tally + Tally(
-            {status: count}, sums.at_or_below, sums.timed, sums.seconds, sums.rows
-        )
-    return tally
+def backlog_query() -> sa.Select[Any]:
+    """(pipeline, stage, status, count) of the windows queued or running at a stage: an
+    index-only read of ix_windows_active_stage, which holds only those.
 
-
-def first_unfinished_query(pipeline: str, dialect: str) -> sa.Select[Any]:
-    """The start of the pipeline's oldest window not succeeded or skipped (NULL if none).
-
-    Reads only unfinished windows, through the (pipeline, status) index. On SQLite the column
-    is written `+window_start`: for a bare `min(window_start)` its planner walks the
-    (pipeline, window_start) index from the oldest window instead, through the whole history
-    (measured: 100 ms instead of 0.1 ms with 500,000 windows)."""
-    start: Any = WINDOWS.c.window_start
-    if dialect == "sqlite":
-        start = sa.literal_column("+windows.window_start", type_=WINDOWS.c.window_start.type)
-    return sa.select(sa.func.min(start)).where(
-        WINDOWS.c.pipeline == pipeline,
-        WINDOWS.c.status.in_([s.value for s in UNFINISHED]),
+    The Kubernetes ScaledObjects count the same windows per stage (deploy/kubernetes/keda.yaml,
+    checked by tests/test_kubernetes.py)."""
+    return (
+        sa.select(WINDOWS.c.pipeline, WINDOWS.c.stage, WINDOWS.c.status, sa.func.count())
+        .where(WINDOWS.c.status.in_(ACTIVE), WINDOWS.c.stage.is_not(None))
+        .group_by(WINDOWS.c.pipeline, WINDOWS.c.stage, WINDOWS.c.status)
     )
 
 
-def newest_end_before_query(pipeline: str, before: datetime | None) -> sa.Select[Any]:
-    """The end of the pipeline's newest window starting before `before` (or of its newest
-    window at all): one step of the (pipeline, window_start) index, whatever the history."""
-    query = sa.select(WINDOWS.c.window_end).where(WINDOWS.c.pipeline == pipeline)
-    if before is not None:
-        query = query.where(WINDOWS.c.window_start < before)
-    return query.order_by(WINDOWS.c.window_start.desc()).limit(1)
+def unfinished_query() -> sa.Select[Any]:
+    """(pipeline, most attempts of a window still being retried, audit failures) over the
+    windows not succeeded or skipped, through the (pipeline, status) index.
+
+    A dead window is not being retried: it counts in `windowpipe_dead_windows`, not in the
+    attempts, so one dead window does not also raise the "retrying" alert. An audit failure is
+    a window failed (or dead) by the audit finding the counts differ: the runner records it
+    with an `audit: ` error and sends the window back to precheck, which tells it apart from an
+    audit stage that could not reach the target (that keeps its stage).
+    """
+    audit_failed = sa.and_(
+        WINDOWS.c.status.in_([WindowStatus.FAILED.value, WindowStatus.DEAD.value]),
+        WINDOWS.c.error.like(f"{AUDIT_ERROR_PREFIX}%"),
+        WINDOWS.c.stage == Stage.PRECHECK.value,
+    )
+    retrying = WINDOWS.c.status != WindowStatus.DEAD.value
+    return (
+        sa.select(
+            WINDOWS.c.pipeline,
+            sa.func.max(sa.case((retrying, WINDOWS.c.attempts), else_=None)),
+            sa.func.sum(sa.case((audit_failed, 1), else_=0)),
+        )
+        .where(WINDOWS.c.status.in_([s.value for s in UNFINISHED]))
+        .group_by(WINDOWS.c.pipeline)
+    )
+
+
+def recheck_tally_query() -> sa.Select[Any]:
+    """(pipeline, recheck horizons passed, windows that ever drifted) of every pipeline."""
+    return sa.select(
+        WINDOWS.c.pipeline,
+        sa.func.sum(WINDOWS.c.rechecks_done),
+        sa.func.sum(sa.case((WINDOWS.c.drift.is_not(None), 1), else_=0)),
+    ).group_by(WINDOWS.c.pipeline)
+
+
+def due_rechecks_query(
+    names: Collection[str], horizons: Sequence[timedelta], now: datetime
+) -> sa.Select[Any]:
+    """(pipeline, finished windows waiting for a recheck at `now`) of the pipelines `names`,
+    which share the recheck `horizons`, through the recheck index."""
+    return (
+        sa.select(WINDOWS.c.pipeline, sa.func.count())
+        .where(WINDOWS.c.pipeline.in_(sorted(names)), recheck_due(horizons, now))
+        .group_by(WINDOWS.c.pipeline)
+    )
+
+
+def read_frontiers(conn: Connection, names: Iterable[str]) -> dict[str, Frontier]:
+    """The frontier of each pipeline in `names`, in one statement (`frontier_query`)."""
+    names = list(names)
+    if not names:
+        return {}
+    rows = conn.execute(frontier_query(conn.dialect.name, names)).tuples()
+    return {name: Frontier(first, end) for name, first, end in rows}
 
 
 @dataclass(frozen=True)
@@ -320,58 +355,6 @@ class Frontier:
     """End of the newest window before it (of the newest window, when every one finished);
     None when the first window is not finished, or there is no window."""
 
-    @property
-    def boundary(self) -> datetime | None:
-        """Every window starting before this is succeeded or skipped (None: no window)."""
-        return self.first_unfinished or self.complete_through
-
-
-def read_frontier(conn: Connection, pipeline: str) -> Frontier:
-    """Two index lookups: the oldest unfinished window, then the newest window before it. A
-    chain with a gap (which `windowpipe validate` reports) counts as complete across the gap.
-    """
-    first_unfinished = conn.execute(
-        first_unfinished_query(pipeline, conn.dialect.name)
-    ).scalar_one()
-    end: datetime | None = conn.execute(
-        newest_end_before_query(pipeline, first_unfinished)
-    ).scalar_one_or_none()
-    return Frontier(first_unfinished, end)
-
-
-class PrefixTallies:
-    """The `Tally` of each pipeline's complete prefix (the windows before its frontier), kept
-    between scrapes so that a scrape reads only what completed since the last one.
-
-    Windows before the frontier are all succeeded or skipped, and stay so unless an operator
-    re-runs them (`--force`, `reconcile --repair`): that puts them back to pending, the
-    frontier moves back below the kept prefix, and the prefix is read again in full. A re-run
-    that starts and succeeds between two scrapes is not seen: its old durations and counts stay
-    in the sums until the exporter restarts.
-    """
-
-    def __init__(self) -> None:
-        self._kept: dict[str, tuple[datetime, Tally]] = {}
-
-    def tally(
-        self, conn: Connection, bounds: Sequence[float], pipeline: str, frontier: Frontier
-    ) -> Tally:
-        """The tally of every window of the pipeline: the kept prefix, moved forward to the
-        frontier, plus the windows from the frontier on (those in flight, and any finished
-        after an unfinished one)."""
-        boundary = frontier.boundary
-        if boundary is None:
-            self._kept.pop(pipeline, None)
-            return read_tally(conn, bounds, pipeline)
-        kept = self._kept.get(pipeline)
-        if kept is not None and kept[0] <= boundary and len(kept[1].at_or_below) == len(bounds):
-            since, prefix = kept
-            prefix = prefix + read_tally(conn, bounds, pipeline, since=since, before=boundary)
-        else:
-            prefix = read_tally(conn, bounds, pipeline, before=boundary)
-        self._kept[pipeline] = (boundary, prefix)
-        return prefix + read_tally(conn, bounds, pipeline, since=boundary)
-
 
 # --- reading the store -------------------------------------------------------------------------
 
@@ -379,13 +362,11 @@ class PrefixTallies:
 def read_freshness(
     store: StateStore, starts: Mapping[str, datetime], now: datetime
 ) -> dict[str, Freshness]:
-    """The freshness of each pipeline in `starts` (name -> the pipeline's `start`): two index
-    lookups per pipeline, whatever its history."""
+    """The freshness of each pipeline in `starts` (name -> the pipeline's `start`): one
+    statement, two index lookups per pipeline, whatever the history."""
     with store.engine.connect() as conn:
-        return {
-            name: _freshness(read_frontier(conn, name), start, now)
-            for name, start in starts.items()
-        }
+        frontiers = read_frontiers(conn, starts)
+    return {name: _freshness(frontiers[name], start, now) for name, start in starts.items()}
 
 
 def _freshness(frontier: Frontier, start: datetime, now: datetime) -> Freshness:
@@ -399,47 +380,128 @@ def read_window_metrics(
     now: datetime,
     *,
     bounds: Sequence[float] = CHAIN_SECONDS_BUCKETS,
-    prefixes: PrefixTallies | None = None,
+    recheck: Mapping[str, Sequence[timedelta]] | None = None,
 ) -> WindowMetrics:
     """The numbers of each pipeline in `starts` (name -> the pipeline's `start`, from which
-    freshness is measured until a window is complete), read on one connection (each number is
-    right on its own; they are not one snapshot).
-
-    Per pipeline: the frontier (two index lookups), the windows from the frontier on and those
-    completed since the last call with the same `prefixes` (index range scans), the windows in
-    flight (the (pipeline, status) index). The first call, or one without `prefixes`, reads
-    the whole complete prefix once.
+    freshness is measured until a window is complete), read on one connection with one
+    statement per metric family for every pipeline (each number is right on its own; they are
+    not one snapshot): the frontiers, the tally by (pipeline, status), the backlog, the
+    unfinished windows, the recheck tally, and the due rechecks once per distinct `recheck`
+    horizons (name -> the pipeline's `recheck`; pipelines without horizons have none due).
     """
     bounds = tuple(bounds)
-    prefixes = prefixes if prefixes is not None else PrefixTallies()
-    pipelines = {}
+    tallies: dict[str, Tally] = {name: Tally.zero(bounds) for name in starts}
+    waiting: dict[str, dict[str, int]] = {name: {} for name in starts}
+    running: dict[str, dict[str, int]] = {name: {} for name in starts}
+    unfinished: dict[str, tuple[int, int]] = {}
+    rechecks: dict[str, tuple[int, int]] = {}
+    due: dict[str, int] = {}
     with store.engine.connect() as conn:
-        for name, start in sorted(starts.items()):
-            frontier = read_frontier(conn, name)
-            tally = prefixes.tally(conn, bounds, name, frontier)
-            waiting: dict[str, int] = {}
-            running: dict[str, int] = {}
-            for stage, status, count in conn.execute(stage_backlog_query(name)).tuples():
+        frontiers = read_frontiers(conn, starts)
+        for row in conn.execute(tally_query(conn.dialect.name, bounds)):
+            name = row[0]
+            if name in tallies:
+                tallies[name] = tallies[name] + _status_tally(row[1:], bounds)
+        for name, stage, status, count in conn.execute(backlog_query()).tuples():
+            if name in starts:
                 into = waiting if status == WindowStatus.QUEUED.value else running
-                into[stage] = int(count)
-            most, audit = conn.execute(unfinished_query(name)).one()
-            pipelines[name] = PipelineMetrics(
-                pipeline=name,
-                freshness=_freshness(frontier, start, now),
-                windows=_every_status(tally.statuses),
-                waiting=_every_stage(waiting),
-                running=_every_stage(running),
-                max_attempts_unfinished=int(most or 0),
-                audit_failures=int(audit or 0),
-                chain_seconds=Histogram(
-                    bounds, cumulative_buckets(tally.at_or_below), tally.timed, tally.seconds
-                ),
-                rows={
-                    stage.value: count
-                    for (stage, _), count in zip(ROW_COLUMNS, tally.rows, strict=True)
-                },
-            )
+                into[name][stage] = int(count)
+        for name, most, audit in conn.execute(unfinished_query()).tuples():
+            unfinished[name] = (int(most or 0), int(audit or 0))
+        for name, passed, drifted in conn.execute(recheck_tally_query()).tuples():
+            rechecks[name] = (int(passed or 0), int(drifted or 0))
+        for horizons, names in _by_horizons(recheck or {}, starts).items():
+            for name, count in conn.execute(due_rechecks_query(names, horizons, now)).tuples():
+                due[name] = int(count)
+    pipelines = {}
+    for name, start in sorted(starts.items()):
+        tally = tallies[name]
+        most, audit = unfinished.get(name, (0, 0))
+        passed, drifted = rechecks.get(name, (0, 0))
+        pipelines[name] = PipelineMetrics(
+            pipeline=name,
+            freshness=_freshness(frontiers[name], start, now),
+            windows=_every_status(tally.statuses),
+            waiting=_every_stage(waiting[name]),
+            running=_every_stage(running[name]),
+            max_attempts_unfinished=most,
+            audit_failures=audit,
+            chain_seconds=Histogram(
+                bounds, cumulative_buckets(tally.at_or_below), tally.timed, tally.seconds
+            ),
+            rows={
+                stage.value: count
+                for (stage, _), count in zip(ROW_COLUMNS, tally.rows, strict=True)
+            },
+            rechecks_passed=passed,
+            drifted=drifted,
+            rechecks_pending=due.get(name, 0),
+        )
     return WindowMetrics(now=now, pipelines=pipelines)
+
+
+def _status_tally(row: Sequence[Any], bounds: Sequence[float]) -> Tally:
+    """One (status, count, sums...) row of `tally_query` as a Tally; only the succeeded
+    windows' durations and rows count."""
+    status, count = row[0], int(row[1])
+    if status != WindowStatus.SUCCEEDED.value:
+        zero = Tally.zero(bounds)
+        return Tally({status: count}, zero.at_or_below, zero.timed, zero.seconds, zero.rows)
+    n = len(bounds)
+    return Tally(
+        {status: count},
+        tuple(int(v or 0) for v in row[2 : 2 + n]),
+        int(row[2 + n] or 0),
+        float(row[3 + n] or 0.0),
+        tuple(int(v or 0) for v in row[4 + n :]),
+    )
+
+
+def _by_horizons(
+    recheck: Mapping[str, Sequence[timedelta]], names: Iterable[str]
+) -> dict[tuple[timedelta, ...], list[str]]:
+    groups: dict[tuple[timedelta, ...], list[str]] = {}
+    for name in names:
+        horizons = tuple(recheck.get(name, ()))
+        if horizons:
+            groups.setdefault(horizons, []).append(name)
+    return groups
+
+
+class HighWater:
+    """Makes numbers that are recomputed from the records behave as Prometheus counters: each
+    series reports the highest value it has had in this process, so it never goes down.
+
+    The sums over succeeded windows (rows, chain durations) and the recheck tallies shrink
+    when an operator re-runs a window (`enqueue --force`, `reconcile --repair`): its counts
+    are cleared until it succeeds again. Reported as they are, `rate()` would read a counter
+    reset and count the whole total again. Held at their high-water mark, they stay flat
+    while the window re-runs and move on once it has succeeded with more than before. A
+    restart of the exporter starts from the records again (a reset, as any counter's)."""
+
+    def __init__(self) -> None:
+        self._highest: dict[tuple[str, ...], float] = {}
+
+    def hold(self, key: tuple[str, ...], value: float) -> float:
+        """max(value, the highest value reported for `key` before)."""
+        highest = max(value, self._highest.get(key, value))
+        self._highest[key] = highest
+        return highest
+
+    def histogram(self, key: tuple[str, ...], histogram: Histogram) -> Histogram:
+        """Each bucket, the count and the sum held at their high-water marks. Each stays a
+        valid histogram: at every read a bucket held no more than the next one and than the
+        count, so their highest values keep that order too."""
+        cumulative = tuple(
+            int(self.hold((*key, "le", str(bound)), count))
+            for bound, count in zip(histogram.bounds, histogram.cumulative, strict=True)
+        )
+        return Histogram(
+            histogram.bounds,
+            cumulative,
+            int(self.hold((*key, "count"), histogram.count)),
+            self.hold((*key, "sum"), histogram.total),
+        )
 
 
 def _every_status(found: Mapping[str, int]) -> dict[str, int]:

@@ -148,6 +148,15 @@ WINDOWS = sa.Table(
         sqlite_where=sa.text("drift IS NOT NULL"),
         postgresql_where=sa.text("drift IS NOT NULL"),
     ),
+    # KEDA's per-stage count and the exporter's backlog (migration 0004).
+    sa.Index(
+        "ix_windows_active_stage",
+        "stage",
+        "status",
+        "pipeline",
+        sqlite_where=sa.text("status IN ('queued', 'running')"),
+        postgresql_where=sa.text("status IN ('queued', 'running')"),
+    ),
 )
 """One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
 
@@ -164,6 +173,21 @@ class UnfinishedGroup:
     count: int
     oldest_finished_at: datetime | None
     """The earliest `finished_at` of the group (a failed window's retry delay runs from it)."""
+
+
+def recheck_due(horizons: Sequence[timedelta], now: datetime) -> sa.ColumnElement[bool]:
+    """Finished windows waiting for a recheck at `now`: past the horizon after the last one
+    they passed (`horizons`, the pipeline's `recheck`, oldest first; not empty)."""
+    now = _aware(now, "now")
+    return sa.and_(
+        WINDOWS.c.status.in_(_values(FINISHED)),
+        sa.or_(
+            *(
+                sa.and_(WINDOWS.c.rechecks_done == index, WINDOWS.c.window_end <= now - horizon)
+                for index, horizon in enumerate(horizons)
+            )
+        ),
+    )
 
 
 class RecordNotFoundError(InvalidTransitionError, LookupError):
@@ -365,7 +389,7 @@ class StateStore:
         """Every pipeline's windows by status and where its complete prefix ends, in one
         statement (grouped by pipeline and status), whatever the number of pipelines.
 
-        The complete prefix is as `core.metrics.read_frontier` reads it for one pipeline: the
+        The complete prefix is as `core.metrics.read_frontiers` reads it: the
         end of the newest window starting before the oldest window not succeeded or skipped
         (of the newest window, when every one is).
         """
@@ -620,15 +644,8 @@ class StateStore:
         """How many finished windows wait for a recheck now (for the metrics)."""
         if not horizons:
             return 0
-        now = _aware(now, "now")
-        due = sa.or_(
-            *(
-                sa.and_(WINDOWS.c.rechecks_done == index, WINDOWS.c.window_end <= now - horizon)
-                for index, horizon in enumerate(horizons)
-            )
-        )
         query = sa.select(sa.func.count()).where(
-            WINDOWS.c.pipeline == pipeline, WINDOWS.c.status.in_(_values(FINISHED)), due
+            WINDOWS.c.pipeline == pipeline, recheck_due(horizons, now)
         )
         with self._reading() as conn:
             return int(conn.execute(query).scalar_one())

@@ -74,11 +74,96 @@ def test_all_windowpipe_services_mount_one_config(compose: dict[str, Any]) -> No
         assert body["environment"]["WINDOWPIPE_CONFIG"] == "/etc/windowpipe/windowpipe.toml"
 
 
-def test_flower_requires_basic_auth(compose: dict[str, Any]) -> None:
-    command = " ".join(compose["services"]["flower"]["command"])
-    assert re.search(r"--basic-auth=\$\{FLOWER_USER\}:\$\{FLOWER_PASSWORD\}", command)
+def test_flower_requires_basic_auth_and_its_password_is_not_on_its_command_line(
+    compose: dict[str, Any],
+) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "${FLOWER_USER}:${FLOWER_PASSWORD}"
+    assert not any("PASSWORD" in part or "basic" in part for part in flower["command"])
     example = (REPO / ".env.example").read_text()
     assert "FLOWER_USER=" in example and "FLOWER_PASSWORD=" in example
+
+
+CONNECTOR_SECRETS = {"SF_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"}
+
+
+def test_only_the_workers_get_the_connectors_secrets(compose: dict[str, Any]) -> None:
+    for name, body in compose["services"].items():
+        assert "env_file" not in body, name  # .env holds every secret: each service names its own
+        if not name.startswith(("worker-", "beat", "flower", "metrics")):
+            continue
+        given = set(body["environment"])
+        if name.startswith("worker-"):
+            assert given >= CONNECTOR_SECRETS, name
+        else:
+            assert not given & CONNECTOR_SECRETS, name
+
+
+def test_redis_persists_never_evicts_and_asks_for_a_password(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options == {
+        "--appendonly": "yes",
+        "--maxmemory-policy": "noeviction",
+        "--requirepass": "${REDIS_PASSWORD}",
+    }
+    for name, body in windowpipe_services(compose).items():
+        assert body["environment"]["WINDOWPIPE_REDIS_URL"].startswith(
+            "redis://:${REDIS_PASSWORD}@redis:"
+        ), name
+    assert "REDIS_PASSWORD=" in (REPO / ".env.example").read_text()
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`90s`, `1m30s`, `1h`) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, duration
+    hours, minutes, secs = (int(part or 0) for part in parts.groups())
+    return hours * 3600 + minutes * 60 + secs
+
+
+def test_each_worker_is_given_longer_to_stop_than_its_longest_task(
+    compose: dict[str, Any],
+) -> None:
+    """`docker compose stop` sends SIGTERM (a warm shutdown: the running task finishes), then
+    SIGKILL after stop_grace_period (Docker's default: 10 s). The task runs at most its hard
+    time limit; the worker's own shutdown watchdog fires after that, Docker's SIGKILL later."""
+    from core.records import Stage
+    from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
+
+    for name, body in worker_services(compose).items():
+        queue = body["command"][body["command"].index("-Q") + 1]
+        limit = (
+            CONTROL_TIME_LIMIT
+            if queue in ("control", "recheck")
+            else STAGE_POLICIES[Stage(queue)].time_limit
+        )
+        shutdown = float(body["environment"]["WINDOWPIPE_SHUTDOWN_TIMEOUT"])
+        assert limit < shutdown < seconds(body["stop_grace_period"]), name
+
+
+def test_the_image_installs_the_locked_dependencies_of_every_declared_one() -> None:
+    """requirements.lock pins (with hashes) every dependency pyproject.toml declares for the
+    image (the base ones and the `all` extra's connectors)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"]]
+    for extra in ("elasticsearch", "opensearch", "s3", "snowflake"):
+        declared += project["optional-dependencies"][extra]
+    lock = (REPO / "requirements.lock").read_text()
+    pinned = {
+        re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
+        for line in lock.splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert lock.count("--hash=sha256:") == len(pinned)
+    for requirement in declared:
+        name = re.split(r"[\[<>=~! ;]", requirement, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name).lower() in pinned, requirement
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements.lock" in dockerfile
+    assert "--no-deps" in dockerfile
 
 
 def test_worker_services_can_be_scaled(compose: dict[str, Any]) -> None:

@@ -2,18 +2,18 @@
 PostgreSQL), the broker's queue depth (real Redis, real kombu messages), the alert rules and
 the dashboard naming only what the exporter serves, and the exporter over HTTP following real
 workers: freshness moving forward as windows succeed, a window that fails its audit showing as
-dead, attempted and audit-failed."""
+dead and audit-failed; counters that never go down across a forced re-run."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from core.config import Config, load_config
 from core.instants import format_instant
 from core.metrics import (
     CHAIN_SECONDS_BUCKETS,
-    PrefixTallies,
     cumulative_buckets,
     freshness_seconds,
     read_window_metrics,
@@ -36,9 +37,17 @@ from core.records import Stage, WindowKind, WindowStatus
 from core.store import WINDOWS, StateStore
 from core.windows import Window
 from tests.deployment import REPO, Deployment, write_config
+from tests.support import wait_until
 
 # Fixtures: a Redis DB of our own, deployments stopped after the test.
-from windowpipe.exporter import QUEUES, WindowpipeCollector, queue_depths, queue_list_names, render
+from windowpipe.exporter import (
+    QUEUES,
+    ScrapeCache,
+    WindowpipeCollector,
+    queue_depths,
+    queue_list_names,
+    render,
+)
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
 SIZE = timedelta(minutes=15)
@@ -140,13 +149,20 @@ def run_to(
 ) -> None:
     """Queue a window and run its chain as the runner commits it, from the stage it resumes
     at until it waits at `stage` (None: to the end, succeeded)."""
+    run_from(store, pipeline, index, queue(store, pipeline, index), stage, docs)
+
+
+def run_from(
+    store: StateStore, pipeline: str, index: int, resume: Stage, stage: Stage | None, docs: int
+) -> None:
+    """Run a queued window's chain from `resume` until it waits at `stage` (None: to the
+    end), committing each stage as the runner does."""
     counts = {
         Stage.PRECHECK: {"source_count": docs},
         Stage.EXTRACT: {"staged_count": docs},
         Stage.LOAD: {"target_count": docs},
     }
     order = list(Stage)
-    resume = queue(store, pipeline, index)
     for position in range(order.index(resume), len(order)):
         current = order[position]
         if current == stage:
@@ -246,8 +262,9 @@ def test_windows_by_status_backlog_attempts_dead_and_audit_failures(store: State
         "audit: counts disagree (source=3 staged=3 target=2)",
         stage=Stage.PRECHECK,
     )
-    # The audit stage could not reach the target: not an audit failure.
-    fail(store, "events", 6, Stage.AUDIT, "audit: cannot reach the target (gave up after 5 tries)")
+    # The audit stage could not reach the target, twice: not an audit failure, but retrying.
+    for _ in range(2):
+        fail(store, "events", 6, Stage.AUDIT, "audit: cannot reach the target (gave up)")
     # Three failed attempts, then dead at max_attempts=3.
     for _ in range(3):
         fail(store, "events", 7, Stage.PRECHECK, "precheck: source table missing")
@@ -267,14 +284,15 @@ def test_windows_by_status_backlog_attempts_dead_and_audit_failures(store: State
     assert item.waiting == {"precheck": 1, "extract": 2, "load": 0, "audit": 0}
     assert item.running == {"precheck": 0, "extract": 0, "load": 1, "audit": 0}
     assert item.dead == 1
-    assert item.max_attempts_unfinished == 3
+    # Window 6 is on its second attempt; the dead window's three count as dead, not retrying.
+    assert item.max_attempts_unfinished == 2
     assert item.audit_failures == 1
 
     # The dead window is re-run and succeeds: nothing dead, attempts back to those in flight.
     assert store.reset_for_rerun("events", [window(7).start]) == 1
     succeed(store, "events", 7)
     item = metrics_of(store, "events").pipelines["events"]
-    assert item.dead == 0 and item.max_attempts_unfinished == 1
+    assert item.dead == 0 and item.max_attempts_unfinished == 2
     assert item.windows["succeeded"] == 2
 
 
@@ -318,54 +336,28 @@ def test_only_configured_pipelines_are_reported(store: StateStore) -> None:
     assert metrics.pipelines["events"].windows == dict.fromkeys([s.value for s in WindowStatus], 0)
 
 
-def rounded(metrics: Any) -> Any:
-    return {
-        name: replace(
-            item,
-            chain_seconds=replace(item.chain_seconds, total=round(item.chain_seconds.total, 6)),
+def test_every_family_is_one_statement_for_all_pipelines(store: StateStore) -> None:
+    names = [f"p{i:03}" for i in range(40)]
+    for name in names:
+        create(store, name, 3)
+        succeed(store, name, 0)
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        if args[2].lstrip().upper().startswith("SELECT"):
+            statements.append(args[2])
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        metrics = read_window_metrics(
+            store, dict.fromkeys(names, ORIGIN), NOW, recheck={name: [SIZE] for name in names}
         )
-        for name, item in metrics.pipelines.items()
-    }
-
-
-def test_sums_kept_between_scrapes_equal_sums_read_afresh(store: StateStore) -> None:
-    """The exporter keeps each pipeline's complete prefix between scrapes and reads only what
-    completed since; whatever happens in between, it reports what a fresh read reports."""
-    kept = PrefixTallies()
-
-    def check() -> None:
-        incremental = read_window_metrics(store, {"events": ORIGIN}, NOW, prefixes=kept)
-        afresh = read_window_metrics(store, {"events": ORIGIN}, NOW)
-        # Sums of durations added in another order may differ in their last bits.
-        assert rounded(incremental) == rounded(afresh)
-
-    create(store, "events", 8)
-    check()
-    for index in (0, 1, 2):
-        succeed(store, "events", index, docs=index + 1)
-        set_duration(store, "events", index, 10.0 * (index + 1))
-    check()
-    skip(store, "events", 3)
-    fail(store, "events", 4, Stage.LOAD, "load: boom")
-    succeed(store, "events", 5, docs=7)  # after the failed window: outside the prefix
-    check()
-    succeed(store, "events", 4, docs=2)  # the frontier jumps over 4 and 5
-    check()
-    # An operator re-runs window 1: the frontier moves back below the kept prefix.
-    assert store.reset_for_rerun("events", [window(1).start]) == 1
-    check()
-    succeed(store, "events", 1, docs=9)
-    set_duration(store, "events", 1, 500.0)
-    check()
-    for index in (6, 7):
-        succeed(store, "events", index)
-    check()
-    assert (
-        read_window_metrics(store, {"events": ORIGIN}, NOW, prefixes=kept)
-        .pipelines["events"]
-        .windows["succeeded"]
-        == 7
-    )
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+    # Frontier, tally, backlog, unfinished, recheck tally, due rechecks (one horizon set).
+    assert len(statements) == 6, statements
+    assert all(m.windows["succeeded"] == 1 for m in metrics.pipelines.values())
+    assert all(m.freshness.complete_through == window(0).end for m in metrics.pipelines.values())
 
 
 # --- the exporter's output ------------------------------------------------------------------------
@@ -441,6 +433,142 @@ def test_the_exporter_serves_every_metric_of_the_issue(
     assert window_setting == {"events": 900.0}
     up = {s.labels["source"]: s.value for s in found["windowpipe_exporter_source_up"].samples}
     assert up == {"state_store": 1.0, "broker": 1.0}
+
+
+def counter_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the counter and histogram families of a scrape, by name and labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.type in ("counter", "histogram")
+        for sample in family.samples
+    }
+
+
+@pytest.mark.integration  # runs `windowpipe enqueue --force` against the real Redis broker
+def test_counters_never_decrease_across_a_forced_re_run(
+    tmp_path: Path, sqlite_url: str, redis_db: str
+) -> None:
+    store = StateStore(sqlite_url)
+    store.migrate()
+    create(store, "events", 4)
+    for index in range(4):
+        succeed(store, "events", index, docs=10)
+        set_duration(store, "events", index, 30.0 * (index + 1))
+    config = example_config(tmp_path, sqlite_url, redis_db)
+    collector = WindowpipeCollector(config, store, clock=lambda: NOW)
+    before = counter_samples(render(collector))
+    assert before[("windowpipe_rows_total", (("pipeline", "events"), ("stage", "load")))] == 40
+
+    # An operator re-runs two succeeded windows: their counts are cleared until they succeed.
+    forced = subprocess.run(
+        [
+            *(sys.executable, "-m", "windowpipe", "enqueue", "events", "--force"),
+            *("--start", format_instant(window(1).start), "--end", format_instant(window(3).start)),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "WINDOWPIPE_CONFIG": str(config.path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert forced.returncode == 0, forced.stderr
+    after = counter_samples(render(collector))
+    assert after.keys() == before.keys()
+    lowered = {key: (before[key], after[key]) for key in before if after[key] < before[key]}
+    assert lowered == {}
+    # The records did shrink: a collector with no memory of the first scrape reports less.
+    afresh = counter_samples(render(WindowpipeCollector(config, store, clock=lambda: NOW)))
+    assert afresh[("windowpipe_rows_total", (("pipeline", "events"), ("stage", "load")))] == 20
+    assert (
+        afresh[("windowpipe_stage_seconds_count", (("pipeline", "events"), ("stage", "chain")))]
+        == 2
+    )
+
+    # The re-run windows succeed with more documents (late data): the counters move on.
+    for index in (1, 2):
+        record = store.get("events", window(index).start)
+        assert record is not None and record.status == WindowStatus.QUEUED
+        run_from(store, "events", index, Stage.PRECHECK, None, docs=25)
+    again = counter_samples(render(collector))
+    assert again[("windowpipe_rows_total", (("pipeline", "events"), ("stage", "load")))] == 70
+    assert all(again[key] >= after[key] for key in after)
+    store.dispose()
+
+
+class Flaky(Collector):
+    """A collector that counts its reads, and fails them on demand."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.tries = 0
+        self.failing = False
+
+    def collect(self) -> Iterator[Metric]:
+        self.tries += 1
+        if self.failing:
+            raise RuntimeError("store gone")
+        self.reads += 1
+        family = GaugeMetricFamily("windowpipe_test_reads", "Reads so far.")
+        family.add_metric([], self.reads)
+        yield family
+
+
+def test_the_scrape_cache_serves_its_last_reading_with_its_age() -> None:
+    now = [100.0]
+    collector = Flaky()
+    cache = ScrapeCache(collector, clock=lambda: now[0])
+    cache.refresh()
+    now[0] += 4.0
+
+    def served(name: str) -> float:
+        return float(families(cache.exposition().decode())[name].samples[0].value)
+
+    assert served("windowpipe_test_reads") == 1
+    assert served("windowpipe_exporter_data_age_seconds") == 4.0
+    # Readings that fail in the background leave the last one served; its age keeps growing.
+    collector.failing = True
+    stop = threading.Event()
+    runner = threading.Thread(target=cache.run, args=(stop, 0.01))
+    runner.start()
+    try:
+        wait_until(lambda: collector.tries >= 3, 30, "three failed readings")
+    finally:
+        stop.set()
+        runner.join(10)
+    now[0] += 60.0
+    assert served("windowpipe_test_reads") == 1
+    assert served("windowpipe_exporter_data_age_seconds") == 64.0
+    collector.failing = False
+    cache.refresh()
+    assert served("windowpipe_test_reads") == 2
+    assert served("windowpipe_exporter_data_age_seconds") == 0.0
+
+
+@pytest.mark.integration
+def test_the_exporter_refreshing_in_the_background_follows_the_store(
+    tmp_path: Path, sqlite_url: str, redis_db: str
+) -> None:
+    store = StateStore(sqlite_url)
+    store.migrate()
+    config = example_config(tmp_path, sqlite_url, redis_db)
+    dep = Deployment(Path(config.path), tmp_path)
+    exporter = Exporter(dep, "--refresh", "0.5")
+    try:
+        first = exporter.scrape()
+        assert first.value("windowpipe_windows", pipeline="events", status="pending") == 0
+        assert 0 <= first.value("windowpipe_exporter_data_age_seconds") < 60
+        create(store, "events", 3)
+
+        def pending() -> float:
+            return exporter.scrape().value(
+                "windowpipe_windows", pipeline="events", status="pending"
+            )
+
+        wait_until(lambda: pending() == 3, 60, "the new windows served")
+    finally:
+        exporter.close()
+        store.dispose()
 
 
 @pytest.mark.integration
@@ -540,7 +668,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     from tests.conftest import REDIS_TEST_URL
 
     config = example_config(tmp_path, url, f"{REDIS_TEST_URL}/0")
-    text = render(WindowpipeCollector(config, store, broker=None))
+    # As served by default: read in the background, with the reading's age.
+    cache = ScrapeCache(WindowpipeCollector(config, store, broker=None))
+    cache.refresh()
+    text = cache.exposition().decode()
     store.dispose()
     # No broker client: queue depth is left out of this scrape, but served with a broker.
     return served_names(text) | {"windowpipe_queue_depth"}
@@ -578,7 +709,6 @@ def test_every_metric_the_alerts_and_the_dashboard_name_is_exported(exported: se
 
 
 @pytest.mark.integration  # starts another program
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_accepts_the_rules_and_every_dashboard_query(tmp_path: Path) -> None:
     checked = subprocess.run(
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
@@ -602,9 +732,12 @@ def test_promtool_accepts_the_rules_and_every_dashboard_query(tmp_path: Path) ->
 
 
 class Exporter:
-    """`windowpipe metrics --port 0` as a subprocess of a deployment; scraped over HTTP."""
+    """`windowpipe metrics --port 0` as a subprocess of a deployment; scraped over HTTP. By
+    default it reads the store at each scrape (`--refresh 0`), so a scrape's numbers are of the
+    instant it was made."""
 
-    def __init__(self, dep: Deployment) -> None:
+    def __init__(self, dep: Deployment, *options: str) -> None:
+        self.options = options or ("--refresh", "0")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -615,6 +748,7 @@ class Exporter:
                 "0",
                 "--address",
                 "127.0.0.1",
+                *self.options,
             ],
             cwd=dep.workdir,
             env=dep.env,
@@ -778,7 +912,8 @@ def test_the_exporter_over_http_follows_real_workers(
         assert found.value("windowpipe_dead_windows", pipeline="broken") == 1
         assert found.value("windowpipe_windows", pipeline="broken", status="dead") == 1
         assert found.value("windowpipe_windows", pipeline="broken", status="succeeded") == 2
-        assert found.value("windowpipe_window_attempts", pipeline="broken") == 1
+        # The dead window is dead, not retrying: no window is being retried.
+        assert found.value("windowpipe_window_attempts", pipeline="broken") == 0
         assert found.value("windowpipe_audit_failures", pipeline="broken") == 1
         # Rows count succeeded windows only (2 + 2 documents).
         assert found.value("windowpipe_rows_total", pipeline="broken", stage="precheck") == 4

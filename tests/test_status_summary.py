@@ -10,7 +10,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from core.liveness import ControlActivity, LastRun
-from core.metrics import read_frontier
+from core.metrics import read_frontiers
 from core.records import WindowKind, WindowStatus
 from core.store import WINDOWS, PipelineSummary, StateStore
 from core.summary import counts_text, summary_lines
@@ -62,7 +62,7 @@ def pipeline_config(tmp_path: Path) -> dict[str, object]:
     }
 
 
-def test_summaries_count_by_status_and_end_where_read_frontier_ends_in_one_statement(
+def test_summaries_count_by_status_and_end_where_the_metrics_frontier_ends_in_one_statement(
     state_url: str,
 ) -> None:
     store = StateStore(state_url)
@@ -84,7 +84,7 @@ def test_summaries_count_by_status_and_end_where_read_frontier_ends_in_one_state
             summary = summaries[name]
             assert summary.counts == {s: history.count(s) for s in set(history)}, name
             with store.engine.connect() as conn:
-                frontier = read_frontier(conn, name)
+                frontier = read_frontiers(conn, [name])[name]
             assert summary.complete_through == frontier.complete_through, name
         assert summaries["gap-after-two"].complete_through == ORIGIN + 2 * HOUR
         assert summaries["first-pending"].complete_through is None

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -28,7 +30,8 @@ from core.keys import REDBEAT_KEY_PREFIX, REDBEAT_LOCK_KEY
 from core.logs import configure_logging
 from core.records import STAGE_ORDER
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
-from workers.liveness import LivenessSettings, install
+from workers.heartbeat import install
+from workers.liveness import LivenessSettings
 
 CONTROL_QUEUE = "control"
 """Generation, dispatch and stale-lock cleanup run here."""
@@ -126,7 +129,7 @@ def create_app(config: Config) -> Celery:
     app = Celery("windowpipe")
     app.conf.update(celery_settings(config))
     # A heartbeat file per worker for liveness probes, and watchdogs that end a worker which
-    # lost its broker or cannot finish shutting down (workers/liveness.py).
+    # lost its broker or cannot finish shutting down (workers/heartbeat.py).
     install(app, _liveness())
     for module in TASK_MODULES:
         importlib.import_module(module)
@@ -147,9 +150,33 @@ def process_config() -> Config:
     return _config
 
 
+SECRETLESS_COMMANDS = frozenset({"beat", "flower"})
+"""Celery commands that run no task, so reach no connector: they load the config without
+requiring the connectors' secrets (least privilege: beat and Flower are given none)."""
+
+CELERY_COMMANDS = frozenset(
+    {"worker", "beat", "flower", "events", "inspect", "control", "status", "shell", "call"}
+    | {"purge", "result", "migrate", "multi", "graph", "list", "logtool", "amqp", "report"}
+)
+"""The subcommands of the `celery` program: the first of them on its command line says what
+this process is."""
+
+
+def celery_command(argv: Sequence[str]) -> str | None:
+    """The `celery` subcommand on the command line `argv` (`celery -A workers beat` -> beat);
+    None when this process is not the `celery` program."""
+    program = Path(argv[0]) if argv else Path()
+    if program.name != "celery" and program.parts[-2:] != ("celery", "__main__.py"):
+        return None
+    return next((arg for arg in argv[1:] if arg in CELERY_COMMANDS), None)
+
+
 def _load() -> Config:
+    # A worker, or anything that is not beat or Flower, requires every secret its config
+    # names: it refuses to start without one, as `check` and `enqueue` do.
+    require_secrets = celery_command(sys.argv) not in SECRETLESS_COMMANDS
     try:
-        return load_config()
+        return load_config(require_secrets=require_secrets)
     except ConfigError as error:
         # Workers, beat and Flower build the app first: fail in one line, exit 2.
         print(f"windowpipe: {error}", file=sys.stderr)

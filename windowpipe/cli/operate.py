@@ -143,6 +143,14 @@ def metrics(
     once: Annotated[
         bool, typer.Option("--once", help="Print one scrape on stdout and exit.")
     ] = False,
+    refresh: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Read the numbers every SECONDS in the background and answer scrapes from "
+            "memory, with their age (0: read them at each scrape).",
+        ),
+    ] = 15.0,
     config_path: ConfigOption = None,
 ) -> None:
     """Prometheus exporter: freshness, windows by status, stage durations, rows, queue depth."""
@@ -155,7 +163,7 @@ def metrics(
         return
     # Serving, it reports such a store as down until it is migrated (windowpipe/exporter.py).
     collector = WindowpipeCollector(config, open_store(config))
-    serve(collector, address, port, announce=lambda line: print(line, flush=True))
+    serve(collector, address, port, announce=lambda line: print(line, flush=True), refresh=refresh)
 
 
 # --- migrate ----------------------------------------------------------------------------------

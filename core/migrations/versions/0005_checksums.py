@@ -1,7 +1,7 @@
 """What the audit compares besides counts: the ids' checksums and the load's ledger fence.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-05
 
 - `checksum`: the order-independent checksum of the ids extract staged (`core.checksum`);
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | None = None
 depends_on: str | None = None
 
