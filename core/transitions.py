@@ -289,8 +289,10 @@ def move_for(
     """The move `among` to `to` whose from-states include every status of `expect`.
 
     Where several match (running -> queued is ADVANCE and REQUEUE_LOST), the one
-    `StateStore.transition` applies (a stage's commit) is taken. Raises ValueError for an edge
-    the state machine never allows, or a choice `expect` leaves open: both are callers' bugs.
+    `StateStore.transition` applies (a stage's commit) is taken; failing that, the most general
+    one, whose from-states include every other candidate's (running -> running is CLAIM, not
+    REFENCE, which only `raise_fence` applies). Raises ValueError for an edge the state machine
+    never allows, or a choice `expect` leaves open: both are callers' bugs.
     """
     to = WindowStatus(to)
     sources = None if expect is None else frozenset(WindowStatus(s) for s in expect)
@@ -306,6 +308,9 @@ def move_for(
         return commits[0]
     if len(found) == 1:
         return found[0]
+    widest = [m for m in found if all(other.sources <= m.sources for other in found)]
+    if len(widest) == 1:
+        return widest[0]
     names = ", ".join(m.name for m in found) or "none"
     wanted = "any status" if sources is None else ", ".join(sorted(s.value for s in sources))
     raise ValueError(f"no single move from {wanted} -> {to.value} (candidates: {names})")

@@ -73,7 +73,9 @@ def test_every_status_is_reached_and_left() -> None:
         (S.QUEUED, [S.FAILED], "ENQUEUE"),
         (S.QUEUED, [S.PENDING, S.DEAD], "ENQUEUE"),
         (S.QUEUED, [S.QUEUED], "RESEND"),
+        (S.RUNNING, None, "CLAIM"),
         (S.RUNNING, [S.QUEUED], "CLAIM"),
+        (S.RUNNING, [S.RUNNING], "CLAIM"),
         (S.FAILED, [S.RUNNING], "FAIL"),
         (S.DEAD, None, "BURY"),
         (S.PENDING, [S.PENDING], "REBUILD_RESET"),
@@ -91,7 +93,6 @@ def test_move_for_picks_the_move_the_expected_states_leave_by(
         (S.RUNNING, [S.PENDING], "never allows pending -> running"),
         (S.QUEUED, [S.FAILED, S.QUEUED], "no single move"),
         (S.PENDING, None, "no single move"),
-        (S.RUNNING, [S.RUNNING], "no single move"),
         (S.QUEUED, [], "at least one"),
     ],
 )
