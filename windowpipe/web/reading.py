@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 
-from core.metrics import seconds_between
 from core.records import WindowStatus
 from core.store import WINDOWS, StateStore, UTCDateTime
+from core.store.tallies import seconds_between
 
 
 @dataclass
