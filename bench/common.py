@@ -2,7 +2,7 @@
 Celery worker subprocesses, and medians.
 
 Nothing here imports from `tests/`; the worker harness follows the same recipe as
-`tests/deployment.py` (real `celery worker` subprocesses, ready when the log says so).
+`tests/support/deployment.py` (real `celery worker` subprocesses, ready when the log says so).
 """
 
 from __future__ import annotations

@@ -713,7 +713,7 @@ class ElasticsearchSource(SearchEngineSource):
     """An Elasticsearch index (or pattern) through elasticsearch-py.
 
     `node_class` is elasticsearch-py's transport node class; only tests and the demo pass one
-    (`tests.osmem_support.OsmemCompatibleNode`, to talk to osmem-server).
+    (`tests.support.osmem.OsmemCompatibleNode`, to talk to osmem-server).
     """
 
     def __init__(self, config: ElasticsearchSourceConfig, node_class: Any = None) -> None:

@@ -37,7 +37,7 @@ from connectors.elasticsearch import (
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig
 from core.errors import TerminalError
 from core.windows import Window
-from tests.osmem_support import OsmemCompatibleNode
+from tests.support.osmem import OsmemCompatibleNode
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 WINDOW = Window(START, START + timedelta(minutes=15))

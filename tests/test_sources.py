@@ -33,8 +33,8 @@ from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, SqlSo
 from core.errors import TerminalError, TransientError
 from core.recheck import Fingerprint
 from core.windows import Window
-from tests.osmem_support import OsmemCompatibleNode, open_pit_ids
 from tests.support import free_port
+from tests.support.osmem import OsmemCompatibleNode, open_pit_ids
 
 pytestmark = pytest.mark.integration
 

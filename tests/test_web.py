@@ -25,7 +25,7 @@ from core.keys import CLEANUP_RAN_KEY, generate_ran_key
 from core.liveness import format_age, record_run
 from core.records import WindowStatus
 from core.store import StateStore
-from tests.web_records import (
+from tests.support.web_records import (
     DAY,
     MARKUP_ERROR,
     NOW,
@@ -524,7 +524,7 @@ def test_rerun_beyond_the_enqueue_cap_is_refused(
     tmp_path: Path, store: StateStore, fake_redis: fakeredis.FakeRedis
 ) -> None:
     minutely = {"window": "1m", "start": "2020-01-01T00:00:00Z"}
-    from tests.web_records import pipeline_body
+    from tests.support.web_records import pipeline_body
 
     web = make_client(tmp_path, store, fake_redis, fine={**pipeline_body(tmp_path), **minutely})
     token = csrf_of(web.get("/pipelines/fine", auth=AUTH).text)
