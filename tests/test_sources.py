@@ -422,7 +422,7 @@ def test_a_slice_thread_asks_for_the_next_page_while_the_caller_converts_this_on
 ) -> None:
     """The slice threads only fetch pages: every hit is checked and turned into a document in
     the caller's thread, so the next request never waits for that work."""
-    import connectors.elasticsearch as search_module
+    import connectors.elasticsearch.source as search_module
 
     flavour.load([Record(i, START + timedelta(seconds=i)) for i in range(250)])
     source = flavour.source(page_size=100, slices=1)
