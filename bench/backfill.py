@@ -78,7 +78,8 @@ from bench.common import (
 from core.config import PipelineConfig
 from core.instants import format_instant
 from core.records import WindowKind, WindowStatus
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import Window, align_down
 
 BENCHMARK = "6. backfill"

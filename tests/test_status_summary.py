@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from core.liveness import ControlActivity, LastRun
 from core.metrics import read_frontiers
 from core.records import WindowKind, WindowStatus
-from core.store import WINDOWS, PipelineSummary, StateStore
+from core.store import PipelineSummary, StateStore
+from core.store.schema import WINDOWS
 from core.summary import counts_text, summary_lines
 from core.windows import Window
 from tests.support import free_port

@@ -8,28 +8,28 @@ truth, and a worker, beat and the CLI may all hold a `StateStore` on the same da
 
 Instants are stored as UTC and always come back timezone-aware UTC, on both backends.
 
-The package, by idea: `schema` (the `windows` table, private to this package), `engine`
-(engines, SQLite tuning, pool sizes, connections), `moves` (transitions' moves compiled to
-guarded UPDATEs, new records' INSERT), `queries` (the reads), `repository` (`StateStore`).
+The package, by idea: `schema` (the `windows` table), `engine` (engines, SQLite tuning, pool
+sizes, connections), `moves` (transitions' moves compiled to guarded UPDATEs, new records'
+INSERT), `queries` (the reads), `tallies` (the metrics' reads), `overview` (the web view's
+reads), `repository` (`StateStore`). Only this package and the migrations import `schema`
+(`make lint` checks it); tests and benchmarks that seed or inspect rows directly import the
+table from `core.store.schema` (`WINDOWS`, `METADATA`).
 """
 
 from core.store.engine import STORE_POOL_OVERFLOW, STORE_POOL_SIZE
 from core.store.moves import first_fence
 from core.store.queries import PipelineSummary, UnfinishedGroup, recheck_due
 from core.store.repository import RebuildCounts, RecordNotFoundError, StateStore
-from core.store.schema import METADATA, MIGRATIONS_DIR, WINDOWS, UTCDateTime
+from core.store.schema import MIGRATIONS_DIR
 
 __all__ = [
-    "METADATA",
     "MIGRATIONS_DIR",
     "STORE_POOL_OVERFLOW",
     "STORE_POOL_SIZE",
-    "WINDOWS",
     "PipelineSummary",
     "RebuildCounts",
     "RecordNotFoundError",
     "StateStore",
-    "UTCDateTime",
     "UnfinishedGroup",
     "first_fence",
     "recheck_due",
