@@ -70,13 +70,16 @@ from bench.common import (
     percentile,
     pg_database,
     redis_db,
+    run_lines,
     schema_url,
+    table_lines,
     write_config,
 )
 from core.config import PipelineConfig
 from core.instants import format_instant
 from core.records import WindowKind, WindowStatus
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import Window, align_down
 
 BENCHMARK = "6. backfill"
@@ -941,7 +944,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    from bench.run import _runs, _table
     from core.logs import configure_logging
 
     configure_logging("WARNING")
@@ -959,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print("\n".join([*_table(rows), "", *_runs(rows)]))
+    print("\n".join([*table_lines(rows), "", *run_lines(rows)]))
     return 0
 
 

@@ -2,7 +2,7 @@
 Celery worker subprocesses, and medians.
 
 Nothing here imports from `tests/`; the worker harness follows the same recipe as
-`tests/deployment.py` (real `celery worker` subprocesses, ready when the log says so).
+`tests/support/deployment.py` (real `celery worker` subprocesses, ready when the log says so).
 """
 
 from __future__ import annotations
@@ -400,3 +400,43 @@ class Beat:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# --- the report's tables ------------------------------------------------------------------------
+
+
+def number(value: float | None) -> str:
+    """A figure as the report prints it: thousands separated from 100 up, else 2 decimals."""
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def table_lines(rows: list[Row]) -> list[str]:
+    """The results table (markdown) of `rows`, one line a row."""
+    lines = [
+        "| benchmark | metric | windowpipe | baseline | ratio | target | met |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        met = "-" if row.met is None else ("yes" if row.met else "**no**")
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+        lines.append(
+            f"| {row.benchmark} | {row.metric} | {number(row.windowpipe)} | "
+            f"{number(row.baseline)} | {ratio} | {row.target} | {met} |"
+        )
+    return lines
+
+
+def run_lines(rows: list[Row]) -> list[str]:
+    """One line per row with runs or a note: every run's figure, then the note."""
+    lines = []
+    for row in rows:
+        if row.runs or row.note:
+            runs = ", ".join(number(v) for v in row.runs)
+            base = ", ".join(number(v) for v in row.baseline_runs)
+            detail = f"windowpipe [{runs}], baseline [{base}]; " if row.runs else ""
+            lines.append(f"- {row.benchmark}, {row.metric}: {detail}{row.note}")
+    return lines

@@ -31,7 +31,8 @@ import sqlalchemy as sa
 from bench.common import REPO, Row, log, pg_database, redis_db, schema_url, write_config
 from core.config import Config, load_config
 from core.metrics import read_window_metrics
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import Window
 from windowpipe.exporter import ScrapeCache, WindowpipeCollector, render
 

@@ -51,6 +51,7 @@ from bench.common import (
     pg_database,
     redis_db,
     redis_server_cpu,
+    table_lines,
     write_config,
 )
 from core.instants import format_instant
@@ -510,7 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-only", action="store_true", help="b) alone")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    from bench.run import _table
 
     with (
         tempfile.TemporaryDirectory(prefix="windowpipe-many-") as tmp,
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             control_only=args.control_only,
             whole_only=args.whole_only,
         )
-    print("\n".join(_table(rows)))
+    print("\n".join(table_lines(rows)))
     for row in rows:
         if row.note:
             print(f"- {row.benchmark}, {row.metric}: {row.note}")

@@ -27,7 +27,7 @@ from bench import (
     throughput,
     web,
 )
-from bench.common import REPO, Row, log, pg_database, redis_db
+from bench.common import REPO, Row, log, pg_database, redis_db, run_lines, table_lines
 from core.logs import configure_logging
 
 LARGE = 1_000_000
@@ -60,40 +60,6 @@ def _machine() -> str:
     )
 
 
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.2f}"
-
-
-def _table(rows: list[Row]) -> list[str]:
-    lines = [
-        "| benchmark | metric | windowpipe | baseline | ratio | target | met |",
-        "|---|---|---:|---:|---:|---|---|",
-    ]
-    for row in rows:
-        met = "-" if row.met is None else ("yes" if row.met else "**no**")
-        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
-        lines.append(
-            f"| {row.benchmark} | {row.metric} | {_number(row.windowpipe)} | "
-            f"{_number(row.baseline)} | {ratio} | {row.target} | {met} |"
-        )
-    return lines
-
-
-def _runs(rows: list[Row]) -> list[str]:
-    lines = []
-    for row in rows:
-        if row.runs or row.note:
-            runs = ", ".join(_number(v) for v in row.runs)
-            base = ", ".join(_number(v) for v in row.baseline_runs)
-            detail = f"windowpipe [{runs}], baseline [{base}]; " if row.runs else ""
-            lines.append(f"- {row.benchmark}, {row.metric}: {detail}{row.note}")
-    return lines
-
-
 def _report(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
     command = "python -m bench.run" + (" --quick" if args.quick else "")
     if args.only:
@@ -113,14 +79,14 @@ def _report(rows: list[Row], args: argparse.Namespace, seconds: float) -> str:
         "",
         "## Results",
         "",
-        *_table(rows),
+        *table_lines(rows),
         "",
         "Ratio is windowpipe / baseline (for latency, memory, generation time and the web view's",
         "server time lower is better; for the rest higher is better).",
         "",
         "## Runs and setup",
         "",
-        *_runs(rows),
+        *run_lines(rows),
         "",
         (Path(__file__).with_name("FINDINGS.md")).read_text().strip(),
         "",
@@ -176,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     rows.sort(key=lambda row: row.benchmark)
     seconds = time.monotonic() - began
-    print("\n".join(_table(rows)))
+    print("\n".join(table_lines(rows)))
     print(f"\n{seconds / 60:.1f} min; report written to {args.output}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(_report(rows, args, seconds))

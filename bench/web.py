@@ -33,7 +33,8 @@ import sqlalchemy as sa
 from bench.common import Row, log, median, pg_database, redis_db, schema_url
 from core.config import Config, config_from_dict
 from core.records import WindowKind
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import windows_in_range
 
 ORIGIN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -141,7 +142,7 @@ def _get(client: Any, path: str) -> Any:
 
 
 def _rows(backend: str, url: str, redis_url: str, runs: int) -> list[Row]:
-    from windowpipe.web.reading import grid_cells, pipeline_tallies
+    from core.store.overview import grid_cells, pipeline_tallies
 
     rows: list[Row] = []
     names = [f"p{index:04d}" for index in range(PIPELINES)]

@@ -3,9 +3,9 @@
 `MOVES` is the whole state machine. `StateStore` applies a move as one guarded UPDATE: the
 move's from-states (or the caller's narrower `expect`) are the `WHERE status IN (...)` guard, its
 to-state is the new status, and its field rules are the SET clause (the store turns each `Rule`
-into SQL in one function, `core.store._move_values`). No status is written any other way, except
-the `pending` of a newly created record; tests/test_transitions.py checks the source for that,
-and checks the diagram in `core.records` and the README against this table.
+into SQL in one function, `core.store.moves._move_values`). No status is written any other
+way, except the `pending` of a newly created record; tests/test_transitions.py checks the
+source for that, and checks the diagram in `core.records` and the README against this table.
 
 Every move also sets `updated_at` to its instant. Where a window's next attempt starts (precheck,
 or the stage it stopped at) is decided here only: `resume_stage`, applied in SQL by ENQUEUE and

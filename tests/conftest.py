@@ -97,7 +97,7 @@ def redis_db() -> Iterator[str]:
     """A Redis URL on a DB number no other test holds, flushed before and after."""
     import redis
 
-    from tests.deployment import free_redis_db, release_redis_db
+    from tests.support.deployment import free_redis_db, release_redis_db
 
     number = free_redis_db(REDIS_TEST_URL)
     url = f"{REDIS_TEST_URL}/{number}"
@@ -110,7 +110,7 @@ def redis_db() -> Iterator[str]:
 
 @pytest.fixture
 def stop_all() -> Iterator[list[Any]]:
-    """Deployments (tests.deployment.Deployment) registered here have every process stopped
+    """Deployments (tests.support.deployment.Deployment) registered here have every process stopped
     after the test."""
     import contextlib
     import signal

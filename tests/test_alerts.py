@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deployment import REPO
+from tests.support.deployment import REPO
 
 ALERTS = REPO / "deploy" / "alerts.yml"
 UNIT_TESTS = REPO / "tests" / "alerts" / "alerts_test.yml"

@@ -24,9 +24,9 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from tests.conftest import REDIS_TEST_URL
-from tests.console import Run, StateWorld, assert_one_error_line, run_windowpipe
-from tests.deployment import REPO, free_redis_db, release_redis_db, write_config
 from tests.support import free_port
+from tests.support.console import Run, StateWorld, assert_one_error_line, run_windowpipe
+from tests.support.deployment import REPO, free_redis_db, release_redis_db, write_config
 from windowpipe.cli import app
 from windowpipe.enqueue import MAX_ENQUEUE_WINDOWS
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deployment import REPO
+from tests.support.deployment import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
 QUEUES = ("precheck", "extract", "load", "audit", "control", "recheck")

@@ -34,8 +34,8 @@ from core.runner import Runtime, run_stage
 from core.store import StateStore
 from core.windows import windows_in_range
 from tests.conftest import REDIS_TEST_URL
-from tests.deployment import free_redis_db, release_redis_db
-from tests.osmem_support import OsmemCompatibleNode
+from tests.support.deployment import free_redis_db, release_redis_db
+from tests.support.osmem import OsmemCompatibleNode
 from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy
 
 pytestmark = pytest.mark.integration

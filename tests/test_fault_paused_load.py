@@ -46,8 +46,8 @@ from core.instants import format_instant
 from core.locks import held_locks
 from core.records import Stage, WindowRecord, WindowStatus
 from core.windows import Window
-from tests.deployment import Deployment, statuses, write_config
-from tests.faults import WireHold
+from tests.support.deployment import Deployment, statuses, write_config
+from tests.support.faults import WireHold
 from tests.test_faults import (
     FAST_RECOVERY,
     ORIGIN,

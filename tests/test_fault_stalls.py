@@ -20,9 +20,9 @@ import redis
 from core.instants import format_instant
 from core.keys import window_lock_key
 from core.records import Stage, WindowStatus
-from tests.deployment import STAGE_QUEUES, Deployment, statuses
-from tests.faults import TcpFaultProxy, WireHold
 from tests.support import wait_until
+from tests.support.deployment import STAGE_QUEUES, Deployment, statuses
+from tests.support.faults import TcpFaultProxy, WireHold
 from tests.test_fault_paused_load import (
     DOCS,
     SETTINGS,

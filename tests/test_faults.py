@@ -32,14 +32,14 @@ from kombu.transport.redis import Channel
 from core.instants import format_instant
 from core.locks import HeldLock, held_locks
 from core.records import Stage, WindowRecord, WindowStatus
-from tests.deployment import (
+from tests.support import wait_until
+from tests.support.deployment import (
     STAGE_QUEUES,
     Deployment,
     statuses,
     write_config,
 )
-from tests.faults import HttpFaultProxy, PrivateRedis, TcpFaultProxy
-from tests.support import wait_until
+from tests.support.faults import HttpFaultProxy, PrivateRedis, TcpFaultProxy
 from windowpipe.exporter import queue_depths
 
 pytestmark = pytest.mark.integration

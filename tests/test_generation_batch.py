@@ -16,7 +16,8 @@ from beat_schedule import build_schedule
 from core.config import Config, config_from_dict
 from core.dispatch import generation_batch, generation_tick
 from core.records import Stage, WindowKind, WindowStatus
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import Window
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)

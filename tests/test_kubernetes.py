@@ -29,8 +29,8 @@ from core.instants import format_instant
 from core.records import Stage, WindowStatus
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
 from tests.conftest import PG_ADMIN_URL
-from tests.deployment import REPO, Deployment, write_config
 from tests.support import free_port
+from tests.support.deployment import REPO, Deployment, write_config
 from tests.test_compose import QUEUES as COMPOSE_QUEUES
 
 # Fixtures: the parsed compose file, a Redis DB of our own, deployments stopped after the test.
@@ -524,7 +524,7 @@ def test_flower_takes_its_basic_auth_from_the_secret_and_refuses_without_it(
 @pytest.fixture
 def redis_url_for_flower() -> Iterator[str]:
     from tests.conftest import REDIS_TEST_URL
-    from tests.deployment import free_redis_db, release_redis_db
+    from tests.support.deployment import free_redis_db, release_redis_db
 
     number = free_redis_db(REDIS_TEST_URL)
     yield f"{REDIS_TEST_URL}/{number}"

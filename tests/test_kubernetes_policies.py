@@ -30,8 +30,8 @@ import yaml
 
 from core.records import Stage
 from core.store import StateStore
-from tests.deployment import REPO
 from tests.support import free_port, wait_until
+from tests.support.deployment import REPO
 from tests.test_kubernetes import BASE, KUBERNETES_VERSION, documents
 
 COMPONENT = BASE / "components" / "prometheus-operator"
@@ -378,7 +378,7 @@ def test_the_migration_is_safe_to_race_as_every_pod_runs_it(
     tmp_path: Path, pg_schema_url: str
 ) -> None:
     """Every worker pod of a rollout runs `windowpipe migrate` at once: all of them succeed."""
-    from tests.deployment import write_config
+    from tests.support.deployment import write_config
     from tests.test_migrate import PIPELINE
 
     config = write_config(

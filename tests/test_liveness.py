@@ -44,9 +44,9 @@ from core.liveness import (
     record_run,
 )
 from core.records import Stage, WindowRecord, WindowStatus
-from tests.deployment import REPO, Deployment, statuses
-from tests.faults import PrivateRedis, TcpFaultProxy
 from tests.support import free_port, wait_until
+from tests.support.deployment import REPO, Deployment, statuses
+from tests.support.faults import PrivateRedis, TcpFaultProxy
 from tests.test_faults import (
     ORIGIN,
     SIZE,

@@ -20,8 +20,8 @@ from celery import Celery
 from bench.common import ConnectionSampler
 from core.instants import format_instant
 from tests.conftest import PG_ADMIN_URL
-from tests.deployment import STAGE_QUEUES, Deployment, write_config
 from tests.support import wait_until
+from tests.support.deployment import STAGE_QUEUES, Deployment, write_config
 
 pytestmark = pytest.mark.integration
 

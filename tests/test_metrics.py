@@ -34,10 +34,11 @@ from core.metrics import (
     read_window_metrics,
 )
 from core.records import Stage, WindowKind, WindowStatus
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import Window
-from tests.deployment import REPO, Deployment, write_config
 from tests.support import wait_until
+from tests.support.deployment import REPO, Deployment, write_config
 
 # Fixtures: a Redis DB of our own, deployments stopped after the test.
 from windowpipe.exporter import (

@@ -17,8 +17,8 @@ from sqlalchemy.engine import make_url
 
 from core.store import MIGRATIONS_DIR, StateStore
 from tests.conftest import REDIS_TEST_URL
-from tests.console import StateWorld, assert_one_error_line, run_windowpipe
-from tests.deployment import free_redis_db, release_redis_db, write_config
+from tests.support.console import StateWorld, assert_one_error_line, run_windowpipe
+from tests.support.deployment import free_redis_db, release_redis_db, write_config
 
 pytestmark = pytest.mark.integration
 

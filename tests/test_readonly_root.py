@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from core.store import StateStore
-from tests.deployment import REPO, write_config
+from tests.support.deployment import REPO, write_config
 from tests.test_migrate import PIPELINE
 
 pytestmark = pytest.mark.integration  # starts other programs, reaches PostgreSQL and Redis

@@ -26,8 +26,8 @@ from core.instants import format_instant
 from core.locks import RecheckLock
 from core.records import WindowRecord, WindowStatus
 from tests import test_faults as faults
-from tests.deployment import Deployment, statuses
 from tests.support import wait_until
+from tests.support.deployment import Deployment, statuses
 
 pytestmark = pytest.mark.integration
 

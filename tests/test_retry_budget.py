@@ -58,7 +58,7 @@ from core.retry import (
     worst_case,
 )
 from core.windows import Window
-from tests.deployment import Deployment, write_config
+from tests.support.deployment import Deployment, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)

@@ -23,12 +23,12 @@ from core.records import Stage, WindowKind, WindowStatus
 from core.retry import CONTROL_TIME_LIMIT
 from core.runner import Outcome, Runtime, run_stage
 from core.store import StateStore
-from tests.deployment import (
+from tests.support import wait_until
+from tests.support.deployment import (
     Deployment,
     statuses,
     write_config,
 )
-from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 

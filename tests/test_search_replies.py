@@ -23,7 +23,7 @@ import pytest
 from opensearchpy import OpenSearch
 from osmem_server import OsmemServer
 
-import connectors.elasticsearch as search_module
+import connectors.elasticsearch.adapters as search_adapters
 from connectors.base import Rejection, encode_line
 from connectors.elasticsearch import (
     ElasticsearchSource,
@@ -37,7 +37,7 @@ from connectors.elasticsearch import (
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig
 from core.errors import TerminalError
 from core.windows import Window
-from tests.osmem_support import OsmemCompatibleNode
+from tests.support.osmem import OsmemCompatibleNode
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 WINDOW = Window(START, START + timedelta(minutes=15))
@@ -190,8 +190,8 @@ def stdlib_source(monkeypatch: pytest.MonkeyPatch) -> Callable[..., SearchEngine
         from opensearchpy.serializer import JSONSerializer
 
         with monkeypatch.context() as patch:
-            patch.setattr(search_module, "opensearch_serializer", JSONSerializer)
-            patch.setattr(search_module, "elasticsearch_serializer", JsonSerializer)
+            patch.setattr(search_adapters, "opensearch_serializer", JSONSerializer)
+            patch.setattr(search_adapters, "elasticsearch_serializer", JsonSerializer)
             return build(kind, url, index, **options)
 
     return make

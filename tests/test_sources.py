@@ -33,8 +33,8 @@ from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, SqlSo
 from core.errors import TerminalError, TransientError
 from core.recheck import Fingerprint
 from core.windows import Window
-from tests.osmem_support import OsmemCompatibleNode, open_pit_ids
 from tests.support import free_port
+from tests.support.osmem import OsmemCompatibleNode, open_pit_ids
 
 pytestmark = pytest.mark.integration
 
@@ -422,7 +422,7 @@ def test_a_slice_thread_asks_for_the_next_page_while_the_caller_converts_this_on
 ) -> None:
     """The slice threads only fetch pages: every hit is checked and turned into a document in
     the caller's thread, so the next request never waits for that work."""
-    import connectors.elasticsearch as search_module
+    import connectors.elasticsearch.source as search_module
 
     flavour.load([Record(i, START + timedelta(seconds=i)) for i in range(250)])
     source = flavour.source(page_size=100, slices=1)

@@ -12,12 +12,13 @@ import sqlalchemy as sa
 from core.liveness import ControlActivity, LastRun
 from core.metrics import read_frontiers
 from core.records import WindowKind, WindowStatus
-from core.store import WINDOWS, PipelineSummary, StateStore
+from core.store import PipelineSummary, StateStore
+from core.store.schema import WINDOWS
 from core.summary import counts_text, summary_lines
 from core.windows import Window
-from tests.console import run_windowpipe
-from tests.deployment import write_config
 from tests.support import free_port
+from tests.support.console import run_windowpipe
+from tests.support.deployment import write_config
 
 ORIGIN = datetime(2026, 1, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)

@@ -16,7 +16,8 @@ from alembic.migration import MigrationContext
 from core.errors import InvalidTransitionError, LostOwnershipError
 from core.instants import utc_now
 from core.records import Stage, WindowKind, WindowStatus
-from core.store import METADATA, RebuildCounts, RecordNotFoundError, StateStore
+from core.store import RebuildCounts, RecordNotFoundError, StateStore
+from core.store.schema import METADATA
 from core.validation import RebuildPlan
 from core.windows import Window
 

@@ -25,7 +25,8 @@ from core.keys import CLEANUP_RAN_KEY, generate_ran_key
 from core.liveness import format_age, record_run
 from core.records import WindowStatus
 from core.store import StateStore
-from tests.web_records import (
+from core.store.overview import Cell, PipelineTally
+from tests.support.web_records import (
     DAY,
     MARKUP_ERROR,
     NOW,
@@ -39,7 +40,6 @@ from tests.web_records import (
 from windowpipe.cli import app as cli_app
 from windowpipe.web import layout
 from windowpipe.web.app import WebContext, create_web_app
-from windowpipe.web.reading import Cell, PipelineTally
 from windowpipe.web.security import Access, CsrfTokens, access_from_env
 
 USER, PASSWORD = "operator", "s3cret-pw"
@@ -282,7 +282,7 @@ def test_pipelines_page_sorts_by_the_column_asked_for(
 ) -> None:
     seed_every_status(store)
     seed_every_status(store, "bigger")
-    from core.store import WINDOWS
+    from core.store.schema import WINDOWS
 
     with store.engine.begin() as conn:
         conn.execute(WINDOWS.update().where(WINDOWS.c.pipeline == "bigger").values(status="dead"))
@@ -524,7 +524,7 @@ def test_rerun_beyond_the_enqueue_cap_is_refused(
     tmp_path: Path, store: StateStore, fake_redis: fakeredis.FakeRedis
 ) -> None:
     minutely = {"window": "1m", "start": "2020-01-01T00:00:00Z"}
-    from tests.web_records import pipeline_body
+    from tests.support.web_records import pipeline_body
 
     web = make_client(tmp_path, store, fake_redis, fine={**pipeline_body(tmp_path), **minutely})
     token = csrf_of(web.get("/pipelines/fine", auth=AUTH).text)

@@ -27,9 +27,9 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from core.instants import format_instant, utc_now
 from core.records import WindowRecord, WindowStatus
 from core.store import StateStore
-from tests.deployment import REPO, write_config
 from tests.support import free_port, wait_until
-from tests.web_records import (
+from tests.support.deployment import REPO, write_config
+from tests.support.web_records import (
     DAY,
     MARKUP_ERROR,
     PIPELINE,

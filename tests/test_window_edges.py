@@ -31,8 +31,8 @@ from core.instants import format_instant
 from core.records import Stage, WindowRecord, WindowStatus
 from core.windows import Window
 from tests import test_faults as faults
-from tests.deployment import Deployment, statuses
 from tests.support import wait_until
+from tests.support.deployment import Deployment, statuses
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Whole windows through generation, dispatch, the runner and cleanup, without services.
 
-The real `core` code runs against in-memory systems (tests/memory.py), fakeredis (with Lua, for
-the locks' scripts) and a SQLite state store in the test's directory, so each test drives
+The real `core` code runs against in-memory systems (tests/support/memory.py), fakeredis (with
+Lua, for the locks' scripts) and a SQLite state store in the test's directory, so each test drives
 windows through the state machine in milliseconds. The same flows run on real Celery workers,
 Redis and PostgreSQL in tests/test_runtime.py and tests/test_faults.py.
 """
@@ -31,7 +31,7 @@ from core.recovery import CleanupReport, cleanup
 from core.runner import Outcome, Runtime, StageResult, run_stage
 from core.store import StateStore
 from core.windows import Window
-from tests.memory import (
+from tests.support.memory import (
     MemoryBroker,
     MemoryConnectors,
     MemorySource,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from core.store import METADATA
+from core.store.schema import METADATA
 
 connection = context.config.attributes.get("connection")
 if connection is None:

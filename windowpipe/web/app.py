@@ -44,9 +44,9 @@ from core.instants import format_duration, format_instant, parse_instant, utc_no
 from core.liveness import LastRun, format_age, read_last_runs
 from core.records import WindowRecord
 from core.store import StateStore
+from core.store.overview import grid_cells, newest_window_start, pipeline_tallies
 from windowpipe.enqueue import enqueue_range
 from windowpipe.web import layout
-from windowpipe.web.reading import grid_cells, newest_window_start, pipeline_tallies
 from windowpipe.web.security import (
     Access,
     BasicAuthBackend,

