@@ -180,10 +180,10 @@ class Workers:
 
 
 def sql_pipeline(
-    data_url: str, stage_dir: Path, target_table: str, origin: str, **source: Any
+    data_url: str, staging_dir: Path, target_table: str, origin: str, **source: Any
 ) -> dict[str, Any]:
     """The benchmarks' pipeline: 15-minute windows from `origin`, an `events` table as the
-    SQL source (`source` adds keys, e.g. page_size), a local stage, a SQL target table."""
+    SQL source (`source` adds keys, e.g. page_size), a local staging, a SQL target table."""
     return {
         "window": "15m",
         "start": origin,
@@ -197,7 +197,7 @@ def sql_pipeline(
             "id_column": "id",
             **source,
         },
-        "stage": {"type": "local", "path": str(stage_dir)},
+        "staging": {"type": "local", "path": str(staging_dir)},
         "target": {"type": "sql", "url": data_url, "table": target_table},
     }
 

@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from bench.common import median, pg_database
 from connectors import sql_target
 from connectors.base import Batch, Document
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.sql_target import SqlTarget, record_fence
-from core.config import LocalStageConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlTargetConfig
 from core.windows import Window
 
 
@@ -46,8 +46,8 @@ def main() -> None:
     ]
     shipped = sql_target.take_ledger_row
     times: dict[str, list[float]] = {"takeover": [], "direct": []}
-    with pg_database() as url, tempfile.TemporaryDirectory() as stage_dir:
-        stage = LocalStage(LocalStageConfig(type="local", path=stage_dir))
+    with pg_database() as url, tempfile.TemporaryDirectory() as staging_dir:
+        stage = LocalStaging(LocalStagingConfig(type="local", path=staging_dir))
         manifest = stage.write_window("bench", window, "f00000001", [Batch(documents=docs)])
         target = SqlTarget(SqlTargetConfig(type="sql", url=url, table="loaded"))
         fence = 1

@@ -4,8 +4,6 @@
 - A `StagingArea` writes a window's documents to files plus a manifest, and reads them back.
 - A `Target` loads a window from the staging area idempotently and counts it.
 
-(`core.records.Stage` is a step of a window's chain; the storage between extract and load is
-the staging area. The config still calls it a pipeline's `stage`, as S3 and Snowflake do.)
 The runner sees these through the smaller protocols of `core.ports`, which they satisfy.
 
 Connectors translate their SDK's exceptions into `TransientError` (worth retrying) or

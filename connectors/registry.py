@@ -29,8 +29,8 @@ from core.config import PipelineConfig
 from core.errors import ConfigError
 from core.ports import ConnectorFactory
 
-Role = Literal["source", "stage", "target"]
-"""A connector's role, named as in the config (`[pipelines.<name>.stage]` is the staging area)."""
+Role = Literal["source", "staging", "target"]
+"""A connector's role, named as in the config (`[pipelines.<name>.staging]`)."""
 
 Connector = Source | StagingArea | Target
 
@@ -40,9 +40,9 @@ CONNECTORS: dict[Role, dict[str, str]] = {
         "opensearch": "connectors.elasticsearch:OpenSearchSource",
         "sql": "connectors.sql:SqlSource",
     },
-    "stage": {
-        "s3": "connectors.s3:S3Stage",
-        "local": "connectors.local:LocalStage",
+    "staging": {
+        "s3": "connectors.s3:S3Staging",
+        "local": "connectors.local:LocalStaging",
     },
     "target": {
         "snowflake": "connectors.snowflake:SnowflakeTarget",
@@ -88,7 +88,7 @@ def build_source(pipeline: PipelineConfig) -> Source:
 
 def build_staging(pipeline: PipelineConfig) -> StagingArea:
     """A new staging area for `pipeline`, built from its config."""
-    staging = _new("stage", pipeline.stage)
+    staging = _new("staging", pipeline.staging)
     if not isinstance(staging, StagingArea):
         raise TypeError(f"{type(staging).__name__} is not a StagingArea")
     return staging
@@ -106,7 +106,7 @@ def build(role: Role, pipeline: PipelineConfig) -> Connector:
     """A new connector for `pipeline`'s `role`, built from its config (not cached)."""
     builders: dict[Role, Callable[[PipelineConfig], Connector]] = {
         "source": build_source,
-        "stage": build_staging,
+        "staging": build_staging,
         "target": build_target,
     }
     return builders[role](pipeline)
@@ -137,7 +137,7 @@ def source_for(pipeline: PipelineConfig) -> Source:
 
 def staging_for(pipeline: PipelineConfig) -> StagingArea:
     """The process-wide staging area of `pipeline`, built on first use."""
-    return _cached(_stagings, pipeline, pipeline.stage, build_staging)
+    return _cached(_stagings, pipeline, pipeline.staging, build_staging)
 
 
 def target_for(pipeline: PipelineConfig) -> Target:
@@ -148,7 +148,7 @@ def target_for(pipeline: PipelineConfig) -> Target:
 @overload
 def connector_for(role: Literal["source"], pipeline: PipelineConfig) -> Source: ...
 @overload
-def connector_for(role: Literal["stage"], pipeline: PipelineConfig) -> StagingArea: ...
+def connector_for(role: Literal["staging"], pipeline: PipelineConfig) -> StagingArea: ...
 @overload
 def connector_for(role: Literal["target"], pipeline: PipelineConfig) -> Target: ...
 def connector_for(role: Role, pipeline: PipelineConfig) -> Connector:
@@ -156,7 +156,7 @@ def connector_for(role: Role, pipeline: PipelineConfig) -> Connector:
     `target_for` by name."""
     if role == "source":
         return source_for(pipeline)
-    if role == "stage":
+    if role == "staging":
         return staging_for(pipeline)
     return target_for(pipeline)
 

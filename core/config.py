@@ -106,7 +106,7 @@ class SqlSourceConfig(_Strict):
     max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
 
 
-class S3StageConfig(_Strict):
+class S3StagingConfig(_Strict):
     """gzip NDJSON files and a manifest per window in an S3 bucket (or MinIO, moto)."""
 
     type: Literal["s3"]
@@ -123,8 +123,8 @@ class S3StageConfig(_Strict):
     about 13 % larger (bench 2's rows), and compression is on extract's critical path."""
 
 
-class LocalStageConfig(_Strict):
-    """The S3 stage's layout, in a local directory."""
+class LocalStagingConfig(_Strict):
+    """The S3 staging's layout, in a local directory."""
 
     type: Literal["local"]
     path: str = Field(min_length=1)
@@ -136,7 +136,7 @@ class LocalStageConfig(_Strict):
 
 
 class SnowflakeTargetConfig(_Strict):
-    """A Snowflake table loaded with `COPY INTO` from a Snowflake stage over the S3 stage."""
+    """A Snowflake table loaded with `COPY INTO` from a Snowflake stage over the S3 staging."""
 
     type: Literal["snowflake"]
     account: str = Field(min_length=1)
@@ -175,11 +175,15 @@ SourceConfig = Annotated[
     ElasticsearchSourceConfig | OpenSearchSourceConfig | SqlSourceConfig,
     Field(discriminator="type"),
 ]
-StageConfig = Annotated[S3StageConfig | LocalStageConfig, Field(discriminator="type")]
+StagingConfig = Annotated[S3StagingConfig | LocalStagingConfig, Field(discriminator="type")]
 TargetConfig = Annotated[SnowflakeTargetConfig | SqlTargetConfig, Field(discriminator="type")]
 
 
 # --- pipelines --------------------------------------------------------------------------------
+
+
+OLD_STAGING_KEY = "stage"
+"""The old name of a pipeline's `staging` table, still accepted (one or the other, not both)."""
 
 
 class PipelineConfig(_Strict):
@@ -220,8 +224,24 @@ class PipelineConfig(_Strict):
     task_backoff: float | None = Field(default=None, ge=0, le=120)
     """Seconds: the longest countdown of the first re-send, doubling up to 120 s; unset: 2."""
     source: SourceConfig
-    stage: StageConfig
+    staging: StagingConfig
+    """Where documents wait between extract and load (`[pipelines.NAME.staging]`)."""
     target: TargetConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _staging_old_name(cls, data: Any) -> Any:
+        """`[pipelines.NAME.stage]` is the old name of `[pipelines.NAME.staging]`; both at once
+        is refused rather than one silently winning."""
+        if isinstance(data, dict) and OLD_STAGING_KEY in data:
+            if "staging" in data:
+                raise ValueError(
+                    f"both staging and {OLD_STAGING_KEY} (its old name) are set; keep staging"
+                )
+            data = {
+                ("staging" if key == OLD_STAGING_KEY else key): value for key, value in data.items()
+            }
+        return data
 
     @field_validator("window")
     @classmethod
@@ -483,17 +503,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     # users wrote source.index, so drop tags that are connector types.
     parts: list[str] = []
     for item in loc:
-        if (
-            isinstance(item, str)
-            and item in _CONNECTOR_TAGS
-            and parts
-            and parts[-1]
-            in (
-                "source",
-                "stage",
-                "target",
-            )
-        ):
+        if isinstance(item, str) and item in _CONNECTOR_TAGS and parts and parts[-1] in ROLES:
             continue
         if item == "schema_":
             item = "schema"
@@ -501,12 +511,22 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+ROLES = ("source", "staging", "target")
+"""A pipeline's connector roles, as its config tables and the registry name them."""
+
 _CONNECTOR_TAGS = {"elasticsearch", "opensearch", "sql", "s3", "local", "snowflake"}
 
 
-def _first_error_line(path: Path, error: ValidationError, prefix: str) -> str:
+def _first_error_line(
+    path: Path, error: ValidationError, prefix: str, staging_key: str = "staging"
+) -> str:
+    """One line for the first problem, the key named as the user wrote it (`staging_key`: the
+    pipeline's staging table under its new or its old name)."""
     first = error.errors()[0]
-    location = _format_location(tuple(first["loc"]))
+    loc = tuple(first["loc"])
+    if loc[:1] == ("staging",):
+        loc = (staging_key, *loc[1:])
+    location = _format_location(loc)
     key = f"{prefix}.{location}" if prefix and location else (prefix or location)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
@@ -591,23 +611,27 @@ def config_from_dict(
             raise ConfigError(
                 f"{file}: {prefix}: pipeline names may use letters, digits, '-' and '_' only"
             )
+        staging_key = OLD_STAGING_KEY if OLD_STAGING_KEY in body else "staging"
         try:
             pipeline = PipelineConfig(name=name, **body)
         except ValidationError as error:
-            raise ConfigError(_first_error_line(file, error, prefix)) from None
+            raise ConfigError(_first_error_line(file, error, prefix, staging_key)) from None
         if require_secrets:
-            _check_secrets_set(file, prefix, pipeline)
+            _check_secrets_set(file, prefix, pipeline, staging_key)
         pipelines[name] = pipeline
     return Config(path=str(file), settings=settings, pipelines=pipelines)
 
 
-def _check_secrets_set(file: Path, prefix: str, pipeline: PipelineConfig) -> None:
+def _check_secrets_set(
+    file: Path, prefix: str, pipeline: PipelineConfig, staging_key: str = "staging"
+) -> None:
     """Every secret environment variable the pipeline's connectors name must be set."""
-    for role in ("source", "stage", "target"):
+    for role in ROLES:
         for field_name, env_name in _secret_env_names(getattr(pipeline, role)):
             if env_name not in os.environ:
+                key = staging_key if role == "staging" else role
                 raise ConfigError(
-                    f"{file}: {prefix}.{role}.{field_name}: environment variable "
+                    f"{file}: {prefix}.{key}.{field_name}: environment variable "
                     f"{env_name} is not set"
                 )
 
@@ -624,7 +648,7 @@ def resolve_secret(env_name: str | None) -> str | None:
 
 def config_toml(settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]) -> str:
     """A windowpipe.toml's text from plain dicts: `settings` as `[windowpipe]`, each pipeline as
-    `[pipelines.NAME]` with its `source`/`stage`/`target` sub-tables (the inverse of
+    `[pipelines.NAME]` with its `source`/`staging`/`target` sub-tables (the inverse of
     `config_from_dict`). Values that are not TOML's own (a Path, say) are written as strings."""
     import tomli_w
 

@@ -139,7 +139,7 @@ class ConnectorFactory(Protocol[BatchT, RunT]):
 
     @overload
     def __call__(
-        self, role: Literal["stage"], pipeline: PipelineConfig
+        self, role: Literal["staging"], pipeline: PipelineConfig
     ) -> WindowStaging[BatchT, RunT]: ...
 
     @overload

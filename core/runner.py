@@ -127,7 +127,7 @@ class _Step(Generic[BatchT, RunT]):
         return self.runtime.connectors("source", self.pipeline)
 
     def staging(self) -> WindowStaging[BatchT, RunT]:
-        return self.runtime.connectors("stage", self.pipeline)
+        return self.runtime.connectors("staging", self.pipeline)
 
     def target(self) -> WindowTarget[RunT]:
         return self.runtime.connectors("target", self.pipeline)

@@ -6,7 +6,7 @@ implements the same protocol as the real connectors (`connectors.base`), with th
 runner relies on.
 
 - `MemorySource`: documents in a list; counts, fingerprints and pages a window.
-- `MemoryStagingArea`: the real staged format (`connectors.staging.ObjectStage`: gzip NDJSON
+- `MemoryStagingArea`: the real staged format (`connectors.staging.ObjectStaging`: gzip NDJSON
   parts, sha256, manifests, a new run replacing older ones) over a dict of bytes.
 - `MemoryTarget`: rows per window and the fence ledger of the real targets: a load whose fence
   is older than the one that loaded the window last is refused (`StaleFenceError`) and changes
@@ -41,7 +41,7 @@ from connectors.base import (
     decode_line,
 )
 from connectors.sql_target import stale_fence_error
-from connectors.staging import ObjectStage, PartSink
+from connectors.staging import ObjectStaging, PartSink
 from core.checksum import ids_checksum
 from core.config import PipelineConfig
 from core.errors import StagedDataLostError, StaleFenceError
@@ -117,7 +117,7 @@ class _MemoryPart:
         self._data.clear()
 
 
-class MemoryStagingArea(ObjectStage):
+class MemoryStagingArea(ObjectStaging):
     """The staged file format over a dict `path -> bytes` (a `connectors.base.StagingArea`).
 
     `files` is the storage itself: delete or change an entry to lose or corrupt staged data.
@@ -149,7 +149,7 @@ class MemoryStagingArea(ObjectStage):
         try:
             data = self.files[path]
         except KeyError:
-            raise StagedDataLostError(f"memory stage read {path} failed: no such file") from None
+            raise StagedDataLostError(f"memory staging read {path} failed: no such file") from None
         yield io.BytesIO(data)
 
     def _open_read(self, path: str) -> AbstractContextManager[BinaryIO]:
@@ -262,15 +262,15 @@ class MemoryConnectors:
     @overload
     def __call__(self, role: Literal["source"], pipeline: PipelineConfig) -> Source: ...
     @overload
-    def __call__(self, role: Literal["stage"], pipeline: PipelineConfig) -> StagingArea: ...
+    def __call__(self, role: Literal["staging"], pipeline: PipelineConfig) -> StagingArea: ...
     @overload
     def __call__(self, role: Literal["target"], pipeline: PipelineConfig) -> Target: ...
     def __call__(
-        self, role: Literal["source", "stage", "target"], pipeline: PipelineConfig
+        self, role: Literal["source", "staging", "target"], pipeline: PipelineConfig
     ) -> Source | StagingArea | Target:
         if role == "source":
             return self.source
-        if role == "stage":
+        if role == "staging":
             return self.staging
         return self.target
 

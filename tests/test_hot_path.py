@@ -27,10 +27,10 @@ from connectors.base import (
     staged_line,
     unencodable_reason,
 )
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.sql import SqlSource
 from connectors.sql_target import SqlTarget
-from core.config import LocalStageConfig, SqlSourceConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlSourceConfig, SqlTargetConfig
 from core.errors import TerminalError
 from core.instants import format_instant
 from core.windows import Window
@@ -122,7 +122,7 @@ def test_split_lines_matches_readline_at_any_chunk_size(
 @pytest.mark.parametrize("level", [None, 1, 6, 9])
 def test_every_gzip_level_stages_the_same_lines(tmp_path: Path, level: int | None) -> None:
     options = {} if level is None else {"gzip_level": level}
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path), **options))
+    stage = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path), **options))
     assert stage.gzip_level == (level or 1)
     docs = [
         Document(id=str(n), timestamp=WINDOW.start, body={"n": n, "pad": "p" * (n % 700)})
@@ -140,11 +140,11 @@ def test_every_gzip_level_stages_the_same_lines(tmp_path: Path, level: int | Non
 @pytest.mark.parametrize("level", [0, 10])
 def test_gzip_level_is_one_to_nine(tmp_path: Path, level: int) -> None:
     with pytest.raises(pydantic.ValidationError):
-        LocalStageConfig(type="local", path=str(tmp_path), gzip_level=level)
+        LocalStagingConfig(type="local", path=str(tmp_path), gzip_level=level)
 
 
 def test_copy_text_escapes_what_copy_would_misread(pg_schema_url: str, tmp_path: Path) -> None:
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path)))
+    stage = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path)))
     ids = ["tab\there", "nl\nhere", "cr\rhere", "back\\slash", "\\N", "\\.", "plain"]
     docs = [
         Document(
@@ -203,8 +203,8 @@ def test_staging_lines_in_batches_rolls_parts_as_line_by_line(tmp_path: Path) ->
     one_by_one = [Batch(documents=[d]) for d in docs]
     staged = []
     for number, given in enumerate((batches, one_by_one)):
-        stage = LocalStage(
-            LocalStageConfig(type="local", path=str(tmp_path / str(number)), max_file_bytes=65536)
+        stage = LocalStaging(
+            LocalStagingConfig(type="local", path=str(tmp_path / str(number)), max_file_bytes=65536)
         )
         manifest = stage.write_window("p", WINDOW, "r1", given)
         staged.append(

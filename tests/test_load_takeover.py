@@ -13,10 +13,10 @@ import sqlalchemy as sa
 
 from connectors import sql_target
 from connectors.base import Batch, Document, Manifest
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.snowflake import sql
 from connectors.sql_target import LoadTag, SqlTarget, window_key
-from core.config import LocalStageConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlTargetConfig
 from core.errors import TransientError
 from core.windows import Window
 
@@ -117,7 +117,7 @@ class HeldLedgerRow:
         self.engine.dispose()
 
 
-def loaded_once(target: SqlTarget, stage: LocalStage, window: Window, fence: int) -> Manifest:
+def loaded_once(target: SqlTarget, stage: LocalStaging, window: Window, fence: int) -> Manifest:
     docs = [
         Document(id=f"{window.start:%H%M}-{n}", timestamp=window.start, body={"n": n})
         for n in range(3)
@@ -148,7 +148,7 @@ def test_a_blocked_load_ends_only_an_older_fence_of_its_own_window(
     monkeypatch.setattr(sql_target, "LEDGER_WAITS", 2)
     window = Window(START, START + timedelta(minutes=15))
     other = Window(window.end, window.end + timedelta(minutes=15))
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path / "stage")))
+    stage = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path / "staging")))
     target = SqlTarget(SqlTargetConfig(type="sql", url=pg_schema_url, table="events_loaded"))
     try:
         loaded_once(target, stage, window, fence=10)

@@ -100,7 +100,7 @@ def _pipelines(tmp_path: Path, count: int, url: str) -> dict[str, object]:
             "window": "1h",
             "start": "2026-01-01T00:00:00Z",
             "source": {"type": "sql", "url": url, "table": f"src_{index}"},
-            "stage": {"type": "local", "path": str(tmp_path / "stage")},
+            "staging": {"type": "local", "path": str(tmp_path / "staging")},
             "target": {"type": "sql", "url": url, "table": f"dst_{index}"},
         }
         for index in range(count)

@@ -1,5 +1,5 @@
 """One contract suite for every target: `SnowflakeTarget` on fakesnow's server (the real
-snowflake-connector over HTTP, an external `file://` Snowflake stage over a `LocalStage`
+snowflake-connector over HTTP, an external `file://` Snowflake stage over a `LocalStaging`
 directory) and `SqlTarget` on PostgreSQL and SQLite; then the Snowflake SQL builders offline.
 
 Fencing: every target keeps a ledger row per window (the newest fence that loaded it) and
@@ -39,12 +39,12 @@ from snowflake.connector import errors as sf_errors
 from sqlglot import exp
 
 from connectors.base import Batch, Document, Manifest, StagingArea, Target
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.snowflake import SnowflakeTarget, sql
 from connectors.snowflake.client import translate
 from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_table
 from core.checksum import EMPTY_CHECKSUM, ids_checksum
-from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
 from core.ports import TargetAudit
 from core.windows import Window
@@ -88,7 +88,7 @@ class Backend:
     """A target under test, the stage it loads from, and a way to look at its table."""
 
     name: str
-    stage: LocalStage
+    stage: LocalStaging
     make: Callable[..., Target]
     """A new target over the same table (keyword overrides of its config)."""
     rows: Callable[[Window], list[dict[str, Any]]]
@@ -105,7 +105,7 @@ class Backend:
 
 
 def _snowflake_backend(
-    kwargs: dict[str, Any], stage: LocalStage, monkeypatch: pytest.MonkeyPatch
+    kwargs: dict[str, Any], stage: LocalStaging, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
     monkeypatch.setenv(SF_PASSWORD_ENV, kwargs["password"])
     database = f"WP_{uuid.uuid4().hex[:8].upper()}"
@@ -180,7 +180,7 @@ def _snowflake_backend(
     admin.close()
 
 
-def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:
+def _sql_backend(name: str, url: str, stage: LocalStaging) -> Iterator[Backend]:
     engine = sa.create_engine(url)
     targets: list[SqlTarget] = []
 
@@ -245,8 +245,8 @@ def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
     # Small parts, so that a window spans several files and lineage is exercised.
-    stage = LocalStage(
-        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
+    stage = LocalStaging(
+        LocalStagingConfig(type="local", path=str(tmp_path / "staging"), max_file_bytes=4096)
     )
     if request.param == "snowflake":
         yield from _snowflake_backend(
@@ -276,7 +276,7 @@ def stage_window(stage: StagingArea, window: Window, docs: list[Document], run: 
     return stage.write_window(PIPELINE, window, run, [Batch(documents=docs)])
 
 
-def staged_lines(stage: LocalStage, manifest: Manifest) -> dict[tuple[str, int], dict[str, Any]]:
+def staged_lines(stage: LocalStaging, manifest: Manifest) -> dict[tuple[str, int], dict[str, Any]]:
     """(file, 1-based line) -> the staged object, for checking lineage."""
     lines = {}
     for staged in manifest.files:
@@ -425,7 +425,7 @@ class FencedLoad:
     ids: set[str]
 
 
-def fenced_load(stage: LocalStage, fence: int, count: int) -> FencedLoad:
+def fenced_load(stage: LocalStaging, fence: int, count: int) -> FencedLoad:
     """Stage the window for the owner holding `fence` (replacing earlier runs' files, as a real
     extract does)."""
     docs = documents(WINDOW, count, tag=f"f{fence}")
@@ -616,8 +616,8 @@ class SqliteHold:
 
 @pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.integration), "sqlite"])
 def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    stage = LocalStage(
-        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
+    stage = LocalStaging(
+        LocalStagingConfig(type="local", path=str(tmp_path / "staging"), max_file_bytes=4096)
     )
     url = request.getfixturevalue(
         "pg_schema_url" if request.param == "postgresql" else "sqlite_url"
@@ -637,7 +637,7 @@ def test_overlapping_loads_of_one_window_serialise_and_leave_its_rows_once(
     # the files A is about to read inside its transaction.
     root = Path(sql_backend.stage.config.path)
     stages = {
-        fence: LocalStage(LocalStageConfig(type="local", path=str(root / f"owner-{fence}")))
+        fence: LocalStaging(LocalStagingConfig(type="local", path=str(root / f"owner-{fence}")))
         for fence in (A_FENCE, B_FENCE)
     }
     loads = {fence: fenced_load(stages[fence], fence, 10 - fence) for fence in stages}
@@ -719,8 +719,8 @@ def test_recording_a_fence_moves_only_forward(sql_backend: Backend, dialect_upse
 def snowflake_backend(
     fakesnow_server: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
-    stage = LocalStage(
-        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=1024)
+    stage = LocalStaging(
+        LocalStagingConfig(type="local", path=str(tmp_path / "staging"), max_file_bytes=1024)
     )
     yield from _snowflake_backend(fakesnow_server, stage, monkeypatch)
 

@@ -74,7 +74,7 @@ def make_config(tmp_path: Path, **pipeline: Any) -> Config:
         "task_retries": 1,
         "task_backoff": 0,
         "source": {"type": "sql", "url": "sqlite://", "table": "events"},
-        "stage": {"type": "local", "path": str(tmp_path / "unused-stage")},
+        "staging": {"type": "local", "path": str(tmp_path / "unused-staging")},
         "target": {"type": "sql", "url": "sqlite://", "table": "events_loaded"},
         **pipeline,
     }

@@ -65,7 +65,7 @@ def _reach_pipeline(name: str, pipeline: PipelineConfig) -> list[str]:
     probe = Window(pipeline.start, pipeline.start + pipeline.window)
     calls: dict[str, Callable[[Any], object]] = {
         "source": lambda c: c.count(probe),
-        "stage": lambda c: c.list_files(name, probe),
+        "staging": lambda c: c.list_files(name, probe),
         "target": lambda c: c.count_window(name, probe),
     }
     problems = []

@@ -1,4 +1,4 @@
-"""One contract suite for every stage: `LocalStage` in a temporary directory and `S3Stage`
+"""One contract suite for every stage: `LocalStaging` in a temporary directory and `S3Staging`
 against moto's S3 server (real boto3 over HTTP), plus what only one of them can do."""
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from connectors.base import (
     decode_line,
     window_dir,
 )
-from connectors.local import LocalStage
-from connectors.s3 import S3Stage
+from connectors.local import LocalStaging
+from connectors.s3 import S3Staging
 from connectors.staging import StagedFileWriter
-from core.config import LocalStageConfig, S3StageConfig
+from core.config import LocalStagingConfig, S3StagingConfig
 from core.errors import TerminalError, TransientError
 from core.instants import format_instant
 from core.windows import Window
@@ -91,7 +91,7 @@ class StageKit:
     """Overwrite the stored bytes at a path (to corrupt a file)."""
 
 
-def _s3_config(url: str, bucket: str, **overrides: Any) -> S3StageConfig:
+def _s3_config(url: str, bucket: str, **overrides: Any) -> S3StagingConfig:
     values: dict[str, Any] = {
         "type": "s3",
         "bucket": bucket,
@@ -102,7 +102,7 @@ def _s3_config(url: str, bucket: str, **overrides: Any) -> S3StageConfig:
         "secret_access_key_env": SECRET_ENV,
     }
     values.update(overrides)
-    return S3StageConfig(**values)
+    return S3StagingConfig(**values)
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
@@ -113,17 +113,17 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StageKit]:
 
         def make_local(**options: Any) -> StagingArea:
             options.pop("multipart_chunk_bytes", None)
-            stage = LocalStage(
-                LocalStageConfig(type="local", path=str(root), prefix="stage/", **options)
+            stage = LocalStaging(
+                LocalStagingConfig(type="local", path=str(root), prefix="staging/", **options)
             )
             stages.append(stage)
             return stage
 
         yield StageKit(
             make=make_local,
-            raw=lambda path: (root / "stage" / path).read_bytes(),
-            exists=lambda path: (root / "stage" / path).is_file(),
-            store=lambda path, data: (root / "stage" / path).write_bytes(data),
+            raw=lambda path: (root / "staging" / path).read_bytes(),
+            exists=lambda path: (root / "staging" / path).is_file(),
+            store=lambda path, data: (root / "staging" / path).write_bytes(data),
         )
     else:
         url = request.getfixturevalue("moto_url")
@@ -131,7 +131,7 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StageKit]:
         client = request.getfixturevalue("s3_client")
 
         def make_s3(**options: Any) -> StagingArea:
-            stage = S3Stage(_s3_config(url, name, **options))
+            stage = S3Staging(_s3_config(url, name, **options))
             stages.append(stage)
             return stage
 
@@ -464,7 +464,7 @@ def test_s3_file_larger_than_a_chunk_goes_up_as_a_multipart_upload(
     import base64
     import os
 
-    stage = S3Stage(_s3_config(moto_url, bucket, multipart_chunk_bytes=5 * MiB))
+    stage = S3Staging(_s3_config(moto_url, bucket, multipart_chunk_bytes=5 * MiB))
 
     def random_body(i: int) -> dict[str, Any]:
         return {"blob": base64.b64encode(os.urandom(96 * 1024)).decode()}
@@ -489,7 +489,7 @@ def test_s3_failed_multipart_upload_is_aborted(moto_url: str, bucket: str, s3_cl
     import base64
     import os
 
-    stage = S3Stage(_s3_config(moto_url, bucket, multipart_chunk_bytes=5 * MiB))
+    stage = S3Staging(_s3_config(moto_url, bucket, multipart_chunk_bytes=5 * MiB))
 
     def failing() -> Iterator[Batch]:
         body = {"blob": base64.b64encode(os.urandom(1024 * 1024)).decode()}
@@ -506,7 +506,7 @@ def test_s3_failed_multipart_upload_is_aborted(moto_url: str, bucket: str, s3_cl
 
 @pytest.mark.integration
 def test_s3_missing_bucket_is_terminal(moto_url: str, bucket: str) -> None:
-    stage = S3Stage(_s3_config(moto_url, "no-such-bucket-here"))
+    stage = S3Staging(_s3_config(moto_url, "no-such-bucket-here"))
 
     with pytest.raises(TerminalError, match=r"NoSuchBucket") as caught:
         stage.write_window(PIPELINE, WINDOW, "1", batches(3))
@@ -517,7 +517,7 @@ def test_s3_missing_bucket_is_terminal(moto_url: str, bucket: str) -> None:
 
 @pytest.mark.integration
 def test_s3_unreachable_endpoint_is_transient(bucket: str) -> None:
-    stage = S3Stage(_s3_config(f"http://127.0.0.1:{free_port()}", bucket))
+    stage = S3Staging(_s3_config(f"http://127.0.0.1:{free_port()}", bucket))
 
     with pytest.raises(TransientError, match=r"S3 (upload|list)") as caught:
         stage.write_window(PIPELINE, WINDOW, "1", batches(3))
@@ -530,7 +530,7 @@ def test_s3_uses_the_default_credential_chain_without_env_names(
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "chain")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain")
-    stage = S3Stage(
+    stage = S3Staging(
         _s3_config(moto_url, bucket, access_key_id_env=None, secret_access_key_env=None)
     )
 
@@ -542,7 +542,7 @@ def test_s3_uses_the_default_credential_chain_without_env_names(
 
 @pytest.mark.integration
 def test_s3_client_is_built_lazily_and_once(moto_url: str, bucket: str) -> None:
-    stage = S3Stage(_s3_config(moto_url, bucket))
+    stage = S3Staging(_s3_config(moto_url, bucket))
     assert stage._client is None
 
     first = stage.client
@@ -555,7 +555,7 @@ def test_s3_client_is_built_lazily_and_once(moto_url: str, bucket: str) -> None:
 
 @pytest.mark.integration
 def test_s3_prefix_is_normalized_to_a_folder(moto_url: str, bucket: str, s3_client: Any) -> None:
-    stage = S3Stage(_s3_config(moto_url, bucket, prefix="/nested/orders"))
+    stage = S3Staging(_s3_config(moto_url, bucket, prefix="/nested/orders"))
 
     manifest = stage.write_window(PIPELINE, WINDOW, "1", batches(1))
 
@@ -570,7 +570,7 @@ def test_s3_prefix_is_normalized_to_a_folder(moto_url: str, bucket: str, s3_clie
 
 def test_local_stage_creates_its_directory_and_leaves_no_temporaries(tmp_path: Path) -> None:
     root = tmp_path / "not" / "yet"
-    stage = LocalStage(LocalStageConfig(type="local", path=str(root), max_file_bytes=1024))
+    stage = LocalStaging(LocalStagingConfig(type="local", path=str(root), max_file_bytes=1024))
     assert root.is_dir()
 
     manifest = stage.write_window(PIPELINE, WINDOW, "1", batches(50))
@@ -581,7 +581,7 @@ def test_local_stage_creates_its_directory_and_leaves_no_temporaries(tmp_path: P
 
 
 def test_local_delete_window_sweeps_a_dead_writers_temporaries(tmp_path: Path) -> None:
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path)))
+    stage = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path)))
     stage.write_window(PIPELINE, WINDOW, "1", batches(5))
     directory = tmp_path / window_dir(PIPELINE, WINDOW)
     (directory / ".2-part-00000.ndjson.gz.abc123.tmp").write_bytes(b"half")
