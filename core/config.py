@@ -29,6 +29,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from core.errors import ConfigError
 from core.instants import format_duration, format_instant, parse_duration, parse_instant
+from core.records import Stage
+from core.retry import (
+    FAILED_RETRY_BASE,
+    STAGE_POLICIES,
+    StagePolicy,
+    longest_task_seconds,
+)
 
 DEFAULT_CONFIG_PATH = "windowpipe.toml"
 """Where the config is looked for when neither `--config` nor `$WINDOWPIPE_CONFIG` is given."""
@@ -153,10 +160,10 @@ class SnowflakeTargetConfig(_Strict):
     port: int | None = None
     protocol: Literal["https", "http"] | None = None
     login_timeout: int = Field(default=60, ge=1)
-    network_timeout: int = Field(default=3600, ge=1)
+    network_timeout: int = Field(default=int(STAGE_POLICIES[Stage.LOAD].soft_time_limit), ge=1)
     """Seconds the Snowflake connector keeps retrying one failing request (it has no switch to
     turn its retries off), and the longest a statement may run before the connector cancels it.
-    The default is the load stage's soft time limit."""
+    The default is the load stage's soft time limit (`core.retry.STAGE_POLICIES`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -215,14 +222,20 @@ class PipelineConfig(_Strict):
     the recheck horizons or `windowpipe reconcile`."""
     max_attempts: int = Field(default=5, ge=1)
     """Attempts of a window before it is dead (the outermost retry layer, core/retry.py)."""
+    # The retry keys' defaults and caps are core/retry.py's `StagePolicy`; the most tries and
+    # re-sends a pipeline may ask for (100) are the config's own bound.
     step_attempts: int | None = Field(default=None, ge=1, le=100)
-    """Tries of one connector call inside a stage task; unset: the stage's default (3)."""
-    step_backoff: float | None = Field(default=None, ge=0, le=2)
-    """Seconds: the longest wait before a call's second try, doubling up to 2 s; unset: 0.5."""
+    """Tries of one connector call inside a stage task; unset: the stage's default
+    (`StagePolicy.step_attempts`)."""
+    step_backoff: float | None = Field(default=None, ge=0, le=StagePolicy.step_wait_max)
+    """Seconds: the longest wait before a call's second try, doubling up to
+    `StagePolicy.step_wait_max`; unset: `StagePolicy.step_backoff`."""
     task_retries: int | None = Field(default=None, ge=0, le=100)
-    """Re-sends of a stage task after a transient failure; unset: the stage's default (4)."""
-    task_backoff: float | None = Field(default=None, ge=0, le=120)
-    """Seconds: the longest countdown of the first re-send, doubling up to 120 s; unset: 2."""
+    """Re-sends of a stage task after a transient failure; unset: the stage's default
+    (`StagePolicy.task_retries`)."""
+    task_backoff: float | None = Field(default=None, ge=0, le=StagePolicy.backoff_cap)
+    """Seconds: the longest countdown of the first re-send, doubling up to
+    `StagePolicy.backoff_cap`; unset: `StagePolicy.backoff_base`."""
     source: SourceConfig
     staging: StagingConfig
     """Where documents wait between extract and load (`[pipelines.NAME.staging]`)."""
@@ -318,8 +331,9 @@ class Settings(BaseSettings):
     generation_batch: int = Field(default=50, ge=1, le=1000)
     """Pipelines per generation task: beat sends one task per this many pipelines sharing an
     `every` (1: a task per pipeline)."""
-    failed_retry_base: Duration = timedelta(seconds=30)
-    """A failed window waits this long before its next attempt, doubling each attempt (max 1h)."""
+    failed_retry_base: Duration = FAILED_RETRY_BASE
+    """A failed window waits this long before its next attempt, doubling each attempt (at most
+    `core.retry.FAILED_RETRY_CAP`)."""
     visibility_timeout: Duration = timedelta(hours=2)
     """Redis broker/result visibility timeout; must exceed the longest stage plus its backoff,
     or Redis redelivers tasks that are still running (celery/celery#5935)."""
@@ -329,8 +343,6 @@ class Settings(BaseSettings):
     @field_validator("visibility_timeout")
     @classmethod
     def _visibility_above_longest_task(cls, value: timedelta) -> timedelta:
-        from core.retry import longest_task_seconds
-
         if value.total_seconds() <= longest_task_seconds():
             raise ValueError(
                 f"visibility_timeout must exceed the longest stage plus its retry backoff "
