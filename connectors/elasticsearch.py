@@ -51,7 +51,7 @@ from core.errors import (
     WindowpipeError,
     one_line,
 )
-from core.instants import format_instant
+from core.instants import as_utc, format_instant
 from core.recheck import Fingerprint
 from core.retry import SDK_RETRIES, as_time_limit
 from core.windows import Window
@@ -88,11 +88,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         except (ValueError, OverflowError):
             parsed = None
         if parsed is not None:
-            if parsed.tzinfo is UTC:
-                return parsed
-            if parsed.tzinfo is None:
-                return parsed.replace(tzinfo=UTC)
-            return parsed.astimezone(UTC)
+            return as_utc(parsed)
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, bool):
@@ -108,9 +104,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(text)
     except (ValueError, OverflowError):
         return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    return as_utc(parsed)
 
 
 def field_value(source: dict[str, Any], path: str) -> Any:

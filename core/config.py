@@ -1,6 +1,6 @@
 """The windowpipe config: one TOML file, validated into models, `WINDOWPIPE_*` overrides.
 
-This is the original design's `load_final_config()`: the file is found (`--config`, else
+The keys are the README's "Configuration" section. The file is found (`--config`, else
 `$WINDOWPIPE_CONFIG`, else `./windowpipe.toml`), parsed, validated, and every problem is
 reported as one line naming the file, the key and what is wrong. Secrets never live in the
 file: a connector names the environment variable that holds one (`password_env`), and the value

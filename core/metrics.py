@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from core.records import FINISHED, STAGE_ORDER, Stage, WindowStatus
+from core.records import AUDIT_ERROR_PREFIX, FINISHED, STAGE_ORDER, Stage, WindowStatus
 from core.store import WINDOWS, StateStore, recheck_due
 
 CHAIN_SECONDS_BUCKETS: tuple[float, ...] = (
@@ -68,9 +68,6 @@ documents, load leaves them in the target (the audit checks the three agree)."""
 
 UNFINISHED = tuple(sorted(set(WindowStatus) - FINISHED))
 """Statuses of windows whose data is not (yet) complete in the target."""
-
-AUDIT_ERROR_PREFIX = "audit: "
-"""How the audit stage starts a failed window's error (core/runner.py)."""
 
 
 @dataclass(frozen=True)
@@ -515,8 +512,8 @@ def _every_stage(found: Mapping[str, int]) -> dict[str, int]:
 def freshness_lines(freshness: Mapping[str, Freshness]) -> list[str]:
     """One line per pipeline for `windowpipe status`: `orders: complete through
     2026-11-01T10:15:00Z, 14m 30s behind now`."""
+    from core.control_runs import format_age
     from core.instants import format_instant
-    from core.liveness import format_age
 
     lines = []
     for name, item in sorted(freshness.items()):

@@ -50,7 +50,14 @@ from core.ports import (
     WindowTarget,
 )
 from core.recheck import drift_of
-from core.records import ACTIVE, STAGE_ORDER, Stage, WindowRecord, WindowStatus
+from core.records import (
+    ACTIVE,
+    AUDIT_ERROR_PREFIX,
+    STAGE_ORDER,
+    Stage,
+    WindowRecord,
+    WindowStatus,
+)
 from core.retry import StagePolicy, backoff_seconds, call_with_retries, stage_policy
 from core.store import StateStore
 from core.windows import Window
@@ -486,7 +493,7 @@ def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
             stage=Stage.PRECHECK,
             target_count=held.rows,
             target_checksum=held.checksum,
-            error=f"audit: {detail}"[:2000],
+            error=f"{AUDIT_ERROR_PREFIX}{detail}"[:2000],
         )
     # The target holds exactly what extract read. Documents that arrived (or went) since are
     # not this run's failure: they are drift, for recheck or reconcile (or a re-run now).

@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine, Row, make_url
 
 from core.errors import BadInputError, InvalidTransitionError, LostOwnershipError
-from core.instants import format_instant, utc_now
+from core.instants import as_utc, format_instant, utc_now
 from core.records import ACTIVE, FINISHED, Stage, WindowKind, WindowRecord, WindowStatus
 from core.transitions import (
     BURY,
@@ -90,9 +90,7 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return as_utc(value)
 
 
 METADATA = sa.MetaData()

@@ -31,8 +31,7 @@ import redis
 import sqlalchemy as sa
 import yaml
 
-from core.instants import format_instant, parse_instant
-from core.liveness import (
+from core.control_runs import (
     CLEANUP_RAN_KEY,
     ControlActivity,
     LastRun,
@@ -43,6 +42,7 @@ from core.liveness import (
     read_last_runs,
     record_run,
 )
+from core.instants import format_instant, parse_instant
 from core.records import Stage, WindowRecord, WindowStatus
 from tests.deployment import REPO, Deployment, statuses
 from tests.faults import PrivateRedis, TcpFaultProxy

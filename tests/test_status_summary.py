@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from core.liveness import ControlActivity, LastRun
+from core.control_runs import ControlActivity, LastRun
 from core.metrics import read_frontiers
 from core.records import WindowKind, WindowStatus
 from core.store import WINDOWS, PipelineSummary, StateStore

@@ -46,6 +46,7 @@ from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_
 from core.checksum import EMPTY_CHECKSUM, ids_checksum
 from core.config import LocalStagingConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
+from core.instants import as_utc
 from core.ports import TargetAudit
 from core.windows import Window
 from tests.support import wait_until
@@ -153,7 +154,7 @@ def _snowflake_backend(
             (PIPELINE, window.start.replace(tzinfo=None)),
         )
         return [
-            {"fence": int(fence), "row_count": int(count), "loaded_at": _aware(at)}
+            {"fence": int(fence), "row_count": int(count), "loaded_at": as_utc(at)}
             for fence, count, at in cursor.fetchall()
         ]
 
@@ -201,7 +202,7 @@ def _sql_backend(name: str, url: str, stage: LocalStaging) -> Iterator[Backend]:
                 {
                     "doc_id": doc_id,
                     "doc": doc,
-                    "window_end": _aware(end),
+                    "window_end": as_utc(end),
                     "source_file": source_file,
                     "file_row": file_row,
                 }
@@ -220,7 +221,7 @@ def _sql_backend(name: str, url: str, stage: LocalStaging) -> Iterator[Backend]:
         )
         with engine.connect() as conn:
             return [
-                {"fence": fence, "row_count": count, "loaded_at": _aware(at)}
+                {"fence": fence, "row_count": count, "loaded_at": as_utc(at)}
                 for fence, count, at in conn.execute(query)
             ]
 
@@ -228,10 +229,6 @@ def _sql_backend(name: str, url: str, stage: LocalStaging) -> Iterator[Backend]:
     for target in targets:
         target.close()
     engine.dispose()
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @pytest.fixture(
