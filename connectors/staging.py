@@ -8,7 +8,7 @@ about *what* it stores lives here, once:
   sha256, rejections and the staged ids' checksum (`core.checksum`) as the bytes stream past.
   It holds up to `WRITE_BUFFER_BYTES` of lines and the compressor's buffer in memory, never
   the window.
-- `ObjectStaging` implements the `connectors.base.StagingArea` protocol on top of five storage
+- `ObjectStaging` implements the `core.ports.StagingArea` protocol on top of five storage
   primitives (open a part for writing, put small bytes, open for reading, list, delete), which
   is all `LocalStaging` and `S3Staging` supply.
 

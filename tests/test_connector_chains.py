@@ -210,7 +210,7 @@ def test_elasticsearch_to_s3_to_postgresql(
     store.dispose()
 
 
-def test_opensearch_to_local_stage_to_snowflake(
+def test_opensearch_to_local_staging_to_snowflake(
     osmem_events: tuple[str, Counter[str]],
     redis_client: redis.Redis,
     fakesnow_server: dict[str, Any],

@@ -26,11 +26,11 @@ import sqlalchemy as sa
 from opensearchpy import OpenSearch
 from osmem_server import OsmemServer
 
-from connectors.base import Batch, Document, Rejection, Source
 from connectors.elasticsearch import ElasticsearchSource, OpenSearchSource
 from connectors.sql import SqlSource
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, SqlSourceConfig
 from core.errors import TerminalError, TransientError
+from core.ports import Batch, Document, Rejection, Source
 from core.recheck import Fingerprint
 from core.windows import Window
 from tests.osmem_support import OsmemCompatibleNode, open_pit_ids

@@ -19,21 +19,14 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from connectors.base import (
-    Batch,
-    Document,
-    Manifest,
-    Rejection,
-    StagingArea,
-    decode_line,
-    window_dir,
-)
+from connectors.base import decode_line, window_dir
 from connectors.local import LocalStaging
 from connectors.s3 import S3Staging
 from connectors.staging import StagedFileWriter
 from core.config import LocalStagingConfig, S3StagingConfig
 from core.errors import TerminalError, TransientError
 from core.instants import format_instant
+from core.ports import Batch, Document, Manifest, Rejection, StagingArea
 from core.windows import Window
 from tests.support import free_port
 

@@ -38,7 +38,6 @@ import sqlglot
 from snowflake.connector import errors as sf_errors
 from sqlglot import exp
 
-from connectors.base import Batch, Document, Manifest, StagingArea, Target
 from connectors.local import LocalStaging
 from connectors.snowflake import SnowflakeTarget, sql
 from connectors.snowflake.client import translate
@@ -47,7 +46,7 @@ from core.checksum import EMPTY_CHECKSUM, ids_checksum
 from core.config import LocalStagingConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
 from core.instants import as_utc
-from core.ports import TargetAudit
+from core.ports import Batch, Document, Manifest, StagingArea, Target, TargetAudit
 from core.windows import Window
 from tests.support import wait_until
 from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy

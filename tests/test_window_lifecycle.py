@@ -107,7 +107,7 @@ class MemoryDeployment:
         return self.config.pipeline(PIPELINE)
 
     @property
-    def runtime(self) -> Runtime[Batch, Manifest]:
+    def runtime(self) -> Runtime:
         return Runtime(self.config, self.store, self.redis, self.connectors)
 
     @property

@@ -59,11 +59,11 @@ def _reach_everything(config: Config) -> list[str]:
 
 
 def _reach_pipeline(name: str, pipeline: PipelineConfig) -> list[str]:
-    from connectors.registry import build
+    from connectors.registry import Role, build
     from core.windows import Window
 
     probe = Window(pipeline.start, pipeline.start + pipeline.window)
-    calls: dict[str, Callable[[Any], object]] = {
+    calls: dict[Role, Callable[[Any], object]] = {
         "source": lambda c: c.count(probe),
         "staging": lambda c: c.list_files(name, probe),
         "target": lambda c: c.count_window(name, probe),
@@ -71,7 +71,7 @@ def _reach_pipeline(name: str, pipeline: PipelineConfig) -> list[str]:
     problems = []
     for role, call in calls.items():
         try:
-            connector = build(role, pipeline)  # type: ignore[arg-type]
+            connector = build(role, pipeline)
             try:
                 call(connector)
             finally:
