@@ -205,9 +205,11 @@ def windowpipe_extract(url: str, staging_dir: Path, slices: int, run: int) -> in
             request_timeout=120,
         )
     )
-    stage = LocalStaging(LocalStagingConfig(type="local", path=str(staging_dir)))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(staging_dir)))
     try:
-        manifest = stage.write_window(PIPELINE, WINDOW, f"f{run:08d}", source.iter_batches(WINDOW))
+        manifest = staging.write_window(
+            PIPELINE, WINDOW, f"f{run:08d}", source.iter_batches(WINDOW)
+        )
     finally:
         source.close()
     if manifest.rejected_count:

@@ -47,8 +47,8 @@ def main() -> None:
     shipped = sql_target.take_ledger_row
     times: dict[str, list[float]] = {"takeover": [], "direct": []}
     with pg_database() as url, tempfile.TemporaryDirectory() as staging_dir:
-        stage = LocalStaging(LocalStagingConfig(type="local", path=staging_dir))
-        manifest = stage.write_window("bench", window, "f00000001", [Batch(documents=docs)])
+        staging = LocalStaging(LocalStagingConfig(type="local", path=staging_dir))
+        manifest = staging.write_window("bench", window, "f00000001", [Batch(documents=docs)])
         target = SqlTarget(SqlTargetConfig(type="sql", url=url, table="loaded"))
         fence = 1
         try:
@@ -57,7 +57,7 @@ def main() -> None:
                     sql_target.take_ledger_row = ledger_write  # type: ignore[assignment]
                     fence += 1
                     began = time.perf_counter()
-                    target.load_window("bench", manifest, stage, fence=fence)
+                    target.load_window("bench", manifest, staging, fence=fence)
                     times[name].append(time.perf_counter() - began)
         finally:
             sql_target.take_ledger_row = shipped

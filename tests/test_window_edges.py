@@ -340,15 +340,15 @@ def test_validate_rebuild_clears_the_target_rows_of_an_unfinished_record_it_dele
         [record] = store.list_records("events")
     finally:
         store.dispose()
-    stage = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path / "staging")))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path / "staging")))
     documents = [
         Document(f"m{n}", misaligned.start + timedelta(seconds=n), {"id": f"m{n}"})
         for n in range(5)
     ]
-    manifest = stage.write_window("events", misaligned, "f1", [Batch(documents=documents)])
+    manifest = staging.write_window("events", misaligned, "f1", [Batch(documents=documents)])
     target = SqlTarget(SqlTargetConfig(**faults.sql_target(pg_schema_url)))
     try:
-        target.load_window("events", manifest, stage, record.fence)
+        target.load_window("events", manifest, staging, record.fence)
         assert target.count_window("events", misaligned) == 5
 
         rebuilt = dep.cli("validate", "events", "--rebuild")
@@ -357,6 +357,6 @@ def test_validate_rebuild_clears_the_target_rows_of_an_unfinished_record_it_dele
         assert target.count_window("events", misaligned) == 0
         assert all(r.window_start != misaligned.start for r in _records(dep))
         with pytest.raises(StaleFenceError):
-            target.load_window("events", manifest, stage, record.fence)
+            target.load_window("events", manifest, staging, record.fence)
     finally:
         target.close()

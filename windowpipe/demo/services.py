@@ -197,7 +197,7 @@ def _probe_snowflake(
     from core.windows import Window
 
     os.environ.update(env)
-    stage = LocalStaging(LocalStagingConfig(type="local", path=str(staging_dir)))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(staging_dir)))
     target = target_class(SnowflakeTargetConfig(**{**config, "table": "WINDOWPIPE_PROBE"}))
     window = Window(datetime(2000, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, 1, tzinfo=UTC))
     docs = [
@@ -205,16 +205,16 @@ def _probe_snowflake(
         for n in range(2)
     ]
     try:
-        manifest = stage.write_window("probe", window, "probe", [Batch(documents=docs)])
-        loaded = target.load_window("probe", manifest, stage, fence=1)
+        manifest = staging.write_window("probe", window, "probe", [Batch(documents=docs)])
+        loaded = target.load_window("probe", manifest, staging, fence=1)
         counted = target.count_window("probe", window)
         if loaded != 2 or counted != 2:
             raise DemoError(f"a probe load of 2 rows loaded {loaded}, counted {counted}")
     finally:
         with contextlib.suppress(Exception):
-            stage.delete_window("probe", window)
+            staging.delete_window("probe", window)
         target.close()
-        stage.close()
+        staging.close()
 
 
 def choose_target(
