@@ -116,7 +116,7 @@ def schema_url(database_url: str, schema: str) -> str:
 def write_config(
     path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
 ) -> Path:
-    """A windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
+    """A windowpipe.toml from plain dicts (`source`/`staging`/`target` as sub-tables)."""
     path.write_text(config_toml(settings, pipelines))
     return path
 

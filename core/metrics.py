@@ -19,7 +19,7 @@ stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest 
   audit commit, queue waits between stages and retries inside the attempt included. The
   records keep no time per stage, so there is no per-stage duration to report;
 - rows: the sums, over succeeded windows, of what precheck counted in the source, extract
-  wrote to the stage, and the target held after the load (audited equal).
+  wrote to the staging area, and the target held after the load (audited equal).
 """
 
 from __future__ import annotations
