@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.config import Config
+from core.queues import CONTROL_QUEUE, RECHECK_QUEUE
 
 
 def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
@@ -29,7 +30,7 @@ def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
                 "task": "windowpipe.generate_batch",
                 "schedule": every,
                 "args": (group,),
-                "options": {"queue": "control", "expires": every},
+                "options": {"queue": CONTROL_QUEUE, "expires": every},
             }
     for name, pipeline in sorted(config.pipelines.items()):
         if pipeline.recheck:
@@ -37,12 +38,15 @@ def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
                 "task": "windowpipe.recheck",
                 "schedule": pipeline.every.total_seconds(),
                 "args": (name,),
-                "options": {"queue": "recheck", "expires": pipeline.every.total_seconds()},
+                "options": {"queue": RECHECK_QUEUE, "expires": pipeline.every.total_seconds()},
             }
     schedule["cleanup-stale-locks"] = {
         "task": "windowpipe.cleanup",
         "schedule": config.settings.cleanup_every.total_seconds(),
         "args": (),
-        "options": {"queue": "control", "expires": config.settings.cleanup_every.total_seconds()},
+        "options": {
+            "queue": CONTROL_QUEUE,
+            "expires": config.settings.cleanup_every.total_seconds(),
+        },
     }
     return schedule

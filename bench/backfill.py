@@ -247,7 +247,7 @@ class _Setup:
                 "timestamp_column": "created_at",
                 "id_column": "id",
             },
-            "stage": {"type": "local", "path": str(self.workdir / "backfill-stage" / name)},
+            "staging": {"type": "local", "path": str(self.workdir / "backfill-staging" / name)},
             # SQLite target files: a PostgreSQL target would add a connection pool per pipeline
             # in every load and audit process (see PG_CONNECTIONS_NOTE).
             "target": {

@@ -116,7 +116,7 @@ def schema_url(database_url: str, schema: str) -> str:
 def write_config(
     path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
 ) -> Path:
-    """A windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
+    """A windowpipe.toml from plain dicts (`source`/`staging`/`target` as sub-tables)."""
     path.write_text(config_toml(settings, pipelines))
     return path
 
@@ -180,10 +180,10 @@ class Workers:
 
 
 def sql_pipeline(
-    data_url: str, stage_dir: Path, target_table: str, origin: str, **source: Any
+    data_url: str, staging_dir: Path, target_table: str, origin: str, **source: Any
 ) -> dict[str, Any]:
     """The benchmarks' pipeline: 15-minute windows from `origin`, an `events` table as the
-    SQL source (`source` adds keys, e.g. page_size), a local stage, a SQL target table."""
+    SQL source (`source` adds keys, e.g. page_size), a local staging, a SQL target table."""
     return {
         "window": "15m",
         "start": origin,
@@ -197,7 +197,7 @@ def sql_pipeline(
             "id_column": "id",
             **source,
         },
-        "stage": {"type": "local", "path": str(stage_dir)},
+        "staging": {"type": "local", "path": str(staging_dir)},
         "target": {"type": "sql", "url": data_url, "table": target_table},
     }
 

@@ -201,7 +201,7 @@ def run(
                 "every": "5m",
                 "recheck": ["1h", "1d"],
                 "source": {"type": "sql", "url": "sqlite://", "table": "events"},
-                "stage": {"type": "local", "path": str(workdir / "stage")},
+                "staging": {"type": "local", "path": str(workdir / "staging")},
                 "target": {"type": "sql", "url": "sqlite://", "table": "events_loaded"},
             }
             for name in names

@@ -4,8 +4,8 @@ counts the hits, on the same server in the same run; then `slices = 1, 2, 4`.
 
 - windowpipe: what the extract stage does, in-process: `OpenSearchSource.iter_batches` (count,
   open a PIT, `search_after` pages sorted by `[@timestamp, _shard_doc]`, each hit checked and
-  turned into a document) through `LocalStage.write_window` (gzip NDJSON parts, a manifest) into
-  a local stage directory.
+  turned into a document) through `LocalStaging.write_window` (gzip NDJSON parts, a manifest) into
+  a local staging directory.
 - bare loop: the same opensearch-py client library, the same page size, query and sort, one PIT
   and `search_after` until a short page; it counts the hits and does nothing else. With
   `slices = N`, N such loops over one PIT, one slice each, in N threads at once: what the
@@ -40,8 +40,8 @@ from osmem_server import OsmemServer
 
 from bench.common import Row, log, median
 from connectors.elasticsearch import OpenSearchSource, opensearch_serializer, range_query
-from connectors.local import LocalStage
-from core.config import LocalStageConfig, OpenSearchSourceConfig
+from connectors.local import LocalStaging
+from core.config import LocalStagingConfig, OpenSearchSourceConfig
 from core.windows import Window
 
 BENCHMARK = "7. extract (search)"
@@ -192,8 +192,8 @@ def bare_loop(client: OpenSearch, slices: int) -> int:
     return sum(counts)
 
 
-def windowpipe_extract(url: str, stage_dir: Path, slices: int, run: int) -> int:
-    """The extract stage's work for the window: the source's batches into the local stage.
+def windowpipe_extract(url: str, staging_dir: Path, slices: int, run: int) -> int:
+    """The extract stage's work for the window: the source's batches into the local staging.
     A fresh source (client) per run, as a worker builds once; documents staged."""
     source = OpenSearchSource(
         OpenSearchSourceConfig(
@@ -205,9 +205,11 @@ def windowpipe_extract(url: str, stage_dir: Path, slices: int, run: int) -> int:
             request_timeout=120,
         )
     )
-    stage = LocalStage(LocalStageConfig(type="local", path=str(stage_dir)))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(staging_dir)))
     try:
-        manifest = stage.write_window(PIPELINE, WINDOW, f"f{run:08d}", source.iter_batches(WINDOW))
+        manifest = staging.write_window(
+            PIPELINE, WINDOW, f"f{run:08d}", source.iter_batches(WINDOW)
+        )
     finally:
         source.close()
     if manifest.rejected_count:
@@ -260,7 +262,7 @@ def run(quick: bool) -> list[Row]:
         # One untimed read each to warm both clients and the server.
         bare_loop(client, 1)
         bare_loop(orjson_client, 1)
-        windowpipe_extract(server.url, workdir / "stage", 1, 0)
+        windowpipe_extract(server.url, workdir / "staging", 1, 0)
         rates: dict[int, tuple[list[float], list[float]]] = {}
         busy: dict[int, tuple[list[float], list[float]]] = {}
         client_busy: dict[int, tuple[list[float], list[float]]] = {}
@@ -289,7 +291,7 @@ def run(quick: bool) -> list[Row]:
                     bare_orjson_client.append(own)
                 rate, cores, own = _timed(
                     lambda n=slices, r=number: windowpipe_extract(
-                        server.url, workdir / "stage", n, r
+                        server.url, workdir / "staging", n, r
                     ),
                     documents,
                     cpu,
@@ -310,7 +312,7 @@ def run(quick: bool) -> list[Row]:
             f"(in-memory, one index, `dynamic: false` but for @timestamp), opensearch-py, "
             f"page_size {PAGE_SIZE:,}, {runs} runs each, alternating bare | (slices=1: bare "
             f"decoding with orjson |) windowpipe; "
-            f"windowpipe = OpenSearchSource.iter_batches -> LocalStage.write_window, replies "
+            f"windowpipe = OpenSearchSource.iter_batches -> LocalStaging.write_window, replies "
             f"decoded by orjson; bare = the client as built by default, replies decoded by "
             f"the stdlib's json.loads"
         )

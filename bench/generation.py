@@ -50,7 +50,7 @@ def _pipeline(name: str = "year", max_windows_per_tick: int = YEAR) -> PipelineC
                 "timestamp_column": "ts",
                 "id_column": "id",
             },
-            "stage": {"type": "local", "path": "."},
+            "staging": {"type": "local", "path": "."},
             "target": {"type": "sql", "url": "sqlite://", "table": "t"},
         }
     )

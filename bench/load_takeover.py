@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from bench.common import median, pg_database
 from connectors import sql_target
 from connectors.base import Batch, Document
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.sql_target import SqlTarget, record_fence
-from core.config import LocalStageConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlTargetConfig
 from core.windows import Window
 
 
@@ -46,9 +46,9 @@ def main() -> None:
     ]
     shipped = sql_target.take_ledger_row
     times: dict[str, list[float]] = {"takeover": [], "direct": []}
-    with pg_database() as url, tempfile.TemporaryDirectory() as stage_dir:
-        stage = LocalStage(LocalStageConfig(type="local", path=stage_dir))
-        manifest = stage.write_window("bench", window, "f00000001", [Batch(documents=docs)])
+    with pg_database() as url, tempfile.TemporaryDirectory() as staging_dir:
+        staging = LocalStaging(LocalStagingConfig(type="local", path=staging_dir))
+        manifest = staging.write_window("bench", window, "f00000001", [Batch(documents=docs)])
         target = SqlTarget(SqlTargetConfig(type="sql", url=url, table="loaded"))
         fence = 1
         try:
@@ -57,7 +57,7 @@ def main() -> None:
                     sql_target.take_ledger_row = ledger_write  # type: ignore[assignment]
                     fence += 1
                     began = time.perf_counter()
-                    target.load_window("bench", manifest, stage, fence=fence)
+                    target.load_window("bench", manifest, staging, fence=fence)
                     times[name].append(time.perf_counter() - began)
         finally:
             sql_target.take_ledger_row = shipped

@@ -9,7 +9,7 @@ a) Control plane alone: beat and two control workers (`-Q control -c 1` each), n
 
 b) The whole deployment: N pipelines (default 1,000) of W-minute windows, each its own SQL
    source table (two documents a window, seeded with COPY) and SQL target table, in one
-   PostgreSQL database that also holds the window records; a local stage; beat (generation
+   PostgreSQL database that also holds the window records; a local staging; beat (generation
    every minute), two control workers (`-c 1`), one worker per stage queue at `-c 2`. After
    `minutes` of beat, beat stops and the windows already created drain. Reported: freshness
    (window end -> `finished_at`, p50/p95/max; up to 60 s of it is the wait for the next tick),
@@ -105,7 +105,7 @@ def seed(url: str, pipelines: int, origin: datetime, window: timedelta, windows:
 
 
 def pipelines_config(
-    url: str, stage_dir: Path, pipelines: int, origin: datetime, window_minutes: int
+    url: str, staging_dir: Path, pipelines: int, origin: datetime, window_minutes: int
 ) -> dict[str, dict[str, object]]:
     return {
         f"p{index:04}": {
@@ -114,7 +114,7 @@ def pipelines_config(
             "lag": "0s",
             "every": GENERATION_EVERY,
             "source": {"type": "sql", "url": url, "table": f"src_{index}"},
-            "stage": {"type": "local", "path": str(stage_dir)},
+            "staging": {"type": "local", "path": str(staging_dir)},
             "target": {"type": "sql", "url": url, "table": f"dst_{index}"},
         }
         for index in range(pipelines)
@@ -189,7 +189,7 @@ def control_plane(
             run_dir,
             redis_url,
             state_url,
-            pipelines_config(database_url, run_dir / "stage", pipelines, origin, 1),
+            pipelines_config(database_url, run_dir / "staging", pipelines, origin, 1),
             generation_batch=batch,
         )
         _migrate(state_url)
@@ -252,7 +252,7 @@ def whole(
         run_dir,
         redis_url,
         database_url,
-        pipelines_config(database_url, run_dir / "stage", pipelines, origin, window_minutes),
+        pipelines_config(database_url, run_dir / "staging", pipelines, origin, window_minutes),
     )
     _migrate(database_url)
     database = _database(database_url)

@@ -9,6 +9,6 @@ from __future__ import annotations
 import workers
 from connectors.registry import CONNECTORS
 
-CONNECTORS["source"]["sql"] = "bench.slow_source:SlowSqlSource"
+CONNECTORS["source"].classes["sql"] = "bench.slow_source:SlowSqlSource"
 
 app = workers.app

@@ -1,5 +1,5 @@
 """2. Data throughput: documents/s moving one large window from the SQL source (PostgreSQL)
-through the local stage to the SQL target (PostgreSQL), all four stages run in-process by
+through the local staging to the SQL target (PostgreSQL), all four stages run in-process by
 `core.runner.run_stage`, against two copies of the same rows with no windowpipe:
 
 - raw COPY (the headline): `COPY (SELECT ...) TO STDOUT` on one psycopg connection piped block
@@ -204,7 +204,7 @@ def run(quick: bool, data: bulk.BulkData, documents: int) -> list[Row]:
             f"throughput run {run_number + 1}: windowpipe {ours[-1]:,.0f} docs/s, "
             f"raw COPY {raw[-1]:,.0f} docs/s, keyset copy {keyset[-1]:,.0f} docs/s"
         )
-    setup = f"PG -> local stage -> PG, 4 stages in-process; {runs} runs each, alternating"
+    setup = f"PG -> local staging -> PG, 4 stages in-process; {runs} runs each, alternating"
     rows = []
     for label, goal, theirs, how in (
         (

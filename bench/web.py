@@ -53,7 +53,7 @@ def _pipeline(window: str) -> dict[str, Any]:
         "window": window,
         "start": "2025-01-01T00:00:00Z",
         "source": {"type": "sql", "url": "sqlite://", "table": "t", "timestamp_column": "ts"},
-        "stage": {"type": "local", "path": "."},
+        "staging": {"type": "local", "path": "."},
         "target": {"type": "sql", "url": "sqlite://", "table": "t"},
     }
 

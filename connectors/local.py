@@ -1,4 +1,4 @@
-"""The `local` stage: the S3 stage's layout in a directory (`path` + `prefix`).
+"""The `local` staging: the S3 staging's layout in a directory (`path` + `prefix`).
 
 For users without S3 and for tests; a Snowflake external stage with `URL='file:///dir/'` can
 stand behind it. Every file is written to a hidden temporary file in its final directory and
@@ -19,8 +19,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from connectors.staging import ObjectStage, PartSink, normalize_prefix
-from core.config import LocalStageConfig
+from connectors.staging import ObjectStaging, PartSink, normalize_prefix
+from core.config import LocalStagingConfig
 from core.errors import StagedDataLostError, TerminalError, TransientError, WindowpipeError
 
 _TRANSIENT_ERRNOS = frozenset(
@@ -33,10 +33,10 @@ _FILE_MODE = 0o644
 
 
 def translate_os_error(exc: OSError, action: str, path: str) -> WindowpipeError:
-    """One line, transient or terminal, for an OS error on a stage file."""
+    """One line, transient or terminal, for an OS error on a staged file."""
     kind = TransientError if exc.errno in _TRANSIENT_ERRNOS else TerminalError
     reason = exc.strerror or type(exc).__name__
-    return kind(f"local stage: cannot {action} {path}: {reason}")
+    return kind(f"local staging: cannot {action} {path}: {reason}")
 
 
 @contextmanager
@@ -78,15 +78,15 @@ class _LocalPartSink:
             self._temp.unlink(missing_ok=True)
 
 
-class LocalStage(ObjectStage):
+class LocalStaging(ObjectStaging):
     """Staged files under `config.path`/`config.prefix`, created if missing."""
 
-    def __init__(self, config: LocalStageConfig) -> None:
+    def __init__(self, config: LocalStagingConfig) -> None:
         self.config = config
         self.max_file_bytes = config.max_file_bytes
         self.gzip_level = config.gzip_level
         self.root = Path(config.path).resolve() / normalize_prefix(config.prefix)
-        """The stage root: `Manifest.path` and `StagedFile.path` are relative to it."""
+        """The staging root: `Manifest.path` and `StagedFile.path` are relative to it."""
         with _os_errors("create", str(self.root)):
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -111,7 +111,9 @@ class LocalStage(ObjectStage):
             try:
                 stream = self._file(path).open("rb")
             except FileNotFoundError:
-                raise StagedDataLostError(f"local stage read {path} failed: no such file") from None
+                raise StagedDataLostError(
+                    f"local staging read {path} failed: no such file"
+                ) from None
         with stream:
             yield stream
 
@@ -163,7 +165,7 @@ class LocalStage(ObjectStage):
         self._remove_empty_dirs(base)
 
     def _remove_empty_dirs(self, directory: Path) -> None:
-        """Remove `directory` and its parents while empty, never the stage root."""
+        """Remove `directory` and its parents while empty, never the staging root."""
         while directory != self.root and self.root in directory.parents:
             try:
                 directory.rmdir()

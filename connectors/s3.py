@@ -1,4 +1,4 @@
-"""The `s3` stage: gzip NDJSON files and a manifest per window in a bucket (AWS, MinIO, moto).
+"""The `s3` staging: gzip NDJSON files and a manifest per window in a bucket (AWS, MinIO, moto).
 
 Each part file streams into S3 as it is compressed: its bytes collect in a buffer of
 `multipart_chunk_bytes`; a file that stays below one chunk is sent with one `PutObject`, a
@@ -8,7 +8,7 @@ A crashed process can leave an incomplete multipart upload behind: a bucket life
 (`AbortIncompleteMultipartUpload`) reclaims those.
 
 boto3 is imported when the client is first needed; the client is built once per process for
-every stage with the same endpoint, region and keys (`connectors.shared`).
+every staging area with the same endpoint, region and keys (`connectors.shared`).
 SDK errors become `TransientError` (throttling, 5xx, connection trouble, timeouts) or
 `TerminalError` (access denied, no such bucket, bad keys, anything else), in one line.
 """
@@ -22,8 +22,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, BinaryIO, cast
 
 from connectors.shared import Lease, lease
-from connectors.staging import ObjectStage, PartSink, normalize_prefix
-from core.config import S3StageConfig, resolve_secret
+from connectors.staging import ObjectStaging, PartSink, normalize_prefix
+from core.config import S3StagingConfig, resolve_secret
 from core.errors import (
     ConfigError,
     StagedDataLostError,
@@ -186,10 +186,10 @@ class _MultipartSink:
             )
 
 
-class S3Stage(ObjectStage):
+class S3Staging(ObjectStaging):
     """Staged files under `s3://<bucket>/<prefix>`."""
 
-    def __init__(self, config: S3StageConfig) -> None:
+    def __init__(self, config: S3StagingConfig) -> None:
         self.config = config
         self.max_file_bytes = config.max_file_bytes
         self.gzip_level = config.gzip_level
@@ -208,8 +208,8 @@ class S3Stage(ObjectStage):
     @property
     def client(self) -> Any:
         """The boto3 S3 client, leased on first use (boto3 is imported only then): one per
-        process for every stage with the same endpoint, region and keys (`connectors.shared`).
-        A botocore client is safe to share between threads."""
+        process for every staging area with the same endpoint, region and keys
+        (`connectors.shared`). A botocore client is safe to share between threads."""
         with self._client_lock:
             if self._lease is None:
                 key_id, secret = self._credentials()
@@ -222,7 +222,7 @@ class S3Stage(ObjectStage):
         secret = resolve_secret(self.config.secret_access_key_env)
         if (key_id is None) != (secret is None):
             raise ConfigError(
-                "s3 stage: set both access_key_id_env and secret_access_key_env, or neither "
+                "s3 staging: set both access_key_id_env and secret_access_key_env, or neither "
                 "(to use the default credential chain)"
             )
         return key_id, secret
@@ -248,7 +248,7 @@ class S3Stage(ObjectStage):
         return session.client("s3", endpoint_url=self.config.endpoint_url, config=Config(**options))
 
     def close(self) -> None:
-        """Give the client back (the last stage using it closes it); leased again on next
+        """Give the client back (the last staging area using it closes it); leased again on next
         use."""
         with self._client_lock:
             held, self._lease = self._lease, None

@@ -36,6 +36,7 @@ from connectors.base import (
 from connectors.shared import Lease, lease
 from core.config import SqlSourceConfig, resolve_secret
 from core.errors import TerminalError, TransientError, WindowpipeError, one_line
+from core.instants import as_utc
 from core.recheck import Fingerprint
 from core.retry import as_time_limit
 from core.windows import Window
@@ -192,14 +193,8 @@ _INSTANT_JSON = partial(orjson.dumps, option=INSTANT_OPTIONS)
 _UNQUOTED = itemgetter(slice(1, -1))
 
 
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is UTC:
-        return value
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _instant_text(value: datetime) -> str:
-    """`format_instant(_utc(value))`, without converting a value that is UTC already."""
+    """`format_instant(as_utc(value))`, without converting a value that is UTC already."""
     offset = value.utcoffset()
     if offset is None:
         value = value.replace(tzinfo=UTC)
@@ -405,7 +400,7 @@ class SqlSource:
         else:
             columns[ts_at] = texts = list(map(_instant_text, stamps))
             ts_jsons = list(map(orjson.dumps, texts))
-        instants = stamps if zones == _UTC_ONLY else list(map(_utc, stamps))
+        instants = stamps if zones == _UTC_ONLY else list(map(as_utc, stamps))
         bodies = list(map(dict, map(zip, repeat(names), zip(*columns, strict=True))))
         encoded = list(map(encode_body, bodies))
         if max(map(len, encoded)) > self.config.max_document_bytes:
@@ -450,7 +445,7 @@ class SqlSource:
                 continue
             # The body holds the timestamp as `format_instant` prints it: the line's `ts` too.
             line = staged_line(doc_id, orjson.dumps(body[ts_name]), encoded)
-            batch.documents.append(Document(doc_id, _utc(row[ts_at]), body, encoded, line))
+            batch.documents.append(Document(doc_id, as_utc(row[ts_at]), body, encoded, line))
         return batch
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from core.errors import (
     WindowpipeError,
     one_line,
 )
-from core.instants import format_instant, utc_now
+from core.instants import as_utc, format_instant, utc_now
 from core.logs import get_logger
 from core.ports import StagedLines, TargetAudit
 from core.retry import as_time_limit
@@ -285,7 +285,7 @@ _LOCK_NOT_AVAILABLE = "55P03"
 
 def _utc_text(value: datetime) -> str:
     """An instant as text; a naive one (SQLite's columns) is UTC."""
-    return format_instant(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return format_instant(as_utc(value))
 
 
 def stale_fence_error(pipeline: str, window_start: datetime, fence: int, recorded: int) -> str:

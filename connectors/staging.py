@@ -1,6 +1,6 @@
-"""What the S3 and local stages share: the staged file format, rolling, manifests, cleanup.
+"""What the S3 and local staging share: the staged file format, rolling, manifests, cleanup.
 
-A stage stores bytes under relative paths (`<pipeline>/YYYY/MM/DD/<window>/...`). Everything
+A staging area stores bytes under relative paths (`<pipeline>/YYYY/MM/DD/<window>/...`). Everything
 about *what* it stores lives here, once:
 
 - `StagedFileWriter` turns batches into gzip NDJSON part files, rolling to a new part before a
@@ -8,11 +8,11 @@ about *what* it stores lives here, once:
   sha256, rejections and the staged ids' checksum (`core.checksum`) as the bytes stream past.
   It holds up to `WRITE_BUFFER_BYTES` of lines and the compressor's buffer in memory, never
   the window.
-- `ObjectStage` implements the `connectors.base.StagingArea` protocol on top of five storage
+- `ObjectStaging` implements the `core.ports.StagingArea` protocol on top of five storage
   primitives (open a part for writing, put small bytes, open for reading, list, delete), which
-  is all `LocalStage` and `S3Stage` supply.
+  is all `LocalStaging` and `S3Staging` supply.
 
-Layout of one run of one window, relative to the stage root (bucket + prefix, or directory +
+Layout of one run of one window, relative to the staging root (bucket + prefix, or directory +
 prefix):
 
     <pipeline>/YYYY/MM/DD/<start>_<end>/<run>-part-00000.ndjson.gz
@@ -44,7 +44,7 @@ MAX_REJECTED_IDS = 100
 """How many rejected document ids a manifest keeps (the counts by reason are always whole)."""
 
 GZIP_LEVEL = 1
-"""The default of both stages' `gzip_level` (`core.config`): zlib level 1 compresses about 3x
+"""The default of both staging areas' `gzip_level` (`core.config`): zlib level 1 compresses about 3x
 faster than level 6 for files about 13 % larger."""
 
 WRITE_BUFFER_BYTES = 1 << 20
@@ -279,10 +279,10 @@ class StagedFileWriter:
             part.abort()
 
 
-class ObjectStage(ABC):
+class ObjectStaging(ABC):
     """A `StagingArea` over a store of bytes at relative paths; subclasses supply the storage.
 
-    Paths handed to and returned by the primitives are relative to the stage root (they never
+    Paths handed to and returned by the primitives are relative to the staging root (they never
     include the configured prefix); each subclass maps them to where bytes really live.
     """
 
@@ -380,7 +380,7 @@ class ObjectStage(ABC):
         try:
             return Manifest.from_json(raw)
         except (ValueError, KeyError, TypeError) as exc:
-            raise StagedDataLostError(f"stage manifest {path} is not valid: {exc}") from None
+            raise StagedDataLostError(f"staging manifest {path} is not valid: {exc}") from None
 
     def iter_lines(self, path: str, sha256: str | None = None) -> Iterator[bytes]:
         """The NDJSON lines of one staged file, decompressed as they stream in, each without its

@@ -1,6 +1,6 @@
 """The windowpipe config: one TOML file, validated into models, `WINDOWPIPE_*` overrides.
 
-This is the original design's `load_final_config()`: the file is found (`--config`, else
+The keys are the README's "Configuration" section. The file is found (`--config`, else
 `$WINDOWPIPE_CONFIG`, else `./windowpipe.toml`), parsed, validated, and every problem is
 reported as one line naming the file, the key and what is wrong. Secrets never live in the
 file: a connector names the environment variable that holds one (`password_env`), and the value
@@ -29,6 +29,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from core.errors import ConfigError
 from core.instants import format_duration, format_instant, parse_duration, parse_instant
+from core.records import Stage
+from core.retry import (
+    FAILED_RETRY_BASE,
+    STAGE_POLICIES,
+    StagePolicy,
+    longest_task_seconds,
+)
 
 DEFAULT_CONFIG_PATH = "windowpipe.toml"
 """Where the config is looked for when neither `--config` nor `$WINDOWPIPE_CONFIG` is given."""
@@ -106,7 +113,7 @@ class SqlSourceConfig(_Strict):
     max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
 
 
-class S3StageConfig(_Strict):
+class S3StagingConfig(_Strict):
     """gzip NDJSON files and a manifest per window in an S3 bucket (or MinIO, moto)."""
 
     type: Literal["s3"]
@@ -123,8 +130,8 @@ class S3StageConfig(_Strict):
     about 13 % larger (bench 2's rows), and compression is on extract's critical path."""
 
 
-class LocalStageConfig(_Strict):
-    """The S3 stage's layout, in a local directory."""
+class LocalStagingConfig(_Strict):
+    """The S3 staging's layout, in a local directory."""
 
     type: Literal["local"]
     path: str = Field(min_length=1)
@@ -136,7 +143,7 @@ class LocalStageConfig(_Strict):
 
 
 class SnowflakeTargetConfig(_Strict):
-    """A Snowflake table loaded with `COPY INTO` from a Snowflake stage over the S3 stage."""
+    """A Snowflake table loaded with `COPY INTO` from a Snowflake stage over the S3 staging."""
 
     type: Literal["snowflake"]
     account: str = Field(min_length=1)
@@ -153,10 +160,10 @@ class SnowflakeTargetConfig(_Strict):
     port: int | None = None
     protocol: Literal["https", "http"] | None = None
     login_timeout: int = Field(default=60, ge=1)
-    network_timeout: int = Field(default=3600, ge=1)
+    network_timeout: int = Field(default=int(STAGE_POLICIES[Stage.LOAD].soft_time_limit), ge=1)
     """Seconds the Snowflake connector keeps retrying one failing request (it has no switch to
     turn its retries off), and the longest a statement may run before the connector cancels it.
-    The default is the load stage's soft time limit."""
+    The default is the load stage's soft time limit (`core.retry.STAGE_POLICIES`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -175,11 +182,15 @@ SourceConfig = Annotated[
     ElasticsearchSourceConfig | OpenSearchSourceConfig | SqlSourceConfig,
     Field(discriminator="type"),
 ]
-StageConfig = Annotated[S3StageConfig | LocalStageConfig, Field(discriminator="type")]
+StagingConfig = Annotated[S3StagingConfig | LocalStagingConfig, Field(discriminator="type")]
 TargetConfig = Annotated[SnowflakeTargetConfig | SqlTargetConfig, Field(discriminator="type")]
 
 
 # --- pipelines --------------------------------------------------------------------------------
+
+
+OLD_STAGING_KEY = "stage"
+"""The old name of a pipeline's `staging` table, still accepted (one or the other, not both)."""
 
 
 class PipelineConfig(_Strict):
@@ -211,17 +222,39 @@ class PipelineConfig(_Strict):
     the recheck horizons or `windowpipe reconcile`."""
     max_attempts: int = Field(default=5, ge=1)
     """Attempts of a window before it is dead (the outermost retry layer, core/retry.py)."""
+    # The retry keys' defaults and caps are core/retry.py's `StagePolicy`; the most tries and
+    # re-sends a pipeline may ask for (100) are the config's own bound.
     step_attempts: int | None = Field(default=None, ge=1, le=100)
-    """Tries of one connector call inside a stage task; unset: the stage's default (3)."""
-    step_backoff: float | None = Field(default=None, ge=0, le=2)
-    """Seconds: the longest wait before a call's second try, doubling up to 2 s; unset: 0.5."""
+    """Tries of one connector call inside a stage task; unset: the stage's default
+    (`StagePolicy.step_attempts`)."""
+    step_backoff: float | None = Field(default=None, ge=0, le=StagePolicy.step_wait_max)
+    """Seconds: the longest wait before a call's second try, doubling up to
+    `StagePolicy.step_wait_max`; unset: `StagePolicy.step_backoff`."""
     task_retries: int | None = Field(default=None, ge=0, le=100)
-    """Re-sends of a stage task after a transient failure; unset: the stage's default (4)."""
-    task_backoff: float | None = Field(default=None, ge=0, le=120)
-    """Seconds: the longest countdown of the first re-send, doubling up to 120 s; unset: 2."""
+    """Re-sends of a stage task after a transient failure; unset: the stage's default
+    (`StagePolicy.task_retries`)."""
+    task_backoff: float | None = Field(default=None, ge=0, le=StagePolicy.backoff_cap)
+    """Seconds: the longest countdown of the first re-send, doubling up to
+    `StagePolicy.backoff_cap`; unset: `StagePolicy.backoff_base`."""
     source: SourceConfig
-    stage: StageConfig
+    staging: StagingConfig
+    """Where documents wait between extract and load (`[pipelines.NAME.staging]`)."""
     target: TargetConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _staging_old_name(cls, data: Any) -> Any:
+        """`[pipelines.NAME.stage]` is the old name of `[pipelines.NAME.staging]`; both at once
+        is refused rather than one silently winning."""
+        if isinstance(data, dict) and OLD_STAGING_KEY in data:
+            if "staging" in data:
+                raise ValueError(
+                    f"both staging and {OLD_STAGING_KEY} (its old name) are set; keep staging"
+                )
+            data = {
+                ("staging" if key == OLD_STAGING_KEY else key): value for key, value in data.items()
+            }
+        return data
 
     @field_validator("window")
     @classmethod
@@ -298,8 +331,9 @@ class Settings(BaseSettings):
     generation_batch: int = Field(default=50, ge=1, le=1000)
     """Pipelines per generation task: beat sends one task per this many pipelines sharing an
     `every` (1: a task per pipeline)."""
-    failed_retry_base: Duration = timedelta(seconds=30)
-    """A failed window waits this long before its next attempt, doubling each attempt (max 1h)."""
+    failed_retry_base: Duration = FAILED_RETRY_BASE
+    """A failed window waits this long before its next attempt, doubling each attempt (at most
+    `core.retry.FAILED_RETRY_CAP`)."""
     visibility_timeout: Duration = timedelta(hours=2)
     """Redis broker/result visibility timeout; must exceed the longest stage plus its backoff,
     or Redis redelivers tasks that are still running (celery/celery#5935)."""
@@ -309,8 +343,6 @@ class Settings(BaseSettings):
     @field_validator("visibility_timeout")
     @classmethod
     def _visibility_above_longest_task(cls, value: timedelta) -> timedelta:
-        from core.retry import longest_task_seconds
-
         if value.total_seconds() <= longest_task_seconds():
             raise ValueError(
                 f"visibility_timeout must exceed the longest stage plus its retry backoff "
@@ -483,17 +515,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     # users wrote source.index, so drop tags that are connector types.
     parts: list[str] = []
     for item in loc:
-        if (
-            isinstance(item, str)
-            and item in _CONNECTOR_TAGS
-            and parts
-            and parts[-1]
-            in (
-                "source",
-                "stage",
-                "target",
-            )
-        ):
+        if isinstance(item, str) and item in _CONNECTOR_TAGS and parts and parts[-1] in ROLES:
             continue
         if item == "schema_":
             item = "schema"
@@ -501,12 +523,22 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+ROLES = ("source", "staging", "target")
+"""A pipeline's connector roles, as its config tables and the registry name them."""
+
 _CONNECTOR_TAGS = {"elasticsearch", "opensearch", "sql", "s3", "local", "snowflake"}
 
 
-def _first_error_line(path: Path, error: ValidationError, prefix: str) -> str:
+def _first_error_line(
+    path: Path, error: ValidationError, prefix: str, staging_key: str = "staging"
+) -> str:
+    """One line for the first problem, the key named as the user wrote it (`staging_key`: the
+    pipeline's staging table under its new or its old name)."""
     first = error.errors()[0]
-    location = _format_location(tuple(first["loc"]))
+    loc = tuple(first["loc"])
+    if loc[:1] == ("staging",):
+        loc = (staging_key, *loc[1:])
+    location = _format_location(loc)
     key = f"{prefix}.{location}" if prefix and location else (prefix or location)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
@@ -591,23 +623,27 @@ def config_from_dict(
             raise ConfigError(
                 f"{file}: {prefix}: pipeline names may use letters, digits, '-' and '_' only"
             )
+        staging_key = OLD_STAGING_KEY if OLD_STAGING_KEY in body else "staging"
         try:
             pipeline = PipelineConfig(name=name, **body)
         except ValidationError as error:
-            raise ConfigError(_first_error_line(file, error, prefix)) from None
+            raise ConfigError(_first_error_line(file, error, prefix, staging_key)) from None
         if require_secrets:
-            _check_secrets_set(file, prefix, pipeline)
+            _check_secrets_set(file, prefix, pipeline, staging_key)
         pipelines[name] = pipeline
     return Config(path=str(file), settings=settings, pipelines=pipelines)
 
 
-def _check_secrets_set(file: Path, prefix: str, pipeline: PipelineConfig) -> None:
+def _check_secrets_set(
+    file: Path, prefix: str, pipeline: PipelineConfig, staging_key: str = "staging"
+) -> None:
     """Every secret environment variable the pipeline's connectors name must be set."""
-    for role in ("source", "stage", "target"):
+    for role in ROLES:
         for field_name, env_name in _secret_env_names(getattr(pipeline, role)):
             if env_name not in os.environ:
+                key = staging_key if role == "staging" else role
                 raise ConfigError(
-                    f"{file}: {prefix}.{role}.{field_name}: environment variable "
+                    f"{file}: {prefix}.{key}.{field_name}: environment variable "
                     f"{env_name} is not set"
                 )
 
@@ -624,7 +660,7 @@ def resolve_secret(env_name: str | None) -> str | None:
 
 def config_toml(settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]) -> str:
     """A windowpipe.toml's text from plain dicts: `settings` as `[windowpipe]`, each pipeline as
-    `[pipelines.NAME]` with its `source`/`stage`/`target` sub-tables (the inverse of
+    `[pipelines.NAME]` with its `source`/`staging`/`target` sub-tables (the inverse of
     `config_from_dict`). Values that are not TOML's own (a Path, say) are written as strings."""
     import tomli_w
 

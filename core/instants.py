@@ -53,6 +53,15 @@ def parse_instant(text: str) -> datetime:
     return value.astimezone(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """`value` as an aware UTC instant, where a naive one means UTC: what SQLite's columns, a
+    zone-less date in a document and some drivers hand back. Returned as it is when already UTC.
+    """
+    if value.tzinfo is UTC:
+        return value
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def format_instant(value: datetime) -> str:
     """Print an aware instant as ISO 8601 UTC with a `Z` suffix."""
     if value.tzinfo is None:

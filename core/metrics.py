@@ -19,7 +19,7 @@ stage, attempts, counts, and one `started_at`/`finished_at` pair for its latest 
   audit commit, queue waits between stages and retries inside the attempt included. The
   records keep no time per stage, so there is no per-stage duration to report;
 - rows: the sums, over succeeded windows, of what precheck counted in the source, extract
-  wrote to the stage, and the target held after the load (audited equal).
+  wrote to the staging area, and the target held after the load (audited equal).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from core.records import STAGE_ORDER, WindowStatus
+from core.records import AUDIT_ERROR_PREFIX, STAGE_ORDER, WindowStatus
 from core.store import StateStore
 from core.store.tallies import (
     ROW_COLUMNS,
@@ -62,9 +62,6 @@ CHAIN_SECONDS_BUCKETS: tuple[float, ...] = (
 
 CHAIN_STAGE = "chain"
 """The `stage` label of the chain-duration histogram: the whole chain of an attempt."""
-
-AUDIT_ERROR_PREFIX = "audit: "
-"""How the audit stage starts a failed window's error (core/runner.py)."""
 
 
 @dataclass(frozen=True)
@@ -340,8 +337,8 @@ def _every_stage(found: Mapping[str, int]) -> dict[str, int]:
 def freshness_lines(freshness: Mapping[str, Freshness]) -> list[str]:
     """One line per pipeline for `windowpipe status`: `orders: complete through
     2026-11-01T10:15:00Z, 14m 30s behind now`."""
+    from core.control_runs import format_age
     from core.instants import format_instant
-    from core.liveness import format_age
 
     lines = []
     for name, item in sorted(freshness.items()):

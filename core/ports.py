@@ -1,22 +1,31 @@
-"""What the runner needs from the connectors, stated in core.
+"""The one connector contract: what the runner calls on a source, a staging area and a target,
+and the values that pass between them.
 
-Layers go one way (`connectors` imports `core`, never the reverse), so the runner cannot name
-`connectors.base`'s `Source`, `StagingArea` and `Target`. These protocols are the part of
-each one the runner calls; the connectors' protocols satisfy them structurally, and mypy
-checks that where the registry's factory becomes a `ConnectorFactory` (connectors/registry.py)
-and wherever a `Runtime` is built.
+- A `Source` counts a window and streams its documents in batches (`Batch` of `Document`s,
+  with the `Rejection`s it could not stage).
+- A `StagingArea` writes a window's documents to files plus a `Manifest`, and reads them back.
+- A `Target` loads a window from the staging area idempotently, counts it and audits it
+  (`TargetAudit`).
 
-Two type parameters carry the connectors' own data through the runner untouched: a source's
-batches go into the staging area (`BatchT`), and the manifest the staging area returns goes to
-the target (`RunT`). Of a manifest, the runner reads only what `StagedRun` names.
+The protocols live in core so the runner can name them (layers go one way: `connectors`
+imports `core`); every connector implements them (connectors/base.py holds the staged file
+format they share), and so do the in-memory doubles of the fast tests (tests/memory.py).
+`ConnectorFactory` is how the runner gets a pipeline's connector for a role: the registry's
+`connector_for` in a worker.
+
+Connectors translate their SDK's exceptions into `TransientError` (worth retrying) or
+`TerminalError` (fail the window now); see `core.errors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, overload
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload, runtime_checkable
 
+from core.instants import format_instant, parse_instant
 from core.recheck import Fingerprint
 from core.windows import Window
 
@@ -24,47 +33,92 @@ if TYPE_CHECKING:
     from core.config import PipelineConfig
 
 
-class StagedFileEntry(Protocol):
-    """One file a manifest lists."""
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One source document: its id, its timestamp, and the whole document as JSON-able data."""
+
+    id: str
+    timestamp: datetime
+    body: dict[str, Any]
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+    """`body` already serialized by `encode_body`, when the source had to serialize it anyway
+    (to check its size): the staged line reuses these bytes instead of serializing it again."""
+    line: bytes | None = field(default=None, compare=False, repr=False)
+    """The whole staged line, when the source built it (`staged_line`, from the timestamp text
+    it printed for the body anyway): `encode_line` returns it as it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A source document that cannot be staged; counted and reported, never silently dropped."""
+
+    id: str | None
+    reason: str
+    """A short, stable reason: `missing timestamp`, `unparseable timestamp`, `not UTF-8`,
+    `oversized document`, `timestamp outside window`, `integer beyond 64 bits`, `not
+    encodable as JSON` (`unencodable_reason`)."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """One page from a source: the documents it yielded and the ones it rejected."""
+
+    documents: list[Document] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedFile:
+    path: str
+    """Relative to the staging root: `<pipeline>/YYYY/MM/DD/<window>/<run>-part-00000.ndjson.gz`."""
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(slots=True)
+class Manifest:
+    """What one extraction run of one window wrote to the staging area."""
+
+    pipeline: str
+    window_start: datetime
+    window_end: datetime
+    run: str
+    """Identifies the extraction run (the window's fencing token): a late writer's files never
+    mix with the current run's."""
+    files: list[StagedFile]
+    rows: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Rejected documents by reason."""
+    rejected_ids: list[str] = field(default_factory=list)
+    """Ids of rejected documents (the first 100), for the error message and the operator."""
+    path: str = ""
+    """Where this manifest itself lives, relative to the staging root."""
+    checksum: str | None = None
+    """The order-independent checksum of the staged documents' ids (`core.checksum`), taken
+    as they streamed past; None in a manifest written before checksums existed."""
 
     @property
-    def path(self) -> str:
-        """Relative to the staging area's root."""
-        ...
-
-
-class StagedRun(Protocol):
-    """What one extraction run of a window wrote, as the runner reads its manifest."""
+    def window(self) -> Window:
+        return Window(self.window_start, self.window_end)
 
     @property
-    def path(self) -> str:
-        """Where the manifest itself lies (recorded on the window for load)."""
-        ...
+    def rejected_count(self) -> int:
+        return sum(self.rejected.values())
 
-    @property
-    def run(self) -> str: ...
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["window_start"] = format_instant(self.window_start)
+        data["window_end"] = format_instant(self.window_end)
+        return json.dumps(data, indent=2, sort_keys=True).encode()
 
-    @property
-    def rows(self) -> int: ...
-
-    @property
-    def files(self) -> Sequence[StagedFileEntry]: ...
-
-    @property
-    def rejected(self) -> Mapping[str, int]:
-        """Rejected documents by reason."""
-        ...
-
-    @property
-    def rejected_ids(self) -> Sequence[str]: ...
-
-    @property
-    def rejected_count(self) -> int: ...
-
-    @property
-    def checksum(self) -> str | None:
-        """The staged ids' checksum (`core.checksum`); None from an older manifest."""
-        ...
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Manifest:
+        data = json.loads(raw)
+        data["window_start"] = parse_instant(data["window_start"])
+        data["window_end"] = parse_instant(data["window_end"])
+        data["files"] = [StagedFile(**item) for item in data["files"]]
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -80,67 +134,113 @@ class TargetAudit:
     """The rows that load recorded in the ledger."""
 
 
-BatchT = TypeVar("BatchT")
-RunT = TypeVar("RunT", bound=StagedRun)
-BatchT_co = TypeVar("BatchT_co", covariant=True)
-BatchT_contra = TypeVar("BatchT_contra", contravariant=True)
-RunT_co = TypeVar("RunT_co", bound=StagedRun, covariant=True)
-RunT_contra = TypeVar("RunT_contra", bound=StagedRun, contravariant=True)
-
-
-class WindowSource(Protocol[BatchT_co]):
-    """What precheck and extract call on a source."""
-
-    def fingerprint(self, window: Window) -> Fingerprint: ...
-
-    def iter_batches(self, window: Window) -> Iterator[BatchT_co]: ...
-
-
 class StagedLines(Protocol):
-    """What a target reads of the staging area the runner hands it."""
+    """The part of a staging area a target reads: a staged file's lines."""
 
     def iter_lines(self, path: str, sha256: str | None = None) -> Iterator[bytes]: ...
 
 
-class WindowStaging(StagedLines, Protocol[BatchT_contra, RunT_co]):
-    """What extract and load call on a staging area (and what a target reads of it)."""
+@runtime_checkable
+class Source(Protocol):
+    """Where documents come from."""
+
+    def count(self, window: Window) -> int:
+        """How many documents have `window.start <= timestamp < window.end`."""
+        ...
+
+    def fingerprint(self, window: Window) -> Fingerprint:
+        """The window's count and, with the source's version field configured, that field's
+        max: what precheck records and a recheck compares (`core.recheck`)."""
+        ...
+
+    def iter_batches(self, window: Window) -> Iterator[Batch]:
+        """Every document of the window exactly once, in bounded batches (flat memory)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class StagingArea(Protocol):
+    """Where documents wait between extract and load."""
 
     def write_window(
-        self, pipeline: str, window: Window, run: str, batches: Iterable[BatchT_contra]
-    ) -> RunT_co: ...
+        self, pipeline: str, window: Window, run: str, batches: Iterable[Batch]
+    ) -> Manifest:
+        """Write the window's files and then its manifest; replace (never append to) any files
+        an earlier run of the window left behind."""
+        ...
 
-    def read_manifest(self, path: str) -> RunT_co: ...
+    def read_manifest(self, path: str) -> Manifest:
+        """The manifest at `path` (as returned in `Manifest.path`)."""
+        ...
 
-    def list_files(self, pipeline: str, window: Window) -> list[str]: ...
+    def iter_lines(self, path: str, sha256: str | None = None) -> Iterator[bytes]:
+        """The decompressed NDJSON lines of one staged file. A missing or corrupt file, or one
+        whose bytes do not hash to `sha256` (when given), raises `StagedDataLostError`."""
+        ...
+
+    def list_files(self, pipeline: str, window: Window) -> list[str]:
+        """Every path under the window's directory, sorted."""
+        ...
+
+    def delete_window(self, pipeline: str, window: Window) -> int:
+        """Delete everything under the window's directory; returns how many files went."""
+        ...
+
+    def close(self) -> None: ...
 
 
-class WindowTarget(Protocol[RunT_contra]):
-    """What load and audit call on a target."""
+@runtime_checkable
+class Target(Protocol):
+    """Where documents end up; one row per source document."""
 
     def load_window(
-        self, pipeline: str, manifest: RunT_contra, staging: StagedLines, fence: int
-    ) -> int: ...
+        self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
+    ) -> int:
+        """Replace the window's rows with the manifest's files, atomically; rows loaded.
 
-    def clear_window(self, pipeline: str, window: Window, fence: int) -> int: ...
+        `staging` is the staging area the manifest came from (a target that reads the files
+        itself, like Snowflake through its own stage, ignores it).
 
-    def audit_window(self, pipeline: str, window: Window) -> TargetAudit: ...
+        Fenced: the target keeps, per window, the newest fencing token that loaded it, updated
+        in the same transaction as the rows. A load whose `fence` is older than that is
+        refused with `StaleFenceError` and changes nothing. The same fence loads again: only
+        the owner of a fence holds it (each claim takes a new one), so that is its own retry,
+        e.g. after a commit whose acknowledgement was lost."""
+        ...
+
+    def clear_window(self, pipeline: str, window: Window, fence: int) -> int:
+        """A fenced empty load: delete the window's rows and move its ledger row to `fence`
+        (row count 0) in one transaction; rows deleted. Refused like `load_window`
+        (`StaleFenceError`, nothing changed) when a newer fence loaded the window: a frozen
+        older load cannot land after the window was found empty, nor this clear after a newer
+        load."""
+        ...
+
+    def count_window(self, pipeline: str, window: Window) -> int:
+        """How many rows the target holds for the window."""
+        ...
+
+    def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
+        """What the target holds for the window: rows, their ids' checksum (`core.checksum`),
+        and its ledger row (the fence that loaded it last and the rows it recorded)."""
+        ...
+
+    def close(self) -> None: ...
 
 
-class ConnectorFactory(Protocol[BatchT, RunT]):
+class ConnectorFactory(Protocol):
     """(role, pipeline) -> that pipeline's process-wide connector for the role.
 
     `connectors.registry.connector_for` in a worker; an in-memory stand-in in the fast tests.
     """
 
     @overload
-    def __call__(
-        self, role: Literal["source"], pipeline: PipelineConfig
-    ) -> WindowSource[BatchT]: ...
+    def __call__(self, role: Literal["source"], pipeline: PipelineConfig) -> Source: ...
 
     @overload
-    def __call__(
-        self, role: Literal["stage"], pipeline: PipelineConfig
-    ) -> WindowStaging[BatchT, RunT]: ...
+    def __call__(self, role: Literal["staging"], pipeline: PipelineConfig) -> StagingArea: ...
 
     @overload
-    def __call__(self, role: Literal["target"], pipeline: PipelineConfig) -> WindowTarget[RunT]: ...
+    def __call__(self, role: Literal["target"], pipeline: PipelineConfig) -> Target: ...

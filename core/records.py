@@ -71,6 +71,11 @@ FINISHED = frozenset({WindowStatus.SUCCEEDED, WindowStatus.SKIPPED})
 ACTIVE = frozenset({WindowStatus.QUEUED, WindowStatus.RUNNING})
 """States in which a chain is (or should be) in flight."""
 
+AUDIT_ERROR_PREFIX = "audit: "
+"""How a window the audit failed starts its `error` (core/runner.py writes it): the metrics
+tell an audit failure from a stage that gave up by it (core/metrics.py), so it has this one
+home."""
+
 
 @dataclass
 class WindowRecord:

@@ -1,4 +1,4 @@
-"""Stale-lock cleanup (the original `cleanup_stale_locks`): put lost windows back to run.
+"""Stale-lock cleanup (README: "Locks and stale windows"): put lost windows back to run.
 
 A window is lost when its record says work is in flight but nobody is doing it:
 - `running` and its lock is gone, for longer than one lock TTL: the worker died inside the

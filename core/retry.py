@@ -33,7 +33,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from tenacity import (
     RetryCallState,
@@ -44,11 +44,7 @@ from tenacity import (
 )
 
 from core.errors import TIME_LIMIT_ERRORS, StageTimeLimitError, TransientError
-from core.logs import get_logger
 from core.records import Stage
-
-if TYPE_CHECKING:
-    from core.config import PipelineConfig
 
 T = TypeVar("T")
 
@@ -99,7 +95,23 @@ FAILED_RETRY_CAP = timedelta(hours=1)
 """The longest a failed window waits for its next attempt."""
 
 
-def stage_policy(stage: Stage, pipeline: PipelineConfig | None = None) -> StagePolicy:
+class RetryKeys(Protocol):
+    """A pipeline's retry keys (`core.config.PipelineConfig`); None: the stage's default."""
+
+    @property
+    def step_attempts(self) -> int | None: ...
+
+    @property
+    def step_backoff(self) -> float | None: ...
+
+    @property
+    def task_retries(self) -> int | None: ...
+
+    @property
+    def task_backoff(self) -> float | None: ...
+
+
+def stage_policy(stage: Stage, pipeline: RetryKeys | None = None) -> StagePolicy:
     """The policy `stage` runs under for `pipeline`: the stage's time limits and defaults, with
     the retry keys the pipeline sets (`step_attempts`, `step_backoff`, `task_retries`,
     `task_backoff`) in their place."""
@@ -184,6 +196,9 @@ def call_with_retries(policy: StagePolicy, function: Callable[[], T]) -> T:
 
 
 def _log_retry(state: RetryCallState) -> None:
+    # Imported here: core.config imports this module for its defaults, and needs no logging.
+    from core.logs import get_logger
+
     error = state.outcome.exception() if state.outcome is not None else None
     wait = state.next_action.sleep if state.next_action is not None else None
     get_logger("windowpipe.retry").warning(

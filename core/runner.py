@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis
 
@@ -40,17 +40,16 @@ from core.errors import (
 from core.instants import format_instant, utc_now
 from core.locks import WindowLock
 from core.logs import get_logger
-from core.ports import (
-    BatchT,
-    ConnectorFactory,
-    RunT,
-    TargetAudit,
-    WindowSource,
-    WindowStaging,
-    WindowTarget,
-)
+from core.ports import Batch, ConnectorFactory, Source, StagingArea, Target, TargetAudit
 from core.recheck import drift_of
-from core.records import ACTIVE, STAGE_ORDER, Stage, WindowRecord, WindowStatus
+from core.records import (
+    ACTIVE,
+    AUDIT_ERROR_PREFIX,
+    STAGE_ORDER,
+    Stage,
+    WindowRecord,
+    WindowStatus,
+)
 from core.retry import StagePolicy, backoff_seconds, call_with_retries, stage_policy
 from core.store import StateStore
 from core.windows import Window
@@ -97,22 +96,18 @@ class StageResult:
 
 
 @dataclass
-class Runtime(Generic[BatchT, RunT]):
-    """What a stage needs from the process: config, store, Redis and connectors.
-
-    Generic in the connectors' batch and manifest types (`core.ports`), which the runner
-    passes from source to staging area to target without looking inside.
-    """
+class Runtime:
+    """What a stage needs from the process: config, store, Redis and connectors."""
 
     config: Config
     store: StateStore
     redis: redis.Redis
-    connectors: ConnectorFactory[BatchT, RunT]
+    connectors: ConnectorFactory
 
 
 @dataclass
-class _Step(Generic[BatchT, RunT]):
-    runtime: Runtime[BatchT, RunT]
+class _Step:
+    runtime: Runtime
     pipeline: PipelineConfig
     record: WindowRecord
     fence: int
@@ -123,13 +118,13 @@ class _Step(Generic[BatchT, RunT]):
     def window(self) -> Window:
         return self.record.window
 
-    def source(self) -> WindowSource[BatchT]:
+    def source(self) -> Source:
         return self.runtime.connectors("source", self.pipeline)
 
-    def staging(self) -> WindowStaging[BatchT, RunT]:
-        return self.runtime.connectors("stage", self.pipeline)
+    def staging(self) -> StagingArea:
+        return self.runtime.connectors("staging", self.pipeline)
 
-    def target(self) -> WindowTarget[RunT]:
+    def target(self) -> Target:
         return self.runtime.connectors("target", self.pipeline)
 
     def check_owned(self) -> None:
@@ -143,7 +138,7 @@ class _Step(Generic[BatchT, RunT]):
                 f"the window's lock was lost (expired or wiped) during {self.record.stage}"
             )
 
-    def while_owned(self, batches: Iterable[BatchT]) -> Iterator[BatchT]:
+    def while_owned(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """`batches`, checking before each one that the lock is still ours. Stopping closes
         the source's iterator at once (ending its read transaction), not at garbage
         collection."""
@@ -174,7 +169,7 @@ def _position(stage: Stage | None) -> int:
 
 
 def run_stage(
-    runtime: Runtime[BatchT, RunT],
+    runtime: Runtime,
     stage: Stage,
     pipeline_name: str,
     window_start: datetime,
@@ -228,7 +223,7 @@ def run_stage(
 
 
 def _give_back(
-    step: _Step[BatchT, RunT],
+    step: _Step,
     stage: Stage,
     error: LockLostError,
     result: Callable[..., StageResult],
@@ -272,7 +267,7 @@ def _not_for_this_stage(record: WindowRecord | None, stage: Stage) -> tuple[Outc
 
 
 def _run_guarded(
-    step: _Step[BatchT, RunT], stage: Stage, retry: int, result: Callable[..., StageResult]
+    step: _Step, stage: Stage, retry: int, result: Callable[..., StageResult]
 ) -> StageResult:
     try:
         try:
@@ -322,7 +317,7 @@ def _run_guarded(
     return result(Outcome.FINISHED, status=record.status)
 
 
-def _precheck(step: _Step[BatchT, RunT]) -> WindowRecord:
+def _precheck(step: _Step) -> WindowRecord:
     source = step.source()
     # The count, and the max of the version field where one is configured: what a recheck
     # compares the source with later (core/recheck.py). The count only decides whether the
@@ -339,7 +334,7 @@ def _precheck(step: _Step[BatchT, RunT]) -> WindowRecord:
     )
 
 
-def _skip_empty(step: _Step[BatchT, RunT], **fields: Any) -> WindowRecord:
+def _skip_empty(step: _Step, **fields: Any) -> WindowRecord:
     """Skip a window found empty, after a fenced empty load: the target's rows of the window
     are deleted and its ledger moves to this fence in one transaction (`clear_window`).
 
@@ -374,7 +369,7 @@ owner does."""
 _T = TypeVar("_T")
 
 
-def _fenced_write(step: _Step[BatchT, RunT], write: Callable[[int], _T]) -> _T:
+def _fenced_write(step: _Step, write: Callable[[int], _T]) -> _T:
     """`write(fence)` to the target with the step's fence (retrying transient errors). When the
     target's ledger refuses the fence as stale although the state store still holds it, the
     store is behind the ledger: the window's fence is raised above the ledger's (REFENCE, no
@@ -415,7 +410,7 @@ def _fenced_write(step: _Step[BatchT, RunT], write: Callable[[int], _T]) -> _T:
     return call_with_retries(step.policy, lambda: write(step.fence))
 
 
-def _extract(step: _Step[BatchT, RunT]) -> WindowRecord:
+def _extract(step: _Step) -> WindowRecord:
     source = step.source()
     staging = step.staging()
     run = f"f{step.fence:08d}"
@@ -442,7 +437,7 @@ def _extract(step: _Step[BatchT, RunT]) -> WindowRecord:
     )
 
 
-def _load(step: _Step[BatchT, RunT]) -> WindowRecord:
+def _load(step: _Step) -> WindowRecord:
     staging = step.staging()
     target = step.target()
     if not step.record.manifest:
@@ -469,7 +464,7 @@ def _load(step: _Step[BatchT, RunT]) -> WindowRecord:
     )
 
 
-def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
+def _audit(step: _Step) -> WindowRecord:
     target = step.target()
     source = step.source()
     record = step.record
@@ -486,7 +481,7 @@ def _audit(step: _Step[BatchT, RunT]) -> WindowRecord:
             stage=Stage.PRECHECK,
             target_count=held.rows,
             target_checksum=held.checksum,
-            error=f"audit: {detail}"[:2000],
+            error=f"{AUDIT_ERROR_PREFIX}{detail}"[:2000],
         )
     # The target holds exactly what extract read. Documents that arrived (or went) since are
     # not this run's failure: they are drift, for recheck or reconcile (or a re-run now).
@@ -554,7 +549,7 @@ def _rejections_text(rejected: Mapping[str, int], ids: Sequence[str]) -> str:
 class _StageWork(Protocol):
     """The work of one stage, for any connectors' types."""
 
-    def __call__(self, step: _Step[BatchT, RunT]) -> WindowRecord: ...
+    def __call__(self, step: _Step) -> WindowRecord: ...
 
 
 STAGE_STEPS: dict[Stage, _StageWork] = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from core.liveness import ControlActivity, cleanup_age, format_age, generation_age
+from core.control_runs import ControlActivity, cleanup_age, format_age, generation_age
 from core.metrics import Freshness, freshness_lines, freshness_seconds
 from core.records import WindowStatus
 from core.store import PipelineSummary

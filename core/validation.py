@@ -1,4 +1,5 @@
-"""Record validation and rebuild (the original `record_validation`), as pure functions.
+"""Record validation and rebuild (`windowpipe validate [--rebuild]`; README: "CLI"), as pure
+functions.
 
 Given a pipeline's window records (in any order), `validate_chain` finds what is wrong with the
 chain and `plan_rebuild` plans a repair. Nothing here reads the clock, Redis or a database.

@@ -1,4 +1,4 @@
-"""Window generation (the original `record_generation`): which windows are due, as a pure function.
+"""Window generation (README: "Window states"): which windows are due, as a pure function.
 
 Windows are half-open `[start, end)`, aligned to `pipeline.start + k * size`. A window is due
 once `end + lag <= now`. Generation continues where the last stored window ends (or at the

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ import typer
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
+from core.config import S3StagingConfig, config_from_dict
 from tests.conftest import REDIS_TEST_URL
 from tests.support import free_port
 from tests.support.console import Run, StateWorld, assert_one_error_line, run_windowpipe
@@ -42,7 +44,7 @@ GOOD_PIPELINE: dict[str, Any] = {
         "table": "events",
         "timestamp_column": "created_at",
     },
-    "stage": {"type": "local", "path": "./stage"},
+    "staging": {"type": "local", "path": "./staging"},
     "target": {"type": "sql", "url": "sqlite:///target.db", "table": "events_loaded"},
 }
 
@@ -63,6 +65,11 @@ def _with(path: str, value: Any) -> dict[str, Any]:
     return body
 
 
+def _under_old_name(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with its `staging` table written under the old name, `stage`."""
+    return {("stage" if key == "staging" else key): value for key, value in body.items()}
+
+
 # (case id, pipeline body or raw text, settings, expected fragment of the one-line message)
 CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
     ("window-missing", _with("window", None), {}, "pipelines.orders.window: missing required key"),
@@ -78,10 +85,22 @@ CONFIG_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
     ),
     ("unknown-source-type", _with("source.type", "kafka"), {}, "unknown connector type 'kafka'"),
     (
-        "unknown-stage-type",
-        _with("stage.type", "gcs"),
+        "unknown-staging-type",
+        _with("staging.type", "gcs"),
+        {},
+        "pipelines.orders.staging: unknown connector type 'gcs'",
+    ),
+    (
+        "unknown-staging-type-under-the-old-name",
+        _under_old_name(_with("staging.type", "gcs")),
         {},
         "pipelines.orders.stage: unknown connector type 'gcs'",
+    ),
+    (
+        "staging-under-both-names",
+        {**GOOD_PIPELINE, "stage": GOOD_PIPELINE["staging"]},
+        {},
+        "pipelines.orders: both staging and stage (its old name) are set; keep staging",
     ),
     (
         "unknown-target-type",
@@ -241,9 +260,9 @@ def assert_refused(result: Any, fragment: str, tmp_path: Path) -> None:
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert len(lines) == 1, lines
     assert fragment in lines[0], lines[0]
-    # Nothing written: no state store, no stage directory.
+    # Nothing written: no state store, no staging directory.
     assert not (tmp_path / "state.db").exists()
-    assert not (tmp_path / "stage").exists()
+    assert not (tmp_path / "staging").exists()
 
 
 @pytest.mark.parametrize(
@@ -390,38 +409,40 @@ def test_console_script_reports_bad_config_in_one_line(tmp_path: Path) -> None:
 
 DESIGN_EXAMPLE = """
 [windowpipe]
-redis_url = "redis://127.0.0.1:6379/0"
-state_url = "sqlite:///windowpipe.db"
+redis_url = "redis://127.0.0.1:6379/0"      # locks (and the broker, unless broker_url is set)
+state_url = "sqlite:///windowpipe.db"        # window records (any SQLAlchemy URL)
+# broker_url = "amqp://guest:guest@127.0.0.1:5672//"   # optional: RabbitMQ as the Celery broker
 
 [pipelines.orders]
 window = "15m"
 start = "2026-11-01T00:00:00Z"
 lag = "5m"
 max_windows_per_tick = 96
-every = "5m"
+every = "5m"                                 # how often beat runs generation
+recheck = ["1h", "1d"]                       # optional: re-count closed windows at these ages; re-run on drift
 
 [pipelines.orders.source]
-type = "elasticsearch"
+type = "elasticsearch"                       # also: opensearch, sql
 hosts = ["http://127.0.0.1:9200"]
 index = "orders-*"
 timestamp_field = "@timestamp"
 
-[pipelines.orders.stage]
-type = "s3"
+[pipelines.orders.staging]                   # `stage` is accepted as the old name
+type = "s3"                                  # also: local (a directory)
 bucket = "pipeline-stage"
 prefix = "orders/"
 
 [pipelines.orders.target]
-type = "snowflake"
+type = "snowflake"                           # also: sql (any SQLAlchemy URL)
 account = "xy12345"
 user = "LOADER"
 password_env = "SF_PASSWORD"
 database = "RAW"
 schema = "EVENTS"
 table = "ORDERS"
-stage = "ORDERS_STAGE"
-"""
-"""The example config of the design, verbatim (comments aside)."""
+stage = "ORDERS_STAGE"                       # Snowflake stage over the same bucket/prefix
+"""  # noqa: E501 (the design's text as it is)
+"""The design's example config, verbatim, comments and all."""
 
 
 def assert_design_example_windows(plan_json: str) -> None:
@@ -448,6 +469,17 @@ def test_migrate_plan_and_status_need_no_secrets_on_the_design_example(tmp_path:
     status = run_cli(tmp_path, "status", "--json", env=unset)
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout) == []
+
+
+def test_the_design_example_loads_with_its_staging_table_under_the_new_or_the_old_name() -> None:
+    new = config_from_dict(tomllib.loads(DESIGN_EXAMPLE), require_secrets=False)
+    assert "[pipelines.orders.staging]" in DESIGN_EXAMPLE
+    old_text = DESIGN_EXAMPLE.replace("[pipelines.orders.staging]", "[pipelines.orders.stage]")
+    old = config_from_dict(tomllib.loads(old_text), require_secrets=False)
+    assert new.pipelines["orders"].staging == S3StagingConfig(
+        type="s3", bucket="pipeline-stage", prefix="orders/"
+    )
+    assert old.pipelines == new.pipelines
 
 
 @pytest.mark.parametrize(

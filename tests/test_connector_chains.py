@@ -1,8 +1,8 @@
 """The whole chain with the systems' own client libraries, stage by stage through the runner:
 
 - Elasticsearch (elasticsearch-py on osmem) -> S3 (boto3 on moto) -> PostgreSQL (`sql` target)
-- OpenSearch (opensearch-py on osmem) -> local stage -> Snowflake (snowflake-connector on
-  fakesnow, through an external `file://` stage over the local stage)
+- OpenSearch (opensearch-py on osmem) -> local staging -> Snowflake (snowflake-connector on
+  fakesnow, through an external `file://` stage over the local staging)
 
 Source, staged and target counts must agree for every window, and the target must hold each
 source document exactly once.
@@ -116,7 +116,7 @@ def assert_every_window_agrees(store: StateStore) -> None:
 
 
 def events_config(
-    tmp_path: Path, *, source: dict[str, Any], stage: dict[str, Any], target: dict[str, Any]
+    tmp_path: Path, *, source: dict[str, Any], staging: dict[str, Any], target: dict[str, Any]
 ) -> Config:
     """The `events` pipeline of hourly windows from ORIGIN, with these connectors."""
     return config_from_dict(
@@ -127,7 +127,7 @@ def events_config(
                     "window": "1h",
                     "start": format_instant(ORIGIN),
                     "source": source,
-                    "stage": stage,
+                    "staging": staging,
                     "target": target,
                 }
             },
@@ -178,7 +178,7 @@ def test_elasticsearch_to_s3_to_postgresql(
                 "index": "events",
                 "page_size": 7,
             },
-            stage={
+            staging={
                 "type": "s3",
                 "bucket": "pipeline-stage",
                 "prefix": "raw/",
@@ -210,7 +210,7 @@ def test_elasticsearch_to_s3_to_postgresql(
     store.dispose()
 
 
-def test_opensearch_to_local_stage_to_snowflake(
+def test_opensearch_to_local_staging_to_snowflake(
     osmem_events: tuple[str, Counter[str]],
     redis_client: redis.Redis,
     fakesnow_server: dict[str, Any],
@@ -218,19 +218,21 @@ def test_opensearch_to_local_stage_to_snowflake(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     osmem_url, source_ids = osmem_events
-    stage_dir = tmp_path / "stage"
-    stage_dir.mkdir()
-    teach_fakesnow_metadata_copy(stage_dir)
+    staging_dir = tmp_path / "staging"
+    staging_dir.mkdir()
+    teach_fakesnow_metadata_copy(staging_dir)
     database = f"WP_{uuid.uuid4().hex[:8].upper()}"
     kwargs = fakesnow_server
     monkeypatch.setenv("WP_SF_PASSWORD", kwargs["password"])
     plain = {k: v for k, v in kwargs.items() if k != "session_parameters"}
     admin = snowflake.connector.connect(**plain, database=database, schema="EVENTS")
-    admin.cursor().execute(f"CREATE STAGE {database}.EVENTS.EVENTS_STAGE URL='file://{stage_dir}/'")
+    admin.cursor().execute(
+        f"CREATE STAGE {database}.EVENTS.EVENTS_STAGE URL='file://{staging_dir}/'"
+    )
     config = events_config(
         tmp_path,
         source={"type": "opensearch", "hosts": [osmem_url], "index": "events", "page_size": 9},
-        stage={"type": "local", "path": str(stage_dir)},
+        staging={"type": "local", "path": str(staging_dir)},
         target={
             "type": "snowflake",
             "account": kwargs["account"],

@@ -147,7 +147,7 @@ def test_the_generated_config_is_valid(
         start=START,
         hours=24,
         osmem_url="http://127.0.0.1:2",
-        stage_dir=tmp_path / "stage",
+        staging_dir=tmp_path / "staging",
         target=target_config,
     )
     config = config_from_dict(tomllib.loads(text), tmp_path / "windowpipe.toml")

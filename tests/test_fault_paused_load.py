@@ -1,6 +1,6 @@
 """A load worker frozen inside its target transaction past its lock TTL cannot double a window.
 
-Real Celery workers on Redis, a SQL source, a local stage and a SQL target on PostgreSQL. A load
+Real Celery workers on Redis, a SQL source, a local staging and a SQL target on PostgreSQL. A load
 worker (A) is frozen with SIGSTOP of its whole process group while every one of its loads is
 inside its target transaction; its locks expire, cleanup requeues the windows and a second load
 worker (B) takes them over with newer fences. Then A is woken. Two timings, both for every
@@ -92,7 +92,7 @@ def deployment(
     """A config of its own (its own target URL) over the shared Redis DB and state store."""
     events = pipeline(
         sql_source(source_url),
-        {"type": "local", "path": str(workdir / "stage")},
+        {"type": "local", "path": str(workdir / "staging")},
         sql_target(target_url),
         WINDOWS,
         max_attempts=MAX_ATTEMPTS,

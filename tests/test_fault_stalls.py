@@ -1,7 +1,7 @@
 """Nothing stalls a window: no lost message, and no worker that lost its lock, leaves a window
 waiting for an hour-scale timer.
 
-Real Celery workers (and beat) on the real Redis, a SQL source, a local stage and a SQL target
+Real Celery workers (and beat) on the real Redis, a SQL source, a local staging and a SQL target
 on PostgreSQL, the state store on SQLite.
 """
 
@@ -113,7 +113,7 @@ def test_a_backfill_whose_dispatch_died_with_redis_settles_without_waiting_for_g
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 windows,
                 max_backfill_windows=4,

@@ -129,7 +129,7 @@ def sql_target(url: str, table: str = "events_loaded", **extra: Any) -> dict[str
 
 def pipeline(
     source: dict[str, Any],
-    stage: dict[str, Any],
+    staging: dict[str, Any],
     target: dict[str, Any],
     windows: int,
     **extra: Any,
@@ -142,7 +142,7 @@ def pipeline(
         "every": "1h",
         **extra,
         "source": source,
-        "stage": stage,
+        "staging": staging,
         "target": target,
     }
 
@@ -170,7 +170,7 @@ def deploy(
 def slow_extract_deployment(
     tmp_path: Path, redis_url: str, url: str, proxy_port: int
 ) -> Deployment:
-    """One window (source, local stage and target on the database `url`) whose extraction
+    """One window (source, local staging and target on the database `url`) whose extraction
     takes seconds: its source is read 2 documents a page through a proxy on `proxy_port`
     (`TcpFaultProxy` with latency). Lock TTL 3 s."""
     return deploy(
@@ -179,7 +179,7 @@ def slow_extract_deployment(
         {
             "events": pipeline(
                 sql_source(via_proxy(url, proxy_port), page_size=2),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(url),
                 1,
             )
@@ -351,7 +351,7 @@ def test_workers_killed_mid_task_on_every_stage_lose_and_double_no_document(
             {
                 "events": pipeline(
                     sql_source(via_proxy(pg_schema_url, source_proxy.port), page_size=1),
-                    {"type": "local", "path": str(tmp_path / "stage")},
+                    {"type": "local", "path": str(tmp_path / "staging")},
                     sql_target(via_proxy(pg_schema_url, target_proxy.port), batch_size=1),
                     windows,
                     max_attempts=20,
@@ -423,7 +423,7 @@ def test_redis_restart_mid_run_loses_no_window_and_doubles_no_document(
                 {
                     "events": pipeline(
                         sql_source(via_proxy(pg_schema_url, source_proxy.port), page_size=1),
-                        {"type": "local", "path": str(tmp_path / "stage")},
+                        {"type": "local", "path": str(tmp_path / "staging")},
                         sql_target(pg_schema_url),
                         windows,
                         max_attempts=20,
@@ -538,7 +538,7 @@ def test_window_enqueued_twenty_times_at_once_from_every_entry_point_runs_each_s
         {
             "events": pipeline(
                 sql_source(pg_schema_url, page_size=2),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 1,
                 lag=only_first_due,
@@ -635,7 +635,7 @@ def test_transient_faults_are_retried_until_the_window_succeeds_and_terminal_one
         def s3(endpoint: str, bucket: str = "stage") -> dict[str, Any]:
             return {"type": "s3", "bucket": bucket, "endpoint_url": endpoint, "region": "us-east-1"}
 
-        local = {"type": "local", "path": str(tmp_path / "stage")}
+        local = {"type": "local", "path": str(tmp_path / "staging")}
         dep = deploy(
             tmp_path,
             redis_db,
@@ -727,7 +727,7 @@ def test_rejected_source_documents_are_counted_with_reasons_and_fail_the_audit(
         {
             "events": pipeline(
                 sql_source(source_url, page_size=2, max_document_bytes=2000),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 3,
                 max_attempts=2,
@@ -803,13 +803,13 @@ def test_secrets_never_leave_their_environment_variable_and_a_password_redis_wor
         {
             "events": pipeline(
                 sql_source(pg_schema_url, **secret),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url, **secret),
                 3,
             ),
             "broken": pipeline(
                 sql_source(pg_schema_url, **secret),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(broken_db.render_as_string(hide_password=False), **secret),
                 1,
                 max_attempts=1,
@@ -865,7 +865,7 @@ def test_a_tls_redis_with_a_password_carries_the_broker_and_locks(
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 3,
             )
@@ -906,7 +906,7 @@ def test_a_backlog_three_times_longer_than_stale_after_uses_no_attempt(
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 windows,
                 max_attempts=2,
@@ -956,14 +956,14 @@ def test_a_load_whose_staged_files_are_gone_or_corrupt_goes_back_to_extract(
 ) -> None:
     windows = 5
     seeded = seed_events(pg_schema_url, [3] * windows)
-    stage_root = tmp_path / "stage"
+    staging_root = tmp_path / "staging"
     dep = deploy(
         tmp_path,
         redis_db,
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(stage_root)},
+                {"type": "local", "path": str(staging_root)},
                 sql_target(pg_schema_url),
                 windows,
                 max_attempts=3,
@@ -995,7 +995,7 @@ def test_a_load_whose_staged_files_are_gone_or_corrupt_goes_back_to_extract(
         ORIGIN + 2 * SIZE: "unreadable manifest",
     }
     for start, how in broken.items():
-        manifest_path = stage_root / str(by_start[start].manifest)
+        manifest_path = staging_root / str(by_start[start].manifest)
         parts = sorted(manifest_path.parent.glob("*part*"))
         assert parts, f"no staged part next to {manifest_path}"
         if how == "missing file":

@@ -30,7 +30,7 @@ def pipeline(every: str = "1m", window: str = "1h") -> dict[str, Any]:
         "start": "2026-01-01T00:00:00Z",
         "every": every,
         "source": {"type": "sql", "url": "sqlite://", "table": "events"},
-        "stage": {"type": "local", "path": "/tmp/windowpipe-stage"},
+        "staging": {"type": "local", "path": "/tmp/windowpipe-staging"},
         "target": {"type": "sql", "url": "sqlite://", "table": "loaded"},
     }
 

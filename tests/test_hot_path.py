@@ -27,10 +27,10 @@ from connectors.base import (
     staged_line,
     unencodable_reason,
 )
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.sql import SqlSource
 from connectors.sql_target import SqlTarget
-from core.config import LocalStageConfig, SqlSourceConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlSourceConfig, SqlTargetConfig
 from core.errors import TerminalError
 from core.instants import format_instant
 from core.windows import Window
@@ -122,17 +122,17 @@ def test_split_lines_matches_readline_at_any_chunk_size(
 @pytest.mark.parametrize("level", [None, 1, 6, 9])
 def test_every_gzip_level_stages_the_same_lines(tmp_path: Path, level: int | None) -> None:
     options = {} if level is None else {"gzip_level": level}
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path), **options))
-    assert stage.gzip_level == (level or 1)
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path), **options))
+    assert staging.gzip_level == (level or 1)
     docs = [
         Document(id=str(n), timestamp=WINDOW.start, body={"n": n, "pad": "p" * (n % 700)})
         for n in range(3000)
     ]
-    manifest = stage.write_window("p", WINDOW, "r1", [Batch(documents=docs)])
+    manifest = staging.write_window("p", WINDOW, "r1", [Batch(documents=docs)])
     (staged,) = manifest.files
-    raw = (stage.root / staged.path).read_bytes()
+    raw = (staging.root / staged.path).read_bytes()
     assert gzip.decompress(raw) == b"".join(encode_line(d) for d in docs)
-    assert list(stage.iter_lines(staged.path, sha256=staged.sha256)) == [
+    assert list(staging.iter_lines(staged.path, sha256=staged.sha256)) == [
         encode_line(d)[:-1] for d in docs
     ]
 
@@ -140,11 +140,11 @@ def test_every_gzip_level_stages_the_same_lines(tmp_path: Path, level: int | Non
 @pytest.mark.parametrize("level", [0, 10])
 def test_gzip_level_is_one_to_nine(tmp_path: Path, level: int) -> None:
     with pytest.raises(pydantic.ValidationError):
-        LocalStageConfig(type="local", path=str(tmp_path), gzip_level=level)
+        LocalStagingConfig(type="local", path=str(tmp_path), gzip_level=level)
 
 
 def test_copy_text_escapes_what_copy_would_misread(pg_schema_url: str, tmp_path: Path) -> None:
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path)))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path)))
     ids = ["tab\there", "nl\nhere", "cr\rhere", "back\\slash", "\\N", "\\.", "plain"]
     docs = [
         Document(
@@ -154,9 +154,9 @@ def test_copy_text_escapes_what_copy_would_misread(pg_schema_url: str, tmp_path:
         )
         for n, doc_id in enumerate(ids)
     ]
-    manifest = stage.write_window("p\\1", WINDOW, "r1", [Batch(documents=docs)])
+    manifest = staging.write_window("p\\1", WINDOW, "r1", [Batch(documents=docs)])
     target = SqlTarget(SqlTargetConfig(type="sql", url=pg_schema_url, table="loaded"))
-    assert target.load_window("p\\1", manifest, stage, fence=1) == len(docs)
+    assert target.load_window("p\\1", manifest, staging, fence=1) == len(docs)
     engine = sa.create_engine(pg_schema_url)
     with engine.connect() as conn:
         rows = conn.execute(
@@ -203,12 +203,15 @@ def test_staging_lines_in_batches_rolls_parts_as_line_by_line(tmp_path: Path) ->
     one_by_one = [Batch(documents=[d]) for d in docs]
     staged = []
     for number, given in enumerate((batches, one_by_one)):
-        stage = LocalStage(
-            LocalStageConfig(type="local", path=str(tmp_path / str(number)), max_file_bytes=65536)
+        staging = LocalStaging(
+            LocalStagingConfig(type="local", path=str(tmp_path / str(number)), max_file_bytes=65536)
         )
-        manifest = stage.write_window("p", WINDOW, "r1", given)
+        manifest = staging.write_window("p", WINDOW, "r1", given)
         staged.append(
-            [(f.path, f.rows, f.sha256, (stage.root / f.path).read_bytes()) for f in manifest.files]
+            [
+                (f.path, f.rows, f.sha256, (staging.root / f.path).read_bytes())
+                for f in manifest.files
+            ]
         )
     assert len(staged[0]) > 3
     assert staged[0] == staged[1]

@@ -701,7 +701,7 @@ def test_the_keda_query_counts_the_windows_waiting_for_or_running_at_each_stage(
         {
             "events": pipeline(
                 sql_source(url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(url),
                 windows,
                 max_backfill_windows=4,

@@ -31,8 +31,7 @@ import redis
 import sqlalchemy as sa
 import yaml
 
-from core.instants import format_instant, parse_instant
-from core.liveness import (
+from core.control_runs import (
     CLEANUP_RAN_KEY,
     ControlActivity,
     LastRun,
@@ -43,6 +42,7 @@ from core.liveness import (
     read_last_runs,
     record_run,
 )
+from core.instants import format_instant, parse_instant
 from core.records import Stage, WindowRecord, WindowStatus
 from tests.support import free_port, wait_until
 from tests.support.deployment import REPO, Deployment, statuses
@@ -464,7 +464,7 @@ def test_the_compose_healthcheck_passes_for_a_consuming_worker_and_fails_once_it
         {
             "events": pipeline(
                 sql_source(f"sqlite:///{tmp_path}/source.db"),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(f"sqlite:///{tmp_path}/target.db"),
                 1,
             )
@@ -523,7 +523,7 @@ def test_frozen_control_and_stage_workers_are_restarted_from_the_probe_alone_whi
             {
                 "events": pipeline(
                     sql_source(via_proxy(pg_schema_url, source_proxy.port), page_size=1),
-                    {"type": "local", "path": str(tmp_path / "stage")},
+                    {"type": "local", "path": str(tmp_path / "staging")},
                     sql_target(pg_schema_url),
                     windows,
                     lag=lag_for(windows),
@@ -706,7 +706,7 @@ def test_a_worker_whose_broker_disappears_exits_within_the_bound_instead_of_hang
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 1,
             )
@@ -750,7 +750,7 @@ def test_the_heartbeat_stops_while_the_broker_is_gone_and_resumes_when_it_is_bac
         {
             "events": pipeline(
                 sql_source(f"sqlite:///{tmp_path}/source.db"),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(f"sqlite:///{tmp_path}/target.db"),
                 1,
             )
@@ -797,7 +797,7 @@ def test_a_warm_shutdown_that_cannot_finish_is_ended_by_the_watchdog(
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 1,
             )
@@ -848,7 +848,7 @@ def test_soak_many_redis_wipes_over_hundreds_of_windows_every_window_settles_eac
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 SOAK_WINDOWS,
                 lag=lag_for(SOAK_WINDOWS),

@@ -13,10 +13,10 @@ import sqlalchemy as sa
 
 from connectors import sql_target
 from connectors.base import Batch, Document, Manifest
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.snowflake import sql
 from connectors.sql_target import LoadTag, SqlTarget, window_key
-from core.config import LocalStageConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlTargetConfig
 from core.errors import TransientError
 from core.windows import Window
 
@@ -117,13 +117,13 @@ class HeldLedgerRow:
         self.engine.dispose()
 
 
-def loaded_once(target: SqlTarget, stage: LocalStage, window: Window, fence: int) -> Manifest:
+def loaded_once(target: SqlTarget, staging: LocalStaging, window: Window, fence: int) -> Manifest:
     docs = [
         Document(id=f"{window.start:%H%M}-{n}", timestamp=window.start, body={"n": n})
         for n in range(3)
     ]
-    manifest = stage.write_window("events", window, f"f{fence:08d}", [Batch(documents=docs)])
-    target.load_window("events", manifest, stage, fence=fence)
+    manifest = staging.write_window("events", window, f"f{fence:08d}", [Batch(documents=docs)])
+    target.load_window("events", manifest, staging, fence=fence)
     return manifest
 
 
@@ -148,21 +148,21 @@ def test_a_blocked_load_ends_only_an_older_fence_of_its_own_window(
     monkeypatch.setattr(sql_target, "LEDGER_WAITS", 2)
     window = Window(START, START + timedelta(minutes=15))
     other = Window(window.end, window.end + timedelta(minutes=15))
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path / "stage")))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path / "staging")))
     target = SqlTarget(SqlTargetConfig(type="sql", url=pg_schema_url, table="events_loaded"))
     try:
-        loaded_once(target, stage, window, fence=10)
+        loaded_once(target, staging, window, fence=10)
         tag_window = other if "another window" in holder else window
         tag_fence = 11 if "older" in holder else 99
         tag = LoadTag("events_loaded", "events", tag_window.start, tag_fence).text
         held = HeldLedgerRow(pg_schema_url, "" if "untagged" in holder else tag, window)
         try:
             if ended:
-                loaded_once(target, stage, window, fence=20)
+                loaded_once(target, staging, window, fence=20)
                 assert target.count_window("events", window) == 3
             else:
                 with pytest.raises(TransientError, match="stayed locked"):
-                    loaded_once(target, stage, window, fence=20)
+                    loaded_once(target, staging, window, fence=20)
             assert held.alive() is not ended
         finally:
             held.close()

@@ -121,7 +121,7 @@ def test_two_hundred_pipelines_on_one_database_hold_connections_per_process_not_
         "start": format_instant(origin),
         "max_windows_per_tick": 1,  # one window per pipeline
         "every": "1h",
-        "stage": {"type": "local", "path": str(tmp_path / "stage")},
+        "staging": {"type": "local", "path": str(tmp_path / "staging")},
     }
     config = write_config(
         tmp_path / "windowpipe.toml",

@@ -375,7 +375,7 @@ def example_config(tmp_path: Path, state_url: str, redis_url: str) -> Config:
                 "lag": "5m",
                 "every": "10m",
                 "source": {"type": "sql", "url": "sqlite://", "table": "events"},
-                "stage": {"type": "local", "path": str(tmp_path / "stage")},
+                "staging": {"type": "local", "path": str(tmp_path / "staging")},
                 "target": {"type": "sql", "url": "sqlite://", "table": "events_loaded"},
             }
         },
@@ -832,7 +832,7 @@ def test_the_exporter_over_http_follows_real_workers(
         {
             "events": pipeline(
                 sql_source(pg_schema_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 sql_target(pg_schema_url),
                 len(docs),
             ),

@@ -59,7 +59,7 @@ PIPELINE: dict[str, Any] = {
     "start": "2026-11-01T00:00:00Z",
     "lag": "5m",
     "source": {"type": "sql", "url": "sqlite:///source.db", "table": "events"},
-    "stage": {"type": "local", "path": "./stage"},
+    "staging": {"type": "local", "path": "./staging"},
     "target": {"type": "sql", "url": "sqlite:///target.db", "table": "events_loaded"},
 }
 

@@ -1,6 +1,6 @@
 """Late, deleted and updated documents on real workers: rechecks and `windowpipe reconcile`.
 
-A SQL source on PostgreSQL with a version column (`updated_at`), a local stage and a SQL
+A SQL source on PostgreSQL with a version column (`updated_at`), a local staging and a SQL
 target; real Celery workers per stage queue, control and recheck. After every window
 succeeded, the source changes under four closed windows: documents added to two, one deleted
 from a third, one updated in place (its version moves) in a fourth. Exactly those four must be
@@ -109,7 +109,7 @@ def _deploy(tmp_path: Path, url: str, redis_url: str, **extra: Any) -> Deploymen
         {
             "events": faults.pipeline(
                 faults.sql_source(url, version_column="updated_at"),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 faults.sql_target(url),
                 WINDOWS,
                 **extra,

@@ -31,9 +31,9 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from core.config import (
     ElasticsearchSourceConfig,
-    LocalStageConfig,
+    LocalStagingConfig,
     OpenSearchSourceConfig,
-    S3StageConfig,
+    S3StagingConfig,
     SnowflakeTargetConfig,
     SqlSourceConfig,
     config_from_dict,
@@ -314,7 +314,7 @@ def _pipeline_config(retry_keys: dict[str, Any]) -> Any:
                 "start": format_instant(ORIGIN),
                 **retry_keys,
                 "source": {"type": "elasticsearch", "hosts": ["http://127.0.0.1:9"], "index": "i"},
-                "stage": {"type": "local", "path": "/tmp/unused-stage"},
+                "staging": {"type": "local", "path": "/tmp/unused-staging"},
                 "target": {"type": "sql", "url": "sqlite:///unused.db", "table": "t"},
             }
         }
@@ -687,15 +687,15 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("aws_env")
 def test_s3_makes_one_request_per_call_against_a_slow_down() -> None:
-    from connectors.s3 import S3Stage
+    from connectors.s3 import S3Staging
 
     with CountingServer(body=S3_SLOW_DOWN, content_type="application/xml") as server:
-        stage = S3Stage(
-            S3StageConfig(type="s3", bucket="stage", endpoint_url=server.url, region="us-east-1")
+        staging = S3Staging(
+            S3StagingConfig(type="s3", bucket="stage", endpoint_url=server.url, region="us-east-1")
         )
         with pytest.raises(TransientError, match="SlowDown"):
-            stage.read_manifest("p/manifest-r.json")
-        stage.close()
+            staging.read_manifest("p/manifest-r.json")
+        staging.close()
     assert server.requests == [("GET", "/stage/p/manifest-r.json")]
 
 
@@ -755,18 +755,18 @@ def test_a_soft_time_limit_inside_an_opensearch_request_is_a_stage_time_limit() 
 
 @pytest.mark.usefixtures("aws_env")
 def test_a_soft_time_limit_inside_an_s3_request_is_a_stage_time_limit() -> None:
-    from connectors.s3 import S3Stage
+    from connectors.s3 import S3Staging
 
     with CountingServer(hang=True) as server:
-        stage = S3Stage(
-            S3StageConfig(type="s3", bucket="stage", endpoint_url=server.url, region="us-east-1")
+        staging = S3Staging(
+            S3StagingConfig(type="s3", bucket="stage", endpoint_url=server.url, region="us-east-1")
         )
         # Build the boto3 client first: on a loaded machine building it can take longer than
         # the time limit, which would then fire before the request is sent.
-        assert stage.client is not None
+        assert staging.client is not None
         with soft_time_limit_after(0.5), pytest.raises(StageTimeLimitError):
-            stage.read_manifest("p/manifest-r.json")
-        stage.close()
+            staging.read_manifest("p/manifest-r.json")
+        staging.close()
         assert server.count == 1
 
 
@@ -819,13 +819,13 @@ def test_a_soft_time_limit_inside_a_postgresql_query_is_a_stage_time_limit(
         engine.dispose()
 
 
-def test_a_soft_time_limit_while_the_local_stage_writes_passes_unchanged_and_leaves_no_file(
+def test_a_soft_time_limit_while_the_local_staging_writes_passes_unchanged_and_leaves_no_file(
     tmp_path: Path,
 ) -> None:
     from connectors.base import Batch, Document
-    from connectors.local import LocalStage
+    from connectors.local import LocalStaging
 
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path / "stage")))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path / "staging")))
 
     def batches() -> Iterator[Batch]:
         yield Batch(documents=[Document(id="1", timestamp=ORIGIN, body={"a": 1})])
@@ -833,8 +833,8 @@ def test_a_soft_time_limit_while_the_local_stage_writes_passes_unchanged_and_lea
         yield Batch()
 
     with soft_time_limit_after(0.5), pytest.raises(SoftTimeLimitExceeded):
-        stage.write_window("p", WINDOW, "f00000001", batches())
-    assert stage.list_files("p", WINDOW) == []
+        staging.write_window("p", WINDOW, "f00000001", batches())
+    assert staging.list_files("p", WINDOW) == []
 
 
 # --- real workers: the precheck of one window against a source that is down -----------------------
@@ -868,7 +868,7 @@ def test_a_window_whose_source_is_down_makes_exactly_the_documented_calls_then_i
                         "hosts": [search_engine.url],
                         "index": "events",
                     },
-                    "stage": {"type": "local", "path": str(tmp_path / "stage")},
+                    "staging": {"type": "local", "path": str(tmp_path / "staging")},
                     "target": {
                         "type": "sql",
                         "url": f"sqlite:///{tmp_path}/target.db",

@@ -1,5 +1,5 @@
 """The distributed runtime end to end: real Celery workers per stage queue on the real Redis,
-SQL source -> local stage -> SQL target on PostgreSQL, window records on SQLite or PostgreSQL."""
+SQL source -> local staging -> SQL target on PostgreSQL, window records on SQLite or PostgreSQL."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def make_deployment(
                     "id_column": "id",
                     "page_size": 3,
                 },
-                "stage": {"type": "local", "path": str(tmp_path / "stage")},
+                "staging": {"type": "local", "path": str(tmp_path / "staging")},
                 "target": {"type": "sql", "url": data_url, "table": "events_loaded"},
             }
         },

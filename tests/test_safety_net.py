@@ -30,7 +30,7 @@ PIPELINES = config_from_dict(
                 "max_backfill_windows": 1,
                 "max_attempts": 3,
                 "source": {"type": "sql", "url": "sqlite://", "table": "events"},
-                "stage": {"type": "local", "path": "/unused"},
+                "staging": {"type": "local", "path": "/unused"},
                 "target": {"type": "sql", "url": "sqlite://", "table": "events_loaded"},
             }
         },

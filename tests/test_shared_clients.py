@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from connectors import shared
-from connectors.registry import close_all, forget_all, source_for, target_for
+from connectors.registry import close_all, connector_for, forget_all
 from connectors.sql import SqlSource
 from core.config import config_from_dict
 
@@ -100,7 +100,7 @@ def _pipelines(tmp_path: Path, count: int, url: str) -> dict[str, object]:
             "window": "1h",
             "start": "2026-01-01T00:00:00Z",
             "source": {"type": "sql", "url": url, "table": f"src_{index}"},
-            "stage": {"type": "local", "path": str(tmp_path / "stage")},
+            "staging": {"type": "local", "path": str(tmp_path / "staging")},
             "target": {"type": "sql", "url": url, "table": f"dst_{index}"},
         }
         for index in range(count)
@@ -120,8 +120,8 @@ def test_sql_connectors_of_many_pipelines_share_one_engine_per_role_and_url(
     engine.dispose()
     config = config_from_dict({"pipelines": _pipelines(tmp_path, 3, url)})
     try:
-        sources = [source_for(config.pipeline(f"p{index}")) for index in range(3)]
-        targets = [target_for(config.pipeline(f"p{index}")) for index in range(3)]
+        sources = [connector_for("source", config.pipeline(f"p{index}")) for index in range(3)]
+        targets = [connector_for("target", config.pipeline(f"p{index}")) for index in range(3)]
         source_engines = {id(source._connect()[0]) for source in sources}  # type: ignore[attr-defined]
         target_engines = {id(target._connect()[0]) for target in targets}  # type: ignore[attr-defined]
 

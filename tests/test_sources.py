@@ -26,11 +26,11 @@ import sqlalchemy as sa
 from opensearchpy import OpenSearch
 from osmem_server import OsmemServer
 
-from connectors.base import Batch, Document, Rejection, Source
 from connectors.elasticsearch import ElasticsearchSource, OpenSearchSource
 from connectors.sql import SqlSource
 from core.config import ElasticsearchSourceConfig, OpenSearchSourceConfig, SqlSourceConfig
 from core.errors import TerminalError, TransientError
+from core.ports import Batch, Document, Rejection, Source
 from core.recheck import Fingerprint
 from core.windows import Window
 from tests.support import free_port
@@ -932,7 +932,7 @@ def test_parse_timestamp_fast_path_agrees_with_the_general_one(
 def test_postgres_json_that_cannot_be_staged_as_it_is_becomes_a_rejection(
     pg_schema_url: str,
 ) -> None:
-    # A jsonb integer beyond 64 bits would be read back from the stage as a float: rejected
+    # A jsonb integer beyond 64 bits would be read back from the staging area as a float: rejected
     # with its reason, the rest of the window staged.
     engine = sa.create_engine(pg_schema_url)
     with engine.begin() as conn:

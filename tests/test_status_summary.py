@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from core.liveness import ControlActivity, LastRun
+from core.control_runs import ControlActivity, LastRun
 from core.metrics import read_frontiers
 from core.records import WindowKind, WindowStatus
 from core.store import PipelineSummary, StateStore
@@ -58,7 +58,7 @@ def pipeline_config(tmp_path: Path) -> dict[str, object]:
         "window": "1h",
         "start": "2026-01-01T00:00:00Z",
         "source": {"type": "sql", "url": f"sqlite:///{tmp_path}/data.db", "table": "events"},
-        "stage": {"type": "local", "path": str(tmp_path / "stage")},
+        "staging": {"type": "local", "path": str(tmp_path / "staging")},
         "target": {"type": "sql", "url": f"sqlite:///{tmp_path}/data.db", "table": "loaded"},
     }
 

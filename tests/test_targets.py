@@ -1,5 +1,5 @@
 """One contract suite for every target: `SnowflakeTarget` on fakesnow's server (the real
-snowflake-connector over HTTP, an external `file://` Snowflake stage over a `LocalStage`
+snowflake-connector over HTTP, an external `file://` Snowflake stage over a `LocalStaging`
 directory) and `SqlTarget` on PostgreSQL and SQLite; then the Snowflake SQL builders offline.
 
 Fencing: every target keeps a ledger row per window (the newest fence that loaded it) and
@@ -38,15 +38,15 @@ import sqlglot
 from snowflake.connector import errors as sf_errors
 from sqlglot import exp
 
-from connectors.base import Batch, Document, Manifest, StagingArea, Target
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.snowflake import SnowflakeTarget, sql
 from connectors.snowflake.client import translate
 from connectors.sql_target import SqlTarget, ledger_table, record_fence, target_table
 from core.checksum import EMPTY_CHECKSUM, ids_checksum
-from core.config import LocalStageConfig, SnowflakeTargetConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SnowflakeTargetConfig, SqlTargetConfig
 from core.errors import LostOwnershipError, StaleFenceError, TerminalError, TransientError
-from core.ports import TargetAudit
+from core.instants import as_utc
+from core.ports import Batch, Document, Manifest, StagingArea, Target, TargetAudit
 from core.windows import Window
 from tests.support import wait_until
 from windowpipe.demo.fakesnow import teach_fakesnow_metadata_copy
@@ -85,10 +85,10 @@ def snowflake_config(
 
 @dataclass
 class Backend:
-    """A target under test, the stage it loads from, and a way to look at its table."""
+    """A target under test, the staging it loads from, and a way to look at its table."""
 
     name: str
-    stage: LocalStage
+    staging: LocalStaging
     make: Callable[..., Target]
     """A new target over the same table (keyword overrides of its config)."""
     rows: Callable[[Window], list[dict[str, Any]]]
@@ -105,16 +105,16 @@ class Backend:
 
 
 def _snowflake_backend(
-    kwargs: dict[str, Any], stage: LocalStage, monkeypatch: pytest.MonkeyPatch
+    kwargs: dict[str, Any], staging: LocalStaging, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
     monkeypatch.setenv(SF_PASSWORD_ENV, kwargs["password"])
     database = f"WP_{uuid.uuid4().hex[:8].upper()}"
     plain = {k: v for k, v in kwargs.items() if k != "session_parameters"}
     admin = snowflake.connector.connect(**plain, database=database, schema="EVENTS")
     admin.cursor().execute(
-        f'CREATE STAGE "{database}"."EVENTS"."ORDERS_STAGE" URL=\'file://{stage.root}/\''
+        f'CREATE STAGE "{database}"."EVENTS"."ORDERS_STAGE" URL=\'file://{staging.root}/\''
     )
-    teach_fakesnow_metadata_copy(stage.root)
+    teach_fakesnow_metadata_copy(staging.root)
     table = f'"{database}"."EVENTS"."ORDERS_LOADED"'
     ledger_name = f'"{database}"."EVENTS"."ORDERS_LOADED_WINDOWPIPE_LEDGER"'
     targets: list[SnowflakeTarget] = []
@@ -153,7 +153,7 @@ def _snowflake_backend(
             (PIPELINE, window.start.replace(tzinfo=None)),
         )
         return [
-            {"fence": int(fence), "row_count": int(count), "loaded_at": _aware(at)}
+            {"fence": int(fence), "row_count": int(count), "loaded_at": as_utc(at)}
             for fence, count, at in cursor.fetchall()
         ]
 
@@ -174,13 +174,15 @@ def _snowflake_backend(
             (PIPELINE, window.start.replace(tzinfo=None), fence, datetime(2026, 1, 1)),
         )
 
-    yield Backend("snowflake", stage, make, rows, drop_table, ledger, add_ledger_row=add_ledger_row)
+    yield Backend(
+        "snowflake", staging, make, rows, drop_table, ledger, add_ledger_row=add_ledger_row
+    )
     for target in targets:
         target.close()
     admin.close()
 
 
-def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:
+def _sql_backend(name: str, url: str, staging: LocalStaging) -> Iterator[Backend]:
     engine = sa.create_engine(url)
     targets: list[SqlTarget] = []
 
@@ -201,7 +203,7 @@ def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:
                 {
                     "doc_id": doc_id,
                     "doc": doc,
-                    "window_end": _aware(end),
+                    "window_end": as_utc(end),
                     "source_file": source_file,
                     "file_row": file_row,
                 }
@@ -220,18 +222,14 @@ def _sql_backend(name: str, url: str, stage: LocalStage) -> Iterator[Backend]:
         )
         with engine.connect() as conn:
             return [
-                {"fence": fence, "row_count": count, "loaded_at": _aware(at)}
+                {"fence": fence, "row_count": count, "loaded_at": as_utc(at)}
                 for fence, count, at in conn.execute(query)
             ]
 
-    yield Backend(name, stage, make, rows, drop_table, ledger, url)
+    yield Backend(name, staging, make, rows, drop_table, ledger, url)
     for target in targets:
         target.close()
     engine.dispose()
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @pytest.fixture(
@@ -245,17 +243,17 @@ def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
     # Small parts, so that a window spans several files and lineage is exercised.
-    stage = LocalStage(
-        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
+    staging = LocalStaging(
+        LocalStagingConfig(type="local", path=str(tmp_path / "staging"), max_file_bytes=4096)
     )
     if request.param == "snowflake":
         yield from _snowflake_backend(
-            request.getfixturevalue("fakesnow_server"), stage, monkeypatch
+            request.getfixturevalue("fakesnow_server"), staging, monkeypatch
         )
     elif request.param == "postgresql":
-        yield from _sql_backend("postgresql", request.getfixturevalue("pg_schema_url"), stage)
+        yield from _sql_backend("postgresql", request.getfixturevalue("pg_schema_url"), staging)
     else:
-        yield from _sql_backend("sqlite", request.getfixturevalue("sqlite_url"), stage)
+        yield from _sql_backend("sqlite", request.getfixturevalue("sqlite_url"), staging)
 
 
 # --- documents --------------------------------------------------------------------------------
@@ -272,15 +270,17 @@ def documents(window: Window, count: int, tag: str = "a") -> list[Document]:
     ]
 
 
-def stage_window(stage: StagingArea, window: Window, docs: list[Document], run: str) -> Manifest:
-    return stage.write_window(PIPELINE, window, run, [Batch(documents=docs)])
+def stage_window(staging: StagingArea, window: Window, docs: list[Document], run: str) -> Manifest:
+    return staging.write_window(PIPELINE, window, run, [Batch(documents=docs)])
 
 
-def staged_lines(stage: LocalStage, manifest: Manifest) -> dict[tuple[str, int], dict[str, Any]]:
+def staged_lines(
+    staging: LocalStaging, manifest: Manifest
+) -> dict[tuple[str, int], dict[str, Any]]:
     """(file, 1-based line) -> the staged object, for checking lineage."""
     lines = {}
     for staged in manifest.files:
-        for number, line in enumerate(stage.iter_lines(staged.path), start=1):
+        for number, line in enumerate(staging.iter_lines(staged.path), start=1):
             lines[(staged.path, number)] = json.loads(line)
     return lines
 
@@ -291,16 +291,16 @@ def staged_lines(stage: LocalStage, manifest: Manifest) -> dict[tuple[str, int],
 def test_loading_a_window_stores_each_document_once_with_its_lineage(backend: Backend) -> None:
     target = backend.make()
     docs = documents(WINDOW, 40)
-    manifest = stage_window(backend.stage, WINDOW, docs, "run1")
+    manifest = stage_window(backend.staging, WINDOW, docs, "run1")
     assert len(manifest.files) > 1
 
-    assert target.load_window(PIPELINE, manifest, backend.stage, fence=1) == 40
+    assert target.load_window(PIPELINE, manifest, backend.staging, fence=1) == 40
     assert target.count_window(PIPELINE, WINDOW) == 40
     rows = backend.rows(WINDOW)
     assert sorted(row["doc_id"] for row in rows) == sorted(doc.id for doc in docs)
     assert {row["doc_id"]: row["doc"] for row in rows} == {doc.id: doc.body for doc in docs}
     assert {row["window_end"] for row in rows} == {WINDOW.end}
-    lines = staged_lines(backend.stage, manifest)
+    lines = staged_lines(backend.staging, manifest)
     assert {(row["source_file"], row["file_row"]) for row in rows} == set(lines)
     for row in rows:
         assert lines[(row["source_file"], row["file_row"])]["id"] == row["doc_id"]
@@ -308,12 +308,12 @@ def test_loading_a_window_stores_each_document_once_with_its_lineage(backend: Ba
 
 def test_loading_the_same_manifest_again_does_not_duplicate(backend: Backend) -> None:
     target = backend.make()
-    manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 25), "run1")
-    target.load_window(PIPELINE, manifest, backend.stage, fence=1)
+    manifest = stage_window(backend.staging, WINDOW, documents(WINDOW, 25), "run1")
+    target.load_window(PIPELINE, manifest, backend.staging, fence=1)
 
-    assert target.load_window(PIPELINE, manifest, backend.stage, fence=2) == 25
+    assert target.load_window(PIPELINE, manifest, backend.staging, fence=2) == 25
     assert (
-        backend.make().load_window(PIPELINE, manifest, backend.stage, fence=3) == 25
+        backend.make().load_window(PIPELINE, manifest, backend.staging, fence=3) == 25
     )  # another worker
     assert target.count_window(PIPELINE, WINDOW) == 25
     assert len({row["doc_id"] for row in backend.rows(WINDOW)}) == 25
@@ -321,11 +321,11 @@ def test_loading_the_same_manifest_again_does_not_duplicate(backend: Backend) ->
 
 def test_loading_a_re_extracted_window_replaces_its_rows(backend: Backend) -> None:
     target = backend.make()
-    first = stage_window(backend.stage, WINDOW, documents(WINDOW, 30, "old"), "run1")
-    target.load_window(PIPELINE, first, backend.stage, fence=1)
+    first = stage_window(backend.staging, WINDOW, documents(WINDOW, 30, "old"), "run1")
+    target.load_window(PIPELINE, first, backend.staging, fence=1)
 
-    second = stage_window(backend.stage, WINDOW, documents(WINDOW, 12, "new"), "run2")
-    assert target.load_window(PIPELINE, second, backend.stage, fence=2) == 12
+    second = stage_window(backend.staging, WINDOW, documents(WINDOW, 12, "new"), "run2")
+    assert target.load_window(PIPELINE, second, backend.staging, fence=2) == 12
 
     assert target.count_window(PIPELINE, WINDOW) == 12
     assert {row["doc"]["tag"] for row in backend.rows(WINDOW)} == {"new"}
@@ -335,13 +335,13 @@ def test_reloading_a_window_leaves_the_next_window_untouched(backend: Backend) -
     target = backend.make()
     target.load_window(
         PIPELINE,
-        stage_window(backend.stage, NEXT_WINDOW, documents(NEXT_WINDOW, 9, "b"), "r1"),
-        backend.stage,
+        stage_window(backend.staging, NEXT_WINDOW, documents(NEXT_WINDOW, 9, "b"), "r1"),
+        backend.staging,
         fence=1,
     )
-    manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 5), "r1")
-    target.load_window(PIPELINE, manifest, backend.stage, fence=1)
-    target.load_window(PIPELINE, manifest, backend.stage, fence=2)
+    manifest = stage_window(backend.staging, WINDOW, documents(WINDOW, 5), "r1")
+    target.load_window(PIPELINE, manifest, backend.staging, fence=1)
+    target.load_window(PIPELINE, manifest, backend.staging, fence=2)
 
     assert target.count_window(PIPELINE, WINDOW) == 5
     assert target.count_window(PIPELINE, NEXT_WINDOW) == 9
@@ -353,14 +353,14 @@ def test_an_empty_manifest_empties_the_window(backend: Backend) -> None:
     assert target.count_window(PIPELINE, WINDOW) == 0
     target.load_window(
         PIPELINE,
-        stage_window(backend.stage, WINDOW, documents(WINDOW, 3), "r1"),
-        backend.stage,
+        stage_window(backend.staging, WINDOW, documents(WINDOW, 3), "r1"),
+        backend.staging,
         fence=1,
     )
 
-    empty = stage_window(backend.stage, WINDOW, [], "r2")
+    empty = stage_window(backend.staging, WINDOW, [], "r2")
     assert empty.rows == 0
-    assert target.load_window(PIPELINE, empty, backend.stage, fence=2) == 0
+    assert target.load_window(PIPELINE, empty, backend.staging, fence=2) == 0
     assert target.count_window(PIPELINE, WINDOW) == 0
 
 
@@ -379,9 +379,9 @@ def test_unicode_and_large_documents_round_trip(backend: Backend) -> None:
         Document(id=f"ü-{index}", timestamp=WINDOW.start, body=body)
         for index, body in enumerate(bodies)
     ]
-    manifest = stage_window(backend.stage, WINDOW, docs, "r1")
+    manifest = stage_window(backend.staging, WINDOW, docs, "r1")
 
-    assert target.load_window(PIPELINE, manifest, backend.stage, fence=1) == 3
+    assert target.load_window(PIPELINE, manifest, backend.staging, fence=1) == 3
     assert {row["doc_id"]: row["doc"] for row in backend.rows(WINDOW)} == {
         doc.id: doc.body for doc in docs
     }
@@ -391,13 +391,13 @@ def test_a_manifest_that_disagrees_with_its_files_is_refused_and_nothing_changes
     backend: Backend,
 ) -> None:
     target = backend.make()
-    manifest = stage_window(backend.stage, WINDOW, documents(WINDOW, 6), "r1")
-    target.load_window(PIPELINE, manifest, backend.stage, fence=1)
-    replacement = stage_window(backend.stage, WINDOW, documents(WINDOW, 4, "new"), "r2")
+    manifest = stage_window(backend.staging, WINDOW, documents(WINDOW, 6), "r1")
+    target.load_window(PIPELINE, manifest, backend.staging, fence=1)
+    replacement = stage_window(backend.staging, WINDOW, documents(WINDOW, 4, "new"), "r2")
     replacement.rows = 5  # the files hold 4
 
     with pytest.raises(TerminalError, match="manifest"):
-        target.load_window(PIPELINE, replacement, backend.stage, fence=2)
+        target.load_window(PIPELINE, replacement, backend.staging, fence=2)
     assert target.count_window(PIPELINE, WINDOW) == 6
 
 
@@ -425,11 +425,11 @@ class FencedLoad:
     ids: set[str]
 
 
-def fenced_load(stage: LocalStage, fence: int, count: int) -> FencedLoad:
+def fenced_load(staging: LocalStaging, fence: int, count: int) -> FencedLoad:
     """Stage the window for the owner holding `fence` (replacing earlier runs' files, as a real
     extract does)."""
     docs = documents(WINDOW, count, tag=f"f{fence}")
-    manifest = stage_window(stage, WINDOW, docs, f"f{fence:08d}")
+    manifest = stage_window(staging, WINDOW, docs, f"f{fence:08d}")
     return FencedLoad(fence, manifest, {doc.id for doc in docs})
 
 
@@ -444,16 +444,18 @@ def test_a_load_whose_fence_is_older_is_refused_and_changes_nothing(
     worker_one, worker_two = backend.make(), backend.make()
     counts = {A_FENCE: 7, B_FENCE: 5}
 
-    earlier = fenced_load(backend.stage, first, counts[first])
-    assert worker_one.load_window(PIPELINE, earlier.manifest, backend.stage, first) == counts[first]
+    earlier = fenced_load(backend.staging, first, counts[first])
+    assert (
+        worker_one.load_window(PIPELINE, earlier.manifest, backend.staging, first) == counts[first]
+    )
     before = (backend.rows(WINDOW), backend.ledger(WINDOW))
-    later = fenced_load(backend.stage, second, counts[second])
+    later = fenced_load(backend.staging, second, counts[second])
     if second >= first:
         # A newer fence replaces the rows; the same fence again is its owner's own retry.
-        assert worker_two.load_window(PIPELINE, later.manifest, backend.stage, second) == 5
+        assert worker_two.load_window(PIPELINE, later.manifest, backend.staging, second) == 5
     else:
         with pytest.raises(StaleFenceError) as refused:
-            worker_two.load_window(PIPELINE, later.manifest, backend.stage, second)
+            worker_two.load_window(PIPELINE, later.manifest, backend.staging, second)
         message = str(refused.value)
         assert message.startswith("snowflake target: " if backend.name == "snowflake" else "sql")
         assert (
@@ -479,14 +481,14 @@ def test_the_ledger_records_the_fence_and_rows_of_each_window_load(backend: Back
     assert backend.ledger(WINDOW) == []
     before = datetime.now(UTC)
 
-    target.load_window(PIPELINE, fenced_load(backend.stage, 3, 7).manifest, backend.stage, 3)
+    target.load_window(PIPELINE, fenced_load(backend.staging, 3, 7).manifest, backend.staging, 3)
     [entry] = backend.ledger(WINDOW)
     assert (entry["fence"], entry["row_count"]) == (3, 7)
     # fakesnow's server mode truncates instants to the second.
     assert entry["loaded_at"] >= before.replace(microsecond=0) - timedelta(seconds=1)
 
-    empty = stage_window(backend.stage, WINDOW, [], "f00000009")
-    target.load_window(PIPELINE, empty, backend.stage, 9)
+    empty = stage_window(backend.staging, WINDOW, [], "f00000009")
+    target.load_window(PIPELINE, empty, backend.staging, 9)
     [entry] = backend.ledger(WINDOW)
     assert (entry["fence"], entry["row_count"]) == (9, 0)
     assert backend.ledger(NEXT_WINDOW) == []
@@ -494,13 +496,15 @@ def test_the_ledger_records_the_fence_and_rows_of_each_window_load(backend: Back
 
 def test_a_refused_load_leaves_other_windows_loadable(backend: Backend) -> None:
     target = backend.make()
-    target.load_window(PIPELINE, fenced_load(backend.stage, 5, 4).manifest, backend.stage, 5)
+    target.load_window(PIPELINE, fenced_load(backend.staging, 5, 4).manifest, backend.staging, 5)
     with pytest.raises(StaleFenceError):
-        target.load_window(PIPELINE, fenced_load(backend.stage, 3, 2).manifest, backend.stage, 3)
+        target.load_window(
+            PIPELINE, fenced_load(backend.staging, 3, 2).manifest, backend.staging, 3
+        )
 
     # Fences are per window: fence 1 of the next window is its first load.
-    manifest = stage_window(backend.stage, NEXT_WINDOW, documents(NEXT_WINDOW, 6, "n"), "r1")
-    assert target.load_window(PIPELINE, manifest, backend.stage, 1) == 6
+    manifest = stage_window(backend.staging, NEXT_WINDOW, documents(NEXT_WINDOW, 6, "n"), "r1")
+    assert target.load_window(PIPELINE, manifest, backend.staging, 1) == 6
     assert target.count_window(PIPELINE, WINDOW) == 4
 
 
@@ -616,13 +620,13 @@ class SqliteHold:
 
 @pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.integration), "sqlite"])
 def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    stage = LocalStage(
-        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=4096)
+    staging = LocalStaging(
+        LocalStagingConfig(type="local", path=str(tmp_path / "staging"), max_file_bytes=4096)
     )
     url = request.getfixturevalue(
         "pg_schema_url" if request.param == "postgresql" else "sqlite_url"
     )
-    yield from _sql_backend(request.param, str(url), stage)
+    yield from _sql_backend(request.param, str(url), staging)
 
 
 @pytest.mark.parametrize(
@@ -633,11 +637,11 @@ def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Back
 def test_overlapping_loads_of_one_window_serialise_and_leave_its_rows_once(
     sql_backend: Backend, first: int, second: int
 ) -> None:
-    # Each owner's run in a stage directory of its own: staging B's run in A's would delete
+    # Each owner's run in a staging directory of its own: staging B's run in A's would delete
     # the files A is about to read inside its transaction.
-    root = Path(sql_backend.stage.config.path)
+    root = Path(sql_backend.staging.config.path)
     stages = {
-        fence: LocalStage(LocalStageConfig(type="local", path=str(root / f"owner-{fence}")))
+        fence: LocalStaging(LocalStagingConfig(type="local", path=str(root / f"owner-{fence}")))
         for fence in (A_FENCE, B_FENCE)
     }
     loads = {fence: fenced_load(stages[fence], fence, 10 - fence) for fence in stages}
@@ -719,10 +723,10 @@ def test_recording_a_fence_moves_only_forward(sql_backend: Backend, dialect_upse
 def snowflake_backend(
     fakesnow_server: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
-    stage = LocalStage(
-        LocalStageConfig(type="local", path=str(tmp_path / "stage"), max_file_bytes=1024)
+    staging = LocalStaging(
+        LocalStagingConfig(type="local", path=str(tmp_path / "staging"), max_file_bytes=1024)
     )
-    yield from _snowflake_backend(fakesnow_server, stage, monkeypatch)
+    yield from _snowflake_backend(fakesnow_server, staging, monkeypatch)
 
 
 @pytest.mark.integration
@@ -732,13 +736,13 @@ def test_snowflake_loads_more_than_1000_files_in_several_copies(snowflake_backen
         Document(id=str(index), timestamp=WINDOW.start, body={"pad": "p" * 900, "n": index})
         for index in range(1005)
     ]
-    manifest = stage_window(snowflake_backend.stage, WINDOW, docs, "r1")
+    manifest = stage_window(snowflake_backend.staging, WINDOW, docs, "r1")
     assert len(manifest.files) == 1005
     statements = sql.copy_statements('"L"', '"S"', [f.path for f in manifest.files])
     assert [statement.count(".ndjson.gz'") for statement in statements] == [1000, 5]
 
     target = snowflake_backend.make()
-    assert target.load_window(PIPELINE, manifest, snowflake_backend.stage, fence=1) == 1005
+    assert target.load_window(PIPELINE, manifest, snowflake_backend.staging, fence=1) == 1005
     assert target.count_window(PIPELINE, WINDOW) == 1005
 
 
@@ -746,12 +750,12 @@ def test_snowflake_loads_more_than_1000_files_in_several_copies(snowflake_backen
 def test_snowflake_missing_stage_is_terminal_and_keeps_the_window(
     snowflake_backend: Backend,
 ) -> None:
-    manifest = stage_window(snowflake_backend.stage, WINDOW, documents(WINDOW, 4), "r1")
-    snowflake_backend.make().load_window(PIPELINE, manifest, snowflake_backend.stage, fence=1)
+    manifest = stage_window(snowflake_backend.staging, WINDOW, documents(WINDOW, 4), "r1")
+    snowflake_backend.make().load_window(PIPELINE, manifest, snowflake_backend.staging, fence=1)
 
     with pytest.raises(TerminalError, match="does not exist") as caught:
         snowflake_backend.make(stage="NO_SUCH_STAGE").load_window(
-            PIPELINE, manifest, snowflake_backend.stage, fence=2
+            PIPELINE, manifest, snowflake_backend.staging, fence=2
         )
     assert "\n" not in str(caught.value)
     assert snowflake_backend.make().count_window(PIPELINE, WINDOW) == 4
@@ -789,8 +793,8 @@ def test_audit_window_reports_the_rows_their_ids_checksum_and_the_ledger_row(
 ) -> None:
     target = backend.make()
     assert target.audit_window(PIPELINE, WINDOW) == TargetAudit(0, EMPTY_CHECKSUM, None, None)
-    load = fenced_load(backend.stage, 3, 23)
-    target.load_window(PIPELINE, load.manifest, backend.stage, 3)
+    load = fenced_load(backend.staging, 3, 23)
+    target.load_window(PIPELINE, load.manifest, backend.staging, 3)
 
     held = target.audit_window(PIPELINE, WINDOW)
 
@@ -808,8 +812,8 @@ def test_a_fenced_empty_load_clears_the_window_and_no_older_load_lands_after_it(
     before the purge) wakes and is refused: the window stays empty. A clear with an older fence
     is refused too."""
     target, frozen = backend.make(), backend.make()
-    target.load_window(PIPELINE, fenced_load(backend.stage, 3, 7).manifest, backend.stage, 3)
-    late = fenced_load(backend.stage, 4, 6)
+    target.load_window(PIPELINE, fenced_load(backend.staging, 3, 7).manifest, backend.staging, 3)
+    late = fenced_load(backend.staging, 4, 6)
 
     assert target.clear_window(PIPELINE, WINDOW, 5) == 7
 
@@ -817,7 +821,7 @@ def test_a_fenced_empty_load_clears_the_window_and_no_older_load_lands_after_it(
     [entry] = backend.ledger(WINDOW)
     assert (entry["fence"], entry["row_count"]) == (5, 0)
     with pytest.raises(StaleFenceError) as refused:
-        frozen.load_window(PIPELINE, late.manifest, backend.stage, 4)
+        frozen.load_window(PIPELINE, late.manifest, backend.staging, 4)
     assert refused.value.recorded == 5
     with pytest.raises(StaleFenceError):
         frozen.clear_window(PIPELINE, WINDOW, 4)
@@ -844,14 +848,17 @@ def test_snowflake_duplicate_ledger_rows_cannot_let_a_stale_fence_through(
     with pytest.raises(StaleFenceError) as refused:
         target.load_window(
             PIPELINE,
-            fenced_load(snowflake_backend.stage, 5, 4).manifest,
-            snowflake_backend.stage,
+            fenced_load(snowflake_backend.staging, 5, 4).manifest,
+            snowflake_backend.staging,
             5,
         )
     assert refused.value.recorded == 7 and snowflake_backend.rows(WINDOW) == []
 
     target.load_window(
-        PIPELINE, fenced_load(snowflake_backend.stage, 8, 4).manifest, snowflake_backend.stage, 8
+        PIPELINE,
+        fenced_load(snowflake_backend.staging, 8, 4).manifest,
+        snowflake_backend.staging,
+        8,
     )
     assert sorted(e["fence"] for e in snowflake_backend.ledger(WINDOW)) == [8, 8]
     assert target.audit_window(PIPELINE, WINDOW).ledger_fence == 8

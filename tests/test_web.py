@@ -20,9 +20,9 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from core.control_runs import format_age, record_run
 from core.errors import BadInputError
 from core.keys import CLEANUP_RAN_KEY, generate_ran_key
-from core.liveness import format_age, record_run
 from core.records import WindowStatus
 from core.store import StateStore
 from core.store.overview import Cell, PipelineTally

@@ -2,7 +2,7 @@
 the target, and fences across a restored state store.
 
 Real Celery worker processes per stage queue plus control, on the real Redis; a SQL source and
-a SQL target on PostgreSQL; a local stage; the state store on SQLite (a file, so a test can
+a SQL target on PostgreSQL; a local staging; the state store on SQLite (a file, so a test can
 back it up and restore it as an operator would). Each test starts only the workers its
 timeline needs, so that it decides what happens between two stages.
 """
@@ -23,9 +23,9 @@ import pytest
 import sqlalchemy as sa
 
 from connectors.base import Batch, Document, Manifest
-from connectors.local import LocalStage
+from connectors.local import LocalStaging
 from connectors.sql_target import SqlTarget
-from core.config import LocalStageConfig, SqlTargetConfig
+from core.config import LocalStagingConfig, SqlTargetConfig
 from core.errors import StaleFenceError
 from core.instants import format_instant
 from core.records import Stage, WindowRecord, WindowStatus
@@ -46,7 +46,7 @@ def _deploy(tmp_path: Path, pg_url: str, redis_url: str, windows: int, **extra: 
         {
             "events": faults.pipeline(
                 faults.sql_source(pg_url),
-                {"type": "local", "path": str(tmp_path / "stage")},
+                {"type": "local", "path": str(tmp_path / "staging")},
                 faults.sql_target(pg_url),
                 windows,
                 **extra,
@@ -130,14 +130,14 @@ def test_documents_arriving_between_precheck_and_extract_are_loaded_and_pass_the
     assert faults.loaded_ids(pg_schema_url) == _source_ids(pg_schema_url)
 
 
-def _swap_staged_ids(stage_root: Path, manifest_path: str) -> None:
+def _swap_staged_ids(staging_root: Path, manifest_path: str) -> None:
     """Rewrite a window's staged files with every document's id changed (same count), and
     its manifest's sha256 and sizes to match: a load that brings the right number of rows
     with the wrong ids."""
-    manifest = Manifest.from_json((stage_root / manifest_path).read_bytes())
+    manifest = Manifest.from_json((staging_root / manifest_path).read_bytes())
     rewritten = []
     for staged in manifest.files:
-        path = stage_root / staged.path
+        path = staging_root / staged.path
         lines = gzip.decompress(path.read_bytes()).splitlines()
         swapped = []
         for line in lines:
@@ -150,7 +150,7 @@ def _swap_staged_ids(stage_root: Path, manifest_path: str) -> None:
             dataclasses.replace(staged, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         )
     manifest.files = rewritten
-    (stage_root / manifest_path).write_bytes(manifest.to_json())
+    (staging_root / manifest_path).write_bytes(manifest.to_json())
 
 
 def test_a_load_with_the_right_count_but_the_wrong_ids_fails_the_audit(
@@ -172,7 +172,7 @@ def test_a_load_with_the_right_count_but_the_wrong_ids_fails_the_audit(
     staged = wait_until(lambda: _all_at(dep, Stage.LOAD, windows), 120, "every window staged")
     [victim] = [r for r in staged if r.window_start == ORIGIN + wrong * SIZE]
     assert victim.manifest is not None
-    _swap_staged_ids(tmp_path / "stage", victim.manifest)
+    _swap_staged_ids(tmp_path / "staging", victim.manifest)
 
     dep.start_workers(["load", "audit"])
     done = faults.wait_all_finished(dep, {"events": windows}, timeout=180)["events"]
@@ -340,15 +340,15 @@ def test_validate_rebuild_clears_the_target_rows_of_an_unfinished_record_it_dele
         [record] = store.list_records("events")
     finally:
         store.dispose()
-    stage = LocalStage(LocalStageConfig(type="local", path=str(tmp_path / "stage")))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path / "staging")))
     documents = [
         Document(f"m{n}", misaligned.start + timedelta(seconds=n), {"id": f"m{n}"})
         for n in range(5)
     ]
-    manifest = stage.write_window("events", misaligned, "f1", [Batch(documents=documents)])
+    manifest = staging.write_window("events", misaligned, "f1", [Batch(documents=documents)])
     target = SqlTarget(SqlTargetConfig(**faults.sql_target(pg_schema_url)))
     try:
-        target.load_window("events", manifest, stage, record.fence)
+        target.load_window("events", manifest, staging, record.fence)
         assert target.count_window("events", misaligned) == 5
 
         rebuilt = dep.cli("validate", "events", "--rebuild")
@@ -357,6 +357,6 @@ def test_validate_rebuild_clears_the_target_rows_of_an_unfinished_record_it_dele
         assert target.count_window("events", misaligned) == 0
         assert all(r.window_start != misaligned.start for r in _records(dep))
         with pytest.raises(StaleFenceError):
-            target.load_window("events", manifest, stage, record.fence)
+            target.load_window("events", manifest, staging, record.fence)
     finally:
         target.close()

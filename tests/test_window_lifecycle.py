@@ -74,7 +74,7 @@ def make_config(tmp_path: Path, **pipeline: Any) -> Config:
         "task_retries": 1,
         "task_backoff": 0,
         "source": {"type": "sql", "url": "sqlite://", "table": "events"},
-        "stage": {"type": "local", "path": str(tmp_path / "unused-stage")},
+        "staging": {"type": "local", "path": str(tmp_path / "unused-staging")},
         "target": {"type": "sql", "url": "sqlite://", "table": "events_loaded"},
         **pipeline,
     }
@@ -107,7 +107,7 @@ class MemoryDeployment:
         return self.config.pipeline(PIPELINE)
 
     @property
-    def runtime(self) -> Runtime[Batch, Manifest]:
+    def runtime(self) -> Runtime:
         return Runtime(self.config, self.store, self.redis, self.connectors)
 
     @property

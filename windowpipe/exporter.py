@@ -38,8 +38,8 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from core.config import Config
+from core.control_runs import read_last_runs
 from core.instants import utc_now
-from core.liveness import read_last_runs
 from core.logs import get_logger
 from core.metrics import CHAIN_STAGE, HighWater, WindowMetrics, read_window_metrics
 from core.store import StateStore
@@ -203,7 +203,7 @@ class WindowpipeCollector(Collector):
         yield from (drifted, done, pending)
 
     def _control_families(self) -> Iterable[Metric]:
-        """When generation (per pipeline) and cleanup last completed (core/liveness.py), read
+        """When generation (per pipeline) and cleanup last completed (core/control_runs.py), read
         from Redis: a timestamp that stops moving means nobody consumes the control queue."""
         try:
             client = redis.Redis.from_url(

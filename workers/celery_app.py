@@ -28,20 +28,12 @@ from core.config import Config, load_config
 from core.errors import ConfigError
 from core.keys import REDBEAT_KEY_PREFIX, REDBEAT_LOCK_KEY
 from core.logs import configure_logging
+from core.queues import CONTROL_QUEUE, RECHECK_QUEUE
+from core.queues import QUEUES as QUEUES  # workers.QUEUES, read by the exporter and tests
 from core.records import STAGE_ORDER
 from core.retry import CONTROL_TIME_LIMIT, STAGE_POLICIES
 from workers.heartbeat import install
 from workers.liveness import LivenessSettings
-
-CONTROL_QUEUE = "control"
-"""Generation, dispatch and stale-lock cleanup run here."""
-
-RECHECK_QUEUE = "recheck"
-"""Rechecks of finished windows at their horizons: a pool of its own, so a backlog of rechecks
-never holds up live windows."""
-
-QUEUES = (*(stage.value for stage in STAGE_ORDER), CONTROL_QUEUE, RECHECK_QUEUE)
-"""Every queue a windowpipe deployment needs a worker pool for."""
 
 TASK_MODULES = (
     "workers.precheck",

@@ -1,7 +1,7 @@
 """Control tasks: generation (beat, per group of pipelines; per pipeline on demand), dispatch,
 and the stale-lock cleanup.
 
-Generation and cleanup record each completed run (`core.liveness`), so `windowpipe status`
+Generation and cleanup record each completed run (`core.control_runs`), so `windowpipe status`
 shows when the control work last ran and on which worker.
 """
 
@@ -11,11 +11,11 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from core.control_runs import record_run, record_runs
 from core.dispatch import dispatch as dispatch_windows
 from core.dispatch import generation_batch, generation_tick
 from core.instants import utc_now
 from core.keys import CLEANUP_RAN_KEY, generate_ran_key
-from core.liveness import record_run, record_runs
 from core.recovery import cleanup as cleanup_stale
 from workers.celery_app import process_config
 from workers.runtime import dispatch_started, runtime, send_chain

@@ -1,4 +1,4 @@
-"""The extract stage: stream the window's documents to the stage, with a manifest."""
+"""The extract stage: stream the window's documents to the staging area, with a manifest."""
 
 from __future__ import annotations
 
@@ -12,5 +12,5 @@ from workers.stage_task import execute_stage
 
 @shared_task(name="windowpipe.extract", bind=True, acks_late=True, reject_on_worker_lost=True)
 def extract(self: Task, pipeline: str, window_start: str, retry: int = 0) -> Any:
-    """Stream the window's documents to the stage, with a manifest."""
+    """Stream the window's documents to the staging area, with a manifest."""
     return execute_stage(self, Stage.EXTRACT, pipeline, window_start, retry)

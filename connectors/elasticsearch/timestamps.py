@@ -16,7 +16,7 @@ from connectors.base import (
     staged_line,
     unencodable_reason,
 )
-from core.instants import format_instant
+from core.instants import as_utc, format_instant
 from core.windows import Window
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -38,11 +38,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         except (ValueError, OverflowError):
             parsed = None
         if parsed is not None:
-            if parsed.tzinfo is UTC:
-                return parsed
-            if parsed.tzinfo is None:
-                return parsed.replace(tzinfo=UTC)
-            return parsed.astimezone(UTC)
+            return as_utc(parsed)
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, bool):
@@ -58,9 +54,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(text)
     except (ValueError, OverflowError):
         return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    return as_utc(parsed)
 
 
 def field_value(source: dict[str, Any], path: str) -> Any:

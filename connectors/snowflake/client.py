@@ -8,7 +8,7 @@ no switch to turn its retries off, unlike the other SDKs; core/retry.py's budget
 rest):
 - a failing query or result request (HTTP 5xx, 429, a dropped connection) is retried with
   backoff until `network_timeout` has passed since the request began: infinite by default,
-  set here from the config (default 3600 s, the load stage's soft time limit). The same value
+  set here from the config (default: the load stage's soft time limit). The same value
   is the connector's statement timeout: it cancels a statement running longer;
 - a login is tried at most twice (`MAX_CON_RETRY_ATTEMPTS`, default 1 retry) within
   `login_timeout`;

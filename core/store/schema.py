@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Row
 
+from core.instants import as_utc
 from core.records import Stage, WindowKind, WindowRecord, WindowStatus
 
 MIGRATIONS_DIR = Path(__file__).parent.parent / "migrations"
@@ -37,9 +38,7 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return as_utc(value)
 
 
 METADATA = sa.MetaData()

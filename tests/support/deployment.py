@@ -42,7 +42,7 @@ def release_redis_db(base_url: str, number: int) -> None:
 def write_config(
     path: Path, settings: dict[str, Any], pipelines: dict[str, dict[str, Any]]
 ) -> Path:
-    """Write a windowpipe.toml from plain dicts (`source`/`stage`/`target` as sub-tables)."""
+    """Write a windowpipe.toml from plain dicts (`source`/`staging`/`target` as sub-tables)."""
     path.write_text(config_toml(settings, pipelines))
     return path
 

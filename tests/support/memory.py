@@ -2,11 +2,11 @@
 windows in milliseconds without services (as dramatiq's tests run against its `StubBroker`).
 
 These are test doubles of the systems windowpipe talks to, never of windowpipe's own code: each
-implements the same protocol as the real connectors (`connectors.base`), with the behaviour the
+implements the same protocol as the real connectors (`core.ports`), with the behaviour the
 runner relies on.
 
 - `MemorySource`: documents in a list; counts, fingerprints and pages a window.
-- `MemoryStagingArea`: the real staged format (`connectors.staging.ObjectStage`: gzip NDJSON
+- `MemoryStagingArea`: the real staged format (`connectors.staging.ObjectStaging`: gzip NDJSON
   parts, sha256, manifests, a new run replacing older ones) over a dict of bytes.
 - `MemoryTarget`: rows per window and the fence ledger of the real targets: a load whose fence
   is older than the one that loaded the window last is refused (`StaleFenceError`) and changes
@@ -31,21 +31,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, overload
 
-from connectors.base import (
+from connectors.base import decode_line
+from connectors.sql_target import stale_fence_error
+from connectors.staging import ObjectStaging, PartSink
+from core.checksum import ids_checksum
+from core.config import PipelineConfig
+from core.errors import StagedDataLostError, StaleFenceError
+from core.ports import (
     Batch,
     Document,
     Manifest,
     Source,
+    StagedLines,
     StagingArea,
     Target,
-    decode_line,
+    TargetAudit,
 )
-from connectors.sql_target import stale_fence_error
-from connectors.staging import ObjectStage, PartSink
-from core.checksum import ids_checksum
-from core.config import PipelineConfig
-from core.errors import StagedDataLostError, StaleFenceError
-from core.ports import StagedLines, TargetAudit
 from core.recheck import Fingerprint
 from core.records import STAGE_ORDER, Stage
 from core.runner import Outcome, Runtime, StageResult, run_stage
@@ -72,7 +73,7 @@ class Faults:
 
 
 class MemorySource:
-    """A source over a list of documents (a `connectors.base.Source`)."""
+    """A source over a list of documents (a `core.ports.Source`)."""
 
     def __init__(self, documents: Iterable[Document] = (), page_size: int = 3) -> None:
         self.documents = list(documents)
@@ -117,8 +118,8 @@ class _MemoryPart:
         self._data.clear()
 
 
-class MemoryStagingArea(ObjectStage):
-    """The staged file format over a dict `path -> bytes` (a `connectors.base.StagingArea`).
+class MemoryStagingArea(ObjectStaging):
+    """The staged file format over a dict `path -> bytes` (a `core.ports.StagingArea`).
 
     `files` is the storage itself: delete or change an entry to lose or corrupt staged data.
     """
@@ -149,7 +150,7 @@ class MemoryStagingArea(ObjectStage):
         try:
             data = self.files[path]
         except KeyError:
-            raise StagedDataLostError(f"memory stage read {path} failed: no such file") from None
+            raise StagedDataLostError(f"memory staging read {path} failed: no such file") from None
         yield io.BytesIO(data)
 
     def _open_read(self, path: str) -> AbstractContextManager[BinaryIO]:
@@ -166,7 +167,7 @@ class MemoryStagingArea(ObjectStage):
 
 
 class MemoryTarget:
-    """Rows per window and a fence ledger (a `connectors.base.Target`), as the SQL and Snowflake
+    """Rows per window and a fence ledger (a `core.ports.Target`), as the SQL and Snowflake
     targets keep them: the ledger moves to the load's fence and the rows are replaced together,
     or nothing changes."""
 
@@ -262,15 +263,15 @@ class MemoryConnectors:
     @overload
     def __call__(self, role: Literal["source"], pipeline: PipelineConfig) -> Source: ...
     @overload
-    def __call__(self, role: Literal["stage"], pipeline: PipelineConfig) -> StagingArea: ...
+    def __call__(self, role: Literal["staging"], pipeline: PipelineConfig) -> StagingArea: ...
     @overload
     def __call__(self, role: Literal["target"], pipeline: PipelineConfig) -> Target: ...
     def __call__(
-        self, role: Literal["source", "stage", "target"], pipeline: PipelineConfig
+        self, role: Literal["source", "staging", "target"], pipeline: PipelineConfig
     ) -> Source | StagingArea | Target:
         if role == "source":
             return self.source
-        if role == "stage":
+        if role == "staging":
             return self.staging
         return self.target
 
@@ -304,7 +305,7 @@ class MemoryBroker:
         self.sent.append(message)
         return f"chain-{len(self.sent)}"
 
-    def run(self, runtime: Runtime[Any, Any]) -> list[StageResult]:
+    def run(self, runtime: Runtime) -> list[StageResult]:
         """Work every queued chain (and the retries they send) until the queues are empty;
         returns the stage results of this call.
 

@@ -46,7 +46,7 @@ def pipeline_body(tmp: Path, window: str = "15m") -> dict[str, Any]:
             "table": "events",
             "timestamp_column": "created_at",
         },
-        "stage": {"type": "local", "path": str(tmp / "stage")},
+        "staging": {"type": "local", "path": str(tmp / "staging")},
         "target": {"type": "sql", "url": f"sqlite:///{tmp}/target.db", "table": "loaded"},
     }
 

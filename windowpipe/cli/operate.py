@@ -59,19 +59,19 @@ def _reach_everything(config: Config) -> list[str]:
 
 
 def _reach_pipeline(name: str, pipeline: PipelineConfig) -> list[str]:
-    from connectors.registry import build
+    from connectors.registry import Role, build
     from core.windows import Window
 
     probe = Window(pipeline.start, pipeline.start + pipeline.window)
-    calls: dict[str, Callable[[Any], object]] = {
+    calls: dict[Role, Callable[[Any], object]] = {
         "source": lambda c: c.count(probe),
-        "stage": lambda c: c.list_files(name, probe),
+        "staging": lambda c: c.list_files(name, probe),
         "target": lambda c: c.count_window(name, probe),
     }
     problems = []
     for role, call in calls.items():
         try:
-            connector = build(role, pipeline)  # type: ignore[arg-type]
+            connector = build(role, pipeline)
             try:
                 call(connector)
             finally:

@@ -158,9 +158,9 @@ def status(
         print_json([r.to_json() for r in records])
         return
     _print_status_table(records)
-    # When generation and cleanup last ran (core/liveness.py): an age that keeps growing means
+    # When generation and cleanup last ran (core/control_runs.py): an age that keeps growing means
     # nothing consumes the control queue.
-    from core.liveness import control_activity_lines
+    from core.control_runs import control_activity_lines
 
     assert pipeline is not None
     for line in control_activity_lines(config.settings.redis_url, [pipeline], utc_now()):
@@ -176,7 +176,7 @@ def status(
 def _print_pipeline_summaries(config: Config, store: StateStore) -> None:
     """One line per configured pipeline, then the totals: readable at a thousand pipelines, and
     read with one grouped query and one Redis round trip whatever their number."""
-    from core.liveness import read_control_activity
+    from core.control_runs import read_control_activity
     from core.summary import summary_lines
 
     now = utc_now()

@@ -14,7 +14,7 @@ FAKESNOW_STAGE_ROOTS: list[Path] = []
 """Directories behind fakesnow `file://` stages, to name a staged file relative to its stage."""
 
 
-def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
+def teach_fakesnow_metadata_copy(staging_root: Path) -> None:
     """Let fakesnow 0.12 run `COPY INTO t (v, source_file, file_row) FROM (SELECT $1,
     METADATA$FILENAME, METADATA$FILE_ROW_NUMBER FROM @stage/dir/) ...` for JSON files.
 
@@ -30,7 +30,7 @@ def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
     import sqlglot
     from sqlglot import exp
 
-    FAKESNOW_STAGE_ROOTS.append(stage_root.resolve())
+    FAKESNOW_STAGE_ROOTS.append(staging_root.resolve())
     original = fakesnow.copy_into._inserts
     if getattr(original, "_windowpipe", False):
         return
@@ -64,13 +64,13 @@ def teach_fakesnow_metadata_copy(stage_root: Path) -> None:
     fakesnow.copy_into._inserts = inserts
 
 
-def serve_fakesnow(port: int, stage_root: Path) -> None:
+def serve_fakesnow(port: int, staging_root: Path) -> None:
     """fakesnow's Snowflake HTTP server on 127.0.0.1:`port` until SIGTERM."""
     import importlib
 
     import uvicorn
 
-    teach_fakesnow_metadata_copy(stage_root)
+    teach_fakesnow_metadata_copy(staging_root)
     # `fakesnow.server` is also the name of a function in fakesnow's package: import by path.
     app = importlib.import_module("fakesnow.server").app
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -219,8 +219,8 @@ def _checkpoint() -> None:
 def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float) -> int:
     from core.store import StateStore
 
-    stage_dir = workdir / "stage"
-    stage_dir.mkdir()
+    staging_dir = workdir / "staging"
+    staging_dir.mkdir()
     config_path = workdir / "windowpipe.toml"
     # The data ends at the current whole hour, so with lag 0 beat's first tick creates every
     # window at once, and no later window is due (unless the demo runs across the hour).
@@ -240,7 +240,7 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
     osmem_url = start_osmem(processes)
     console.print(f"source: osmem-server (OpenSearch API) at {osmem_url}, index {INDEX}")
     _checkpoint()
-    target, why_not = choose_target(options.target, processes, workdir, stage_dir)
+    target, why_not = choose_target(options.target, processes, workdir, staging_dir)
     _checkpoint()
     if why_not:
         console.print(f"snowflake target not used ({why_not})", markup=False, style="yellow")
@@ -254,7 +254,7 @@ def _run(options: DemoOptions, workdir: Path, processes: Processes, began: float
             start=start,
             hours=options.hours,
             osmem_url=osmem_url,
-            stage_dir=stage_dir,
+            staging_dir=staging_dir,
             target=target.config,
         )
     )
@@ -392,7 +392,7 @@ def _follow(
     """Show progress until every window finished (or died); the final records."""
     title = (
         f"pipeline {PIPELINE}: {windows} windows of 1h, {options.events:,} events, "
-        f"opensearch → local stage → {target_kind}"
+        f"opensearch → local staging → {target_kind}"
     )
     records: list[WindowRecord] = []
     with Live(console=console, refresh_per_second=4) as live:
@@ -425,7 +425,7 @@ def demo_config(
     start: datetime,
     hours: int,
     osmem_url: str,
-    stage_dir: Path,
+    staging_dir: Path,
     target: dict[str, Any],
 ) -> str:
     settings = {
@@ -453,7 +453,7 @@ def demo_config(
             "timestamp_field": "@timestamp",
             "page_size": 5000,
         },
-        "stage": {"type": "local", "path": str(stage_dir)},
+        "staging": {"type": "local", "path": str(staging_dir)},
         "target": target,
     }
     return config_toml(settings, {PIPELINE: pipeline})

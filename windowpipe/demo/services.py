@@ -129,8 +129,8 @@ def sql_target(workdir: Path) -> TargetSetup:
     )
 
 
-def start_snowflake(processes: Processes, stage_dir: Path) -> TargetSetup:
-    """fakesnow's server, a database with an external stage over `stage_dir`, and a probe
+def start_snowflake(processes: Processes, staging_dir: Path) -> TargetSetup:
+    """fakesnow's server, a database with an external stage over `staging_dir`, and a probe
     load through the real SnowflakeTarget; DemoError (or any error) when it cannot load."""
     import snowflake.connector
 
@@ -144,7 +144,7 @@ def start_snowflake(processes: Processes, stage_dir: Path) -> TargetSetup:
             "-m",
             "windowpipe.demo.fakesnow",
             str(port),
-            str(stage_dir),
+            str(staging_dir),
         ],
         tier=0,
     )
@@ -159,7 +159,7 @@ def start_snowflake(processes: Processes, stage_dir: Path) -> TargetSetup:
         cursor = admin.cursor()
         cursor.execute("CREATE DATABASE IF NOT EXISTS DEMO")
         cursor.execute("CREATE SCHEMA IF NOT EXISTS DEMO.RAW")
-        cursor.execute(f"CREATE OR REPLACE STAGE DEMO.RAW.EVENTS_STAGE URL='file://{stage_dir}/'")
+        cursor.execute(f"CREATE OR REPLACE STAGE DEMO.RAW.EVENTS_STAGE URL='file://{staging_dir}/'")
     finally:
         admin.close()
     config = {
@@ -177,27 +177,27 @@ def start_snowflake(processes: Processes, stage_dir: Path) -> TargetSetup:
         "login_timeout": 20,
     }
     env = {SNOWFLAKE_PASSWORD_ENV: FAKESNOW_LOGIN["password"]}
-    _probe_snowflake(SnowflakeTarget, config, env, stage_dir)
+    _probe_snowflake(SnowflakeTarget, config, env, staging_dir)
     return TargetSetup(
         "snowflake",
         config,
         env,
         f"snowflake target: DEMO.RAW.EVENTS on fakesnow (127.0.0.1:{port}), "
-        f"COPY INTO from stage EVENTS_STAGE = file://{stage_dir}/",
+        f"COPY INTO from stage EVENTS_STAGE = file://{staging_dir}/",
     )
 
 
 def _probe_snowflake(
-    target_class: type[Any], config: dict[str, Any], env: dict[str, str], stage_dir: Path
+    target_class: type[Any], config: dict[str, Any], env: dict[str, str], staging_dir: Path
 ) -> None:
     """Load a two-document window through the real target, then remove it again."""
     from connectors.base import Batch, Document
-    from connectors.local import LocalStage
-    from core.config import LocalStageConfig, SnowflakeTargetConfig
+    from connectors.local import LocalStaging
+    from core.config import LocalStagingConfig, SnowflakeTargetConfig
     from core.windows import Window
 
     os.environ.update(env)
-    stage = LocalStage(LocalStageConfig(type="local", path=str(stage_dir)))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(staging_dir)))
     target = target_class(SnowflakeTargetConfig(**{**config, "table": "WINDOWPIPE_PROBE"}))
     window = Window(datetime(2000, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, 1, tzinfo=UTC))
     docs = [
@@ -205,20 +205,20 @@ def _probe_snowflake(
         for n in range(2)
     ]
     try:
-        manifest = stage.write_window("probe", window, "probe", [Batch(documents=docs)])
-        loaded = target.load_window("probe", manifest, stage, fence=1)
+        manifest = staging.write_window("probe", window, "probe", [Batch(documents=docs)])
+        loaded = target.load_window("probe", manifest, staging, fence=1)
         counted = target.count_window("probe", window)
         if loaded != 2 or counted != 2:
             raise DemoError(f"a probe load of 2 rows loaded {loaded}, counted {counted}")
     finally:
         with contextlib.suppress(Exception):
-            stage.delete_window("probe", window)
+            staging.delete_window("probe", window)
         target.close()
-        stage.close()
+        staging.close()
 
 
 def choose_target(
-    choice: str, processes: Processes, workdir: Path, stage_dir: Path
+    choice: str, processes: Processes, workdir: Path, staging_dir: Path
 ) -> tuple[TargetSetup, str | None]:
     """The Snowflake target on fakesnow if it works (or is demanded), else SQLite; with the
     reason Snowflake was not used."""
@@ -226,7 +226,7 @@ def choose_target(
         return sql_target(workdir), None
     before = list(processes.children)
     try:
-        return start_snowflake(processes, stage_dir), None
+        return start_snowflake(processes, staging_dir), None
     except Exception as error:
         reason = one_line(f"{type(error).__name__}: {error}")
         if choice == "snowflake":

@@ -39,9 +39,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from core.config import Config
+from core.control_runs import LastRun, format_age, read_last_runs
 from core.errors import BadInputError, WindowpipeError, first_line
 from core.instants import format_duration, format_instant, parse_instant, utc_now
-from core.liveness import LastRun, format_age, read_last_runs
 from core.records import WindowRecord
 from core.store import StateStore
 from core.store.overview import grid_cells, newest_window_start, pipeline_tallies

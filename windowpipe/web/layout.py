@@ -14,7 +14,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from core.config import PipelineConfig
-from core.liveness import LastRun
+from core.control_runs import LastRun
 from core.records import WindowStatus
 from core.store.overview import Cell, PipelineTally
 from core.windows import align_down
