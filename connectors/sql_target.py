@@ -405,14 +405,28 @@ class SqlTarget:
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
-    def _load_tag(
-        self, engine: sa.Engine, pipeline: str, window_start: datetime, fence: int
-    ) -> LoadTag | None:
-        """The session tag of a fenced write on PostgreSQL (`take_ledger_row`); None elsewhere
-        (SQLite targets are single-writer)."""
-        if engine.dialect.name != "postgresql":
-            return None
-        return LoadTag(self.config.table, pipeline, window_start, fence)
+    def _fence_and_clear(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        ledger: sa.Table,
+        pipeline: str,
+        window_start: datetime,
+        fence: int,
+        rows: int,
+        at: datetime,
+    ) -> int:
+        """Inside the caller's transaction, as a load and an empty load both begin: move the
+        window's ledger row to `fence` for `rows` loaded `at` (`_take_fence`; on PostgreSQL
+        tagged, so a frozen older fence cannot hold the row for long) and delete the window's
+        rows; how many went. `StaleFenceError` when a newer fence holds the ledger."""
+        engine = conn.engine
+        start = self._instant(engine, window_start)
+        tag = None
+        if engine.dialect.name == "postgresql":  # SQLite targets are single-writer
+            tag = LoadTag(self.config.table, pipeline, window_start, fence)
+        _take_fence(conn, ledger, pipeline, start, fence, rows, at, tag=tag)
+        return _delete_window(conn, table, pipeline, start)
 
     def load_window(
         self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
@@ -448,17 +462,16 @@ class SqlTarget:
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
                 # Committed only if the staged files hold exactly `manifest.rows` (below).
-                _take_fence(
+                self._fence_and_clear(
                     conn,
+                    table,
                     ledger,
                     pipeline,
-                    start,
+                    manifest.window_start,
                     fence,
                     manifest.rows,
                     loaded_at,
-                    tag=self._load_tag(engine, pipeline, manifest.window_start, fence),
                 )
-                _delete_window(conn, table, pipeline, start)
                 if engine.dialect.name == "postgresql":
                     chunks = self._copy_chunks(manifest, staging, pipeline, start, end, loaded_at)
                     loaded = _copy_into_postgresql(conn, table, chunks)
@@ -559,20 +572,12 @@ class SqlTarget:
         clears first (ledger 5); A's guard refuses 3 and A rolls back. The window ends empty.
         """
         engine, table, ledger = self._connect_with_ledger()
-        start = self._instant(engine, window.start)
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
-                _take_fence(
-                    conn,
-                    ledger,
-                    pipeline,
-                    start,
-                    fence,
-                    0,
-                    self._instant(engine, utc_now()),
-                    tag=self._load_tag(engine, pipeline, window.start, fence),
+                cleared_at = self._instant(engine, utc_now())
+                return self._fence_and_clear(
+                    conn, table, ledger, pipeline, window.start, fence, 0, cleared_at
                 )
-                return _delete_window(conn, table, pipeline, start)
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "clear window") from None
 

@@ -223,20 +223,10 @@ class SnowflakeTarget:
                     f"snowflake target: COPY loaded {landed} rows but the manifest of run "
                     f"{manifest.run} lists {manifest.rows}"
                 )
-            key = window_key(self.names.table, pipeline, manifest.window_start)
-            if session.tags_loads:
-                cursor.execute(sql.set_load_tag_sql(key, fence))
-            cursor.execute(sql.BEGIN)
             try:
-                recorded = self._take_ledger_lock(
-                    cursor,
-                    key,
-                    lambda: self._record_fence(cursor, pipeline, start, fence, landed, loaded_at),
-                    fence,
+                self._begin_window_write(
+                    session, cursor, pipeline, manifest.window_start, fence, landed, loaded_at
                 )
-                if recorded is not None:
-                    raise _stale(pipeline, manifest.window_start, fence, recorded)
-                cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
                 cursor.execute(
                     sql.insert_window_sql(self.names.table, landing),
                     (start, end, pipeline, loaded_at),
@@ -300,27 +290,42 @@ class SnowflakeTarget:
 
     def _clear(self, session: _Session, pipeline: str, window: Window, fence: int) -> int:
         cursor = self._connection(session).cursor()
-        start, cleared_at = _ntz(window.start), _ntz(utc_now())
-        key = window_key(self.names.table, pipeline, window.start)
-        if session.tags_loads:
-            cursor.execute(sql.set_load_tag_sql(key, fence))
-        cursor.execute(sql.BEGIN)
         try:
-            recorded = self._take_ledger_lock(
-                cursor,
-                key,
-                lambda: self._record_fence(cursor, pipeline, start, fence, 0, cleared_at),
-                fence,
+            deleted = self._begin_window_write(
+                session, cursor, pipeline, window.start, fence, 0, _ntz(utc_now())
             )
-            if recorded is not None:
-                raise _stale(pipeline, window.start, fence, recorded)
-            cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
-            deleted = _first_int(cursor.fetchone()) or 0
             cursor.execute(sql.COMMIT)
         except BaseException:
             _rollback(cursor)
             raise
         return deleted
+
+    def _begin_window_write(
+        self,
+        session: _Session,
+        cursor: Any,
+        pipeline: str,
+        window_start: datetime,
+        fence: int,
+        rows: int,
+        at: datetime,
+    ) -> int:
+        """Open the window's fenced transaction, as a load and an empty load both do: tag the
+        session (where the server takes a QUERY_TAG), BEGIN, move the ledger to `fence` for
+        `rows` (`_take_ledger_lock`, `StaleFenceError` when a newer fence holds it) and delete
+        the window's rows; how many went. The caller commits, or rolls back on any error."""
+        start = _ntz(window_start)
+        key = window_key(self.names.table, pipeline, window_start)
+        if session.tags_loads:
+            cursor.execute(sql.set_load_tag_sql(key, fence))
+        cursor.execute(sql.BEGIN)
+        recorded = self._take_ledger_lock(
+            cursor, key, lambda: self._record_fence(cursor, pipeline, start, fence, rows, at), fence
+        )
+        if recorded is not None:
+            raise _stale(pipeline, window_start, fence, recorded)
+        cursor.execute(sql.delete_window_sql(self.names.table), (pipeline, start))
+        return _first_int(cursor.fetchone()) or 0
 
     def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
         """The window's rows, their ids' checksum (ids read back, `ID_FETCH_ROWS` at a time,
