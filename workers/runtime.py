@@ -113,9 +113,11 @@ def request_dispatch(pipeline: str) -> None:
     The flag expires, so a request lost with its message (a Redis restart) is asked again.
     """
     rt = runtime()
+    client = rt.redis
+    if client.exists(dispatch_requested_key(pipeline)):
+        return  # a request waits already (a burst of finishing windows): no store read
     if not rt.store.waiting([pipeline])[pipeline]:
         return
-    client = rt.redis
     if client.set(dispatch_requested_key(pipeline), 1, nx=True, ex=DISPATCH_REQUEST_TTL_SECONDS):
         wait_ms = client.pttl(dispatch_recent_key(pipeline))
         countdown = wait_ms / 1000 if wait_ms > 0 else None
