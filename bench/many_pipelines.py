@@ -494,9 +494,13 @@ def run(
 
 def _drop_tables(url: str, pipelines: int) -> None:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    # A transaction per 100 pipelines: 2,000 tables dropped in one exhaust PostgreSQL's lock
+    # table ("out of shared memory", max_locks_per_transaction).
+    for first in range(0, pipelines, 100):
+        with engine.begin() as conn:
+            for index in range(first, min(first + 100, pipelines)):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS src_{index}, dst_{index}")
     with engine.begin() as conn:
-        for index in range(pipelines):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS src_{index}, dst_{index}")
         conn.exec_driver_sql("DROP TABLE IF EXISTS windowpipe_ledger")
         conn.exec_driver_sql("DELETE FROM windows")
     engine.dispose()

@@ -56,6 +56,9 @@ class LastEnd:
     `StateStore.last_window_ends` reads it for many pipelines in one statement."""
 
     value: datetime | None
+    records: Sequence[WindowRecord] | None = None
+    """The pipeline's records from one window before `value` on, oldest first, if read already
+    (`StateStore.records_from`, many pipelines in one statement): a tick then reads none."""
 
 
 def generation_frontier(
@@ -72,12 +75,19 @@ def generation_frontier(
         last_end = LastEnd(store.last_window_end(pipeline.name, kind=WindowKind.SCHEDULED))
     cursor = last_end.value or pipeline.start
     ahead = store.list_records(pipeline.name, start=cursor, limit=pipeline.max_windows_per_tick)
-    for record in ahead:
+    cursor = _past_existing(cursor, ahead, pipeline.max_windows_per_tick)
+    if last_end.value is None and cursor == pipeline.start:
+        return None
+    return cursor
+
+
+def _past_existing(cursor: datetime, ahead: Sequence[WindowRecord], limit: int) -> datetime:
+    """`cursor` moved past the first `limit` of `ahead` (records starting at or after it,
+    oldest first) as long as each starts where the one before ended."""
+    for record in ahead[:limit]:
         if record.window_start != cursor:
             break
         cursor = record.window_end
-    if last_end.value is None and cursor == pipeline.start:
-        return None
     return cursor
 
 
@@ -199,15 +209,21 @@ def generation_tick(
     windows' (kind, status) pairs, if already read (`generation_batch` reads both for many
     pipelines at once; see `dispatch`)."""
     report = TickReport(pipeline.name)
-    frontier = generation_frontier(store, pipeline, last_end)
-    due = _due_after(pipeline, now, frontier)
-    if due:
-        report.created = store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED)
     # Only the tail of the chain is validated (from one window before where this tick began):
     # reading the whole history every tick grows without bound. `windowpipe validate` checks
     # the whole chain.
-    since = frontier - pipeline.window if frontier is not None else pipeline.start
-    tail = store.list_records(pipeline.name, start=since)
+    frontier: datetime | None
+    if last_end is not None and last_end.value is not None:
+        frontier, since, tail = _tail_read_once(
+            store, pipeline, now, last_end.value, last_end.records, report
+        )
+    else:
+        frontier = generation_frontier(store, pipeline, last_end)
+        due = _due_after(pipeline, now, frontier)
+        if due:
+            report.created = store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED)
+        since = frontier - pipeline.window if frontier is not None else pipeline.start
+        tail = store.list_records(pipeline.name, start=since)
     report.problems = validate_chain(tail, origin=pipeline.start, size=pipeline.window, since=since)
     if report.problems:
         log = get_logger("windowpipe.generation", pipeline=pipeline.name)
@@ -219,6 +235,40 @@ def generation_tick(
         store, client, pipeline, send, now, failed_retry_base=failed_retry_base, waiting=waiting
     )
     return report
+
+
+def _tail_read_once(
+    store: StateStore,
+    pipeline: PipelineConfig,
+    now: datetime,
+    last_end: datetime,
+    read: Sequence[WindowRecord] | None,
+    report: TickReport,
+) -> tuple[datetime, datetime, list[WindowRecord]]:
+    """`generation_tick`'s frontier, creation and tail with the records read once: every
+    record from one window before `last_end` on holds both the frontier's look-ahead and the
+    tail (which starts one window before the frontier, at or after that). Creates the due
+    windows into `report`; returns (frontier, since, tail). `read`, when given, is those
+    records read before (then a tick without due windows reads nothing). The tail is what a
+    read after the creation would return: the read records from `since` on plus the created
+    windows as fresh pending records; if another tick created some of the due windows
+    meanwhile, the tail is read again instead.
+    """
+    if read is None:
+        read = store.list_records(pipeline.name, start=last_end - pipeline.window)
+    ahead = [record for record in read if record.window_start >= last_end]
+    frontier = _past_existing(last_end, ahead, pipeline.max_windows_per_tick)
+    since = frontier - pipeline.window
+    due = _due_after(pipeline, now, frontier)
+    if due:
+        report.created = store.create_windows(pipeline.name, due, kind=WindowKind.SCHEDULED)
+        if len(report.created) != len(due):
+            return frontier, since, store.list_records(pipeline.name, start=since)
+    fresh = [
+        WindowRecord(pipeline.name, window.start, window.end, kind=WindowKind.SCHEDULED)
+        for window in report.created
+    ]
+    return frontier, since, [r for r in read if r.window_start >= since] + fresh
 
 
 def pipelines_to_dispatch(
@@ -332,13 +382,19 @@ def generation_batch(
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
 ) -> BatchReport:
     """`generation_tick` for each of `pipelines`, their last scheduled ends read in one
-    statement and their waiting windows in another (a pipeline with nothing to dispatch is
-    not dispatched). One pipeline's error (a bad source config, a chain that no longer fits, a lost
-    connection) is logged and reported under its name; the others still run."""
+    statement, their waiting windows in another (a pipeline with nothing to dispatch is
+    not dispatched) and their records from one window before that end in a third (a
+    pipeline with no window due reads nothing more). One pipeline's error (a bad source
+    config, a chain that no longer fits, a lost connection) is logged and reported under its
+    name; the others still run."""
     report = BatchReport()
     names = [p.name for p in pipelines]
     ends = store.last_window_ends(names, kind=WindowKind.SCHEDULED)
     waiting = store.waiting(names)
+    window = {p.name: p.window for p in pipelines}
+    records = store.records_from(
+        {name: end - window[name] for name, end in ends.items() if end is not None}
+    )
     for pipeline in pipelines:
         try:
             tick = generation_tick(
@@ -348,7 +404,7 @@ def generation_batch(
                 send,
                 now,
                 failed_retry_base=failed_retry_base,
-                last_end=LastEnd(ends[pipeline.name]),
+                last_end=LastEnd(ends[pipeline.name], records.get(pipeline.name)),
                 waiting=waiting[pipeline.name],
             )
         except Exception as error:

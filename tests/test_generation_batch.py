@@ -3,7 +3,9 @@ scheduled ends are read in one statement, and one pipeline's failure leaves the 
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -179,3 +181,69 @@ def test_a_batch_queues_waiting_backfills_buries_exhausted_windows_and_skips_idl
     assert report.summary()["queued"] == 1 and report.summary()["dead"] == 1
     # The idle pipeline: its end and waiting windows read with the batch, nothing dispatched.
     assert idle_batch < idle_tick
+
+
+def test_a_batch_with_no_window_due_reads_three_statements_and_finds_what_a_tick_finds(
+    store: StateStore, tmp_path: Path
+) -> None:
+    pipelines = config({f"p{i}": pipeline() for i in range(4)}).pipelines
+    generation_batch(store, fakeredis.FakeRedis(), list(pipelines.values()), _none, NOW)
+    hour = timedelta(hours=1)
+    # Nothing waits: every window done (skipped, no rows); p1's last one is succeeded without
+    # counts (a chain problem); p0 has a manual window where its next scheduled one would go.
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(WINDOWS).values(status=WindowStatus.SKIPPED.value, source_count=0))
+        conn.execute(
+            sa.update(WINDOWS)
+            .where(WINDOWS.c.pipeline == "p1", WINDOWS.c.window_start == ORIGIN + 2 * hour)
+            .values(status=WindowStatus.SUCCEEDED.value, source_count=None)
+        )
+    store.create_windows("p0", [Window(ORIGIN + 3 * hour, ORIGIN + 4 * hour)], WindowKind.MANUAL)
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(WINDOWS)
+            .where(WINDOWS.c.pipeline == "p0", WINDOWS.c.window_start == ORIGIN + 3 * hour)
+            .values(status=WindowStatus.SKIPPED.value, source_count=0)
+        )
+    later = NOW + hour  # p1-p3's next window is due, p0's is not (the manual one is there)
+    # Half an hour earlier none is due.
+    # The same state, for ticks a pipeline at a time.
+    with (
+        closing(sqlite3.connect(tmp_path / "state.db")) as here,
+        closing(sqlite3.connect(tmp_path / "ticks.db")) as there,
+    ):
+        here.backup(there)
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    idle = generation_batch(
+        store, fakeredis.FakeRedis(), list(pipelines.values()), _none, NOW + hour / 2
+    )
+    sa.event.remove(store.engine, "before_cursor_execute", seen)
+    batch = {
+        tick.pipeline: tick
+        for tick in generation_batch(
+            store, fakeredis.FakeRedis(), list(pipelines.values()), _none, later
+        ).ticks
+    }
+    with StateStore(f"sqlite:///{tmp_path}/ticks.db") as alone:
+        again = {
+            name: generation_tick(alone, fakeredis.FakeRedis(), settings, _none, later)
+            for name, settings in pipelines.items()
+        }
+
+    assert len([s for s in statements if "windows" in s]) == 3
+    assert idle.summary()["created"] == 0 and len(idle.ticks) == 4
+    assert {name: len(tick.created) for name, tick in batch.items()} == {
+        "p0": 0,
+        "p1": 1,
+        "p2": 1,
+        "p3": 1,
+    }
+    assert [p.message for p in batch["p1"].problems] == [p.message for p in again["p1"].problems]
+    assert "succeeded without source" in batch["p1"].problems[0].message
+    for name in ("p0", "p2", "p3"):
+        assert batch[name].problems == again[name].problems == []

@@ -66,7 +66,11 @@ def generate_batch(self: Task, pipelines: list[str]) -> dict[str, Any]:
 
 @shared_task(name="windowpipe.dispatch")
 def dispatch(pipeline: str) -> dict[str, Any]:
-    """Enqueue the pipeline's runnable windows up to its caps (after a window finished)."""
+    """Enqueue the pipeline's runnable windows up to its caps (after a window finished).
+
+    Its waiting windows are read first (one query), so a dispatch that finds none is over
+    before taking the dispatch lock or counting active windows (see `core.dispatch.dispatch`).
+    """
     dispatch_started(pipeline)
     rt, config = runtime(), process_config()
     queued, dead = dispatch_windows(
@@ -76,6 +80,7 @@ def dispatch(pipeline: str) -> dict[str, Any]:
         send_chain,
         utc_now(),
         failed_retry_base=config.settings.failed_retry_base,
+        waiting=rt.store.waiting([pipeline])[pipeline],
     )
     return {"pipeline": pipeline, "queued": len(queued), "dead": dead}
 

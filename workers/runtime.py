@@ -94,12 +94,30 @@ DISPATCH_REQUEST_TTL_SECONDS = 10
 def request_dispatch(pipeline: str) -> None:
     """Ask the control queue to dispatch a pipeline's next windows (a window just finished).
 
+    Only when the pipeline has a window to dispatch (pending or failed, `StateStore.waiting`):
+    a live pipeline whose window finished before the next one is due asks for nothing, instead
+    of a control task that finds nothing to do. A window that starts waiting after this read is
+    dispatched by whoever made it wait:
+        t0  window A's audit commits `succeeded`
+        t1  A's worker reads the pipeline's waiting windows: none, so no request
+        t2  generation creates window B (pending) and dispatches it in the same tick; a
+            recheck making a window pending, `windowpipe enqueue` and a retried stage
+            dispatch or send their windows themselves too; cleanup's safety net covers a
+            lost message
+    A window waiting behind a full cap is read at t1 (A's own commit came first), so A's
+    finish asks for it as before.
+
     At most one request waits per pipeline: the flag is cleared when the dispatch starts, so a
     window finishing after that asks again, and a burst of finishing windows asks once. A
     request right after a dispatch started is delayed until `DISPATCH_SPACING_MS` have passed.
     The flag expires, so a request lost with its message (a Redis restart) is asked again.
     """
-    client = runtime().redis
+    rt = runtime()
+    client = rt.redis
+    if client.exists(dispatch_requested_key(pipeline)):
+        return  # a request waits already (a burst of finishing windows): no store read
+    if not rt.store.waiting([pipeline])[pipeline]:
+        return
     if client.set(dispatch_requested_key(pipeline), 1, nx=True, ex=DISPATCH_REQUEST_TTL_SECONDS):
         wait_ms = client.pttl(dispatch_recent_key(pipeline))
         countdown = wait_ms / 1000 if wait_ms > 0 else None

@@ -3,7 +3,7 @@ unfinished and waiting groups the dispatch reads, and which windows are due a re
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -110,6 +110,31 @@ class StoreQueries(StoreConnections):
         if limit is not None:
             query = query.limit(limit)
         return self._records(query)
+
+    def records_from(self, starts: Mapping[str, datetime]) -> dict[str, list[WindowRecord]]:
+        """For each pipeline of `starts`, its records starting at or after its start, oldest
+        first (`list_records(pipeline, start=...)` for many pipelines in one statement)."""
+        found: dict[str, list[WindowRecord]] = {name: [] for name in starts}
+        if not starts:
+            return found
+        query = (
+            sa.select(WINDOWS)
+            .where(
+                sa.or_(
+                    *(
+                        sa.and_(
+                            WINDOWS.c.pipeline == name,
+                            WINDOWS.c.window_start >= _aware(start, "start"),
+                        )
+                        for name, start in starts.items()
+                    )
+                )
+            )
+            .order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
+        )
+        for record in self._records(query):
+            found[record.pipeline].append(record)
+        return found
 
     def last_window_end(self, pipeline: str, *, kind: WindowKind | None = None) -> datetime | None:
         """The latest window end stored for `pipeline` (of one kind, if given), or None."""
