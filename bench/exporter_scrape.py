@@ -186,7 +186,7 @@ def run(
     windows: int = 21,
     runs: int | None = None,
 ) -> list[Row]:
-    """Benchmark 8: one scrape at many configured pipelines vs the per-pipeline reads."""
+    """Benchmark 10: one scrape at many configured pipelines vs the per-pipeline reads."""
     count = pipelines if pipelines is not None else (200 if quick else 1000)
     runs = runs if runs is not None else (3 if quick else 5)
     names = [f"p{i:04}" for i in range(count)]
