@@ -13,6 +13,7 @@ from typing import Any
 import fakeredis
 import pytest
 import sqlalchemy as sa
+from celery.schedules import crontab
 
 from beat_schedule import build_schedule
 from core.config import Config, config_from_dict
@@ -57,8 +58,22 @@ def test_beat_sends_one_generation_task_per_group_of_pipelines_sharing_an_every(
     groups = [entry["args"][0] for entry in generation.values()]
     assert sorted(name for group in groups for name in group) == sorted(pipelines)
     assert generation["generate:60s:m100"]["args"] == ([f"m{i:03}" for i in range(100, 120)],)
-    assert generation["generate:3600s:hourly-a"]["schedule"] == 3600
+    assert generation["generate:3600s:hourly-a"]["schedule"] == crontab(minute="0")
     assert {entry["task"] for entry in generation.values()} == {"windowpipe.generate_batch"}
+
+
+def test_pipelines_sharing_an_every_but_not_a_phase_are_generated_by_separate_tasks() -> None:
+    """A pipeline whose windows fall due two minutes into each five is ticked then, apart from
+    those due on the five (core/ticks.py)."""
+    lagged = pipeline("5m", window="5m") | {"lag": "2m"}
+    schedule = build_schedule(
+        config({"a": pipeline("5m", "5m"), "b": pipeline("5m", "5m"), "c": lagged})
+    )
+    generation = {k: (v["args"], v["schedule"]) for k, v in schedule.items() if "generate" in k}
+    assert generation == {
+        "generate:300s:a": ((["a", "b"],), crontab(minute="0-59/5")),
+        "generate:c": ((["c"],), crontab(minute="2-59/5")),
+    }
 
 
 def test_a_generation_batch_of_one_is_a_task_per_pipeline_under_its_old_name() -> None:
