@@ -12,7 +12,9 @@ b) The whole deployment: N pipelines (default 1,000) of W-minute windows, each i
    PostgreSQL database that also holds the window records; a local staging; beat (generation
    every minute), two control workers (`-c 1`), one worker per stage queue at `-c 2`. After
    `minutes` of beat, beat stops and the windows already created drain. Reported: freshness
-   (window end -> `finished_at`, p50/p95/max; up to 60 s of it is the wait for the next tick),
+   (window end -> `finished_at`, p50/p95/max; generation ticks fall on the window boundaries,
+   core/ticks.py, so a window is created the minute it closes: before, up to 60 s of it was the
+   wait for a tick at beat's phase), the backlog (windows not finished, every 15 s),
    windows succeeded per second while beat ran, CPU per window by role (beat, control, each
    stage, PostgreSQL backends of the database, the Redis server), the control plane's share of
    a core, the most connections to the database at once (sampled from pg_stat_activity every
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -119,6 +122,54 @@ def pipelines_config(
         }
         for index in range(pipelines)
     }
+
+
+class BacklogSampler:
+    """The windows not yet finished (pending, queued, running, failed), read every `every`
+    seconds from the store while beat runs: whether the deployment keeps up shows as a backlog
+    that returns to the same level each tick instead of growing."""
+
+    def __init__(self, database_url: str, every: float = 15.0) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._store = StateStore(database_url)
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._began = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            counts = self._store.counts_by_status()
+            open_ = sum(n for status, n in counts.items() if status not in FINISHED)
+            self.samples.append((time.monotonic() - self._began, open_))
+
+    def __enter__(self) -> BacklogSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._store.dispose()
+
+    def trend(self) -> str:
+        """The samples as `t:count` pairs, and the mean of the last third against the first
+        third of the run (after the first minute's catch-up)."""
+        settled = [count for at, count in self.samples if at >= 60]
+        third = max(len(settled) // 3, 1)
+        first, last = settled[:third], settled[-third:]
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        pairs = " ".join(f"{at:.0f}:{count}" for at, count in self.samples)
+        return (
+            f"backlog {pairs}; mean of the last third {mean(last):.0f} vs first {mean(first):.0f}"
+        )
+
+
+FINISHED = ("succeeded", "skipped", "dead")
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 @dataclass
@@ -264,7 +315,8 @@ def whole(
         before, began = roles.cpu(), time.monotonic()
         beat_began = datetime.now(UTC)
         roles.beat.start()
-        time.sleep(minutes * 60)
+        with BacklogSampler(database_url) as backlog:
+            time.sleep(minutes * 60)
         beat_used = roles.cpu()["beat"] - before["beat"]  # read before it ends: gone after
         roles.beat.stop()
         beat_span = (beat_began, datetime.now(UTC))
@@ -289,6 +341,7 @@ def whole(
         beat_span,
         seconds,
         drained,
+        backlog.trend(),
     )
 
 
@@ -297,11 +350,7 @@ def _drain(store: StateStore, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         counts = store.counts_by_status()
-        open_ = sum(
-            count
-            for status, count in counts.items()
-            if status not in ("succeeded", "skipped", "dead")
-        )
+        open_ = sum(count for status, count in counts.items() if status not in FINISHED)
         if open_ == 0:
             return True
         time.sleep(2)
@@ -319,6 +368,7 @@ def _whole_rows(
     beat_span: tuple[datetime, datetime],
     seconds: float,
     drained: bool,
+    backlog: str,
 ) -> list[Row]:
     from core.records import WindowRecord
 
@@ -344,7 +394,8 @@ def _whole_rows(
         f"windows {dict(statuses)}, drained: {drained}; CPU ms per succeeded window by role: "
         f"{roles} (total {total_ms:.1f}; Redis is shared with the machine); "
         f"freshness p50 {_p(delays, 0.5):.1f} s, max {max(delays, default=0):.1f} s; "
-        f"exactly-once checked on {checked} pipelines"
+        f"exactly-once checked on {checked} pipelines; {backlog} (s since beat started:"
+        " windows not finished)"
     )
     return [
         Row(
