@@ -6,6 +6,7 @@ return the same record field for field (types, time zones, JSON) or fail the sam
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -371,6 +372,45 @@ def test_a_claim_on_a_terminated_backend_fails_once_then_the_next_claim_reconnec
     finally:
         admin.dispose()
         store.dispose()
+
+
+class Interrupted(Exception):
+    """What a signal handler raises mid-statement, as Celery's soft time limit does."""
+
+
+def test_an_interrupted_statement_raises_the_interruption_and_its_connection_is_not_reused(
+    stores: tuple[StateStore, StateStore],
+) -> None:
+    direct, plain = stores
+    direct.create_windows(PIPELINE, [Window(ORIGIN, ORIGIN + SIZE)])
+    first = queued(direct)
+    pooled = direct.engine.raw_connection()
+    backend = pooled.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    pooled.close()
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted("soft time limit")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with plain.engine.connect() as locker:
+            # The claim waits for this row lock until the alarm interrupts it.
+            locker.execute(sa.select(WINDOWS.c.id).with_for_update())
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(Interrupted):
+                direct.claim_stage(PIPELINE, ORIGIN, Stage.PRECHECK)
+            locker.rollback()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    # The server may still finish the abandoned claim (its fence is then nobody's), as on
+    # SQLAlchemy's path; the next claim runs on a fresh connection and fences it out.
+    again = direct.claim_stage(PIPELINE, ORIGIN, Stage.PRECHECK)
+    assert again is not None and again.fence > first.fence
+    later = direct.engine.raw_connection()
+    assert later.driver_connection.info.backend_pid != backend  # type: ignore[union-attr]
+    later.close()
 
 
 def test_a_direct_write_leaves_the_pooled_connection_out_of_autocommit(
