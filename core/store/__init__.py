@@ -11,7 +11,8 @@ Instants are stored as UTC and always come back timezone-aware UTC, on both back
 The package, by idea: `schema` (the `windows` table), `engine` (engines, SQLite tuning, pool
 sizes, connections), `moves` (transitions' moves compiled to guarded UPDATEs, new records'
 INSERT), `queries` (the reads), `tallies` (the metrics' reads), `overview` (the web view's
-reads), `repository` (`StateStore`). Only this package and the migrations import `schema`
+reads), `direct` (the per-window statements on psycopg directly, PostgreSQL only),
+`repository` (`StateStore`). Only this package and the migrations import `schema`
 (`make lint` checks it); tests and benchmarks that seed or inspect rows directly import the
 table from `core.store.schema` (`WINDOWS`, `METADATA`).
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from core.errors import BadInputError
 from core.records import WindowRecord
+from core.store.direct import DirectStatement, compile_direct, direct_rows
 from core.store.schema import _to_record
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
@@ -101,9 +102,13 @@ class StoreConnections:
     """One engine per instance, and the connections reads and writes of the `windows` table
     run on (`core.store.StateStore` builds on this)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, direct: bool = True) -> None:
         self.url = url
         self._engine = _build_engine(url)
+        self.direct = direct and self.dialect == "postgresql"
+        """Whether the hot statements run on psycopg directly (`core.store.direct`); only on
+        PostgreSQL. False runs them through SQLAlchemy's `Connection` as every other one."""
+        self._direct_statements: dict[Hashable, DirectStatement] = {}
 
     @property
     def engine(self) -> Engine:
@@ -165,6 +170,33 @@ class StoreConnections:
         COMMIT/ROLLBACK round trips (`_reading` and `_one_statement` on PostgreSQL)."""
         with self._engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def _hot_rows(
+        self,
+        key: Hashable,
+        statement: sa.UpdateBase | sa.Select[Any],
+        params: Mapping[str, Any],
+        *,
+        write: bool,
+    ) -> Sequence[Sequence[Any]]:
+        """The rows of `statement`, one of the few run for every stage of every window, with
+        `params` (its parameters without values); `key` names the statement, which never
+        changes for one key.
+
+        On PostgreSQL through psycopg directly (`core.store.direct`), compiled once per key,
+        unless an event listener watches the engine (it must see every statement); otherwise
+        through SQLAlchemy, as `_one_statement` (`write`) or `_reading`. Both run it in
+        autocommit on PostgreSQL and return the same values.
+        """
+        engine = self._engine
+        if self.direct and not (engine._has_events or engine.dialect._has_events):
+            direct = self._direct_statements.get(key)
+            if direct is None:
+                direct = compile_direct(statement, engine.dialect)
+                self._direct_statements[key] = direct
+            return direct_rows(engine, direct, params)
+        with self._one_statement() if write else self._reading() as conn:
+            return conn.execute(statement, params).all()
 
     def _records(self, query: sa.Select[Any]) -> list[WindowRecord]:
         with self._reading() as conn:

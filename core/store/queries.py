@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from core.records import ACTIVE, FINISHED, WindowKind, WindowRecord, WindowStatus
 from core.store.engine import StoreConnections
-from core.store.schema import WINDOWS, _aware, _key, _to_record, _values
+from core.store.schema import WINDOWS, UTCDateTime, _aware, _record_from_values, _values
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,35 @@ DISPATCHABLE = frozenset({WindowStatus.PENDING, WindowStatus.FAILED})
 """What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 
+_GET = sa.select(WINDOWS).where(
+    WINDOWS.c.pipeline == sa.bindparam("key_pipeline"),
+    WINDOWS.c.window_start == sa.bindparam("key_start", type_=UTCDateTime()),
+)
+"""One record by its key (`StoreQueries.get`), built once."""
+
+_WAITING = (
+    sa.select(WINDOWS.c.pipeline, WINDOWS.c.kind, WINDOWS.c.status)
+    .where(WINDOWS.c.status.in_(_values(DISPATCHABLE)))
+    .distinct()
+)
+"""The (pipeline, kind, status) of dispatchable windows (`StoreQueries.waiting`), to narrow to
+some pipelines."""
+
+_PG_WAITING = _WAITING.where(
+    WINDOWS.c.pipeline == sa.any_(sa.bindparam("pipelines", type_=postgresql.ARRAY(sa.String())))
+)
+"""`_WAITING` for the pipelines of one array parameter: one statement for any number of them
+(PostgreSQL reads `IN (a, b)` as `= ANY('{a,b}')` too: the same plan)."""
+
+
 class StoreQueries(StoreConnections):
     """The reads of `StateStore`: each one statement on the `windows` table."""
 
     def get(self, pipeline: str, window_start: datetime) -> WindowRecord | None:
         """The record of one window, or None."""
-        query = sa.select(WINDOWS).where(*_key(pipeline, window_start))
-        with self._reading() as conn:
-            row = conn.execute(query).one_or_none()
-        return _to_record(row) if row is not None else None
+        params = {"key_pipeline": pipeline, "key_start": _aware(window_start)}
+        rows = self._hot_rows("get", _GET, params, write=False)
+        return _record_from_values(rows[0]) if rows else None
 
     def list_records(
         self,
@@ -173,17 +194,14 @@ class StoreQueries(StoreConnections):
         found: dict[str, set[tuple[WindowKind, WindowStatus]]] = {name: set() for name in names}
         if not names:
             return found
-        query = (
-            sa.select(WINDOWS.c.pipeline, WINDOWS.c.kind, WINDOWS.c.status)
-            .where(
-                WINDOWS.c.pipeline.in_(names),
-                WINDOWS.c.status.in_(_values(DISPATCHABLE)),
-            )
-            .distinct()
-        )
-        with self._reading() as conn:
-            for pipeline, kind, status in conn.execute(query).tuples():
-                found[pipeline].add((WindowKind(kind), WindowStatus(status)))
+        if self.dialect == "postgresql":
+            rows = self._hot_rows("waiting", _PG_WAITING, {"pipelines": names}, write=False)
+        else:
+            query = _WAITING.where(WINDOWS.c.pipeline.in_(names))
+            with self._reading() as conn:
+                rows = conn.execute(query).all()
+        for pipeline, kind, status in rows:
+            found[pipeline].add((WindowKind(kind), WindowStatus(status)))
         return found
 
     def counts_by_status(self, pipeline: str | None = None) -> dict[str, int]:

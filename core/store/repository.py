@@ -31,7 +31,15 @@ from core.store.moves import (
 from core.store.queries import (
     StoreQueries,
 )
-from core.store.schema import MIGRATIONS_DIR, WINDOWS, _aware, _key, _to_record, _values
+from core.store.schema import (
+    MIGRATIONS_DIR,
+    WINDOWS,
+    _aware,
+    _key,
+    _record_from_values,
+    _to_record,
+    _values,
+)
 from core.transitions import (
     BURY,
     CLAIM,
@@ -392,7 +400,9 @@ class StateStore(StoreQueries):
 
         The hot path of every stage (a claim and a commit per stage of every window): the
         statement is built once per shape and reused with bound values, so SQLAlchemy neither
-        builds it nor computes its cache key again.
+        builds it nor computes its cache key again; on PostgreSQL it is also compiled once and
+        run on psycopg directly (`StoreConnections._hot_rows`). The key is unique, so at
+        most one row matches.
         """
         taken = _checked_taken(move, taken or {})
         shape = _UpdateShape(
@@ -415,9 +425,8 @@ class StateStore(StoreQueries):
             params["guard_fence"] = fence
         if isinstance(stage, Stage):
             params["guard_stage"] = stage.value
-        with self._one_statement() as conn:
-            row = conn.execute(statement, params).one_or_none()
-        return _to_record(row) if row is not None else None
+        rows = self._hot_rows(shape, statement, params, write=True)
+        return _record_from_values(rows[0]) if rows else None
 
     def _update_one(
         self, guards: Sequence[sa.ColumnElement[bool]], values: Mapping[str, Any]

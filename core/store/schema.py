@@ -4,7 +4,7 @@ names the table (the migrations compare against `METADATA`)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,22 @@ WINDOWS = sa.Table(
 """One row per (pipeline, window_start); the columns are the fields of `WindowRecord`."""
 
 
+COLUMN_NAMES: tuple[str, ...] = tuple(column.name for column in WINDOWS.c)
+"""The columns of `windows` in table order: the order of `select(WINDOWS)` and of
+`RETURNING *WINDOWS.c`."""
+
+
 def _to_record(row: Row[Any]) -> WindowRecord:
-    data = row._mapping
+    return _record_of(row._mapping)
+
+
+def _record_from_values(values: Sequence[Any]) -> WindowRecord:
+    """A record from a row's values in `COLUMN_NAMES` order, each already as SQLAlchemy's
+    column type returns it (aware UTC instants, parsed JSON)."""
+    return _record_of(dict(zip(COLUMN_NAMES, values, strict=True)))
+
+
+def _record_of(data: Mapping[Any, Any]) -> WindowRecord:
     return WindowRecord(
         id=data["id"],
         pipeline=data["pipeline"],
