@@ -3,9 +3,11 @@ unfinished and waiting groups the dispatch reads, and which windows are due a re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -268,6 +270,48 @@ class StoreQueries(StoreConnections):
         )
         return self._records(query)
 
+    def count_active_many(self, pipelines: Sequence[str]) -> dict[tuple[str, WindowKind], int]:
+        """`count_active` of every kind of each of `pipelines` in one statement (through the
+        (pipeline, status) index: the active windows only); a (pipeline, kind) with none is
+        left out."""
+        names = list(dict.fromkeys(pipelines))
+        if not names:
+            return {}
+        query = (
+            sa.select(WINDOWS.c.pipeline, WINDOWS.c.kind, sa.func.count())
+            .where(WINDOWS.c.pipeline.in_(names), WINDOWS.c.status.in_(_values(ACTIVE)))
+            .group_by(WINDOWS.c.pipeline, WINDOWS.c.kind)
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).tuples().all()
+        return {(name, WindowKind(kind)): int(count) for name, kind, count in rows}
+
+    def runnable_many(
+        self, wanted: Sequence[tuple[str, WindowKind, int, int]]
+    ) -> dict[tuple[str, WindowKind], list[WindowRecord]]:
+        """`runnable(pipeline, kind, max_attempts=, limit=)` for each `(pipeline, kind,
+        max_attempts, limit)` of `wanted`, in one statement (a UNION ALL of the same limited
+        reads, so a backfill of 10,000 pending windows is read `limit` rows at a time as
+        before); each list oldest first, every one of `wanted` in the result."""
+        found: dict[tuple[str, WindowKind], list[WindowRecord]] = {
+            (name, WindowKind(kind)): [] for name, kind, _, _ in wanted
+        }
+        if not wanted:
+            return found
+        params: dict[str, Any] = {}
+        for at, (name, kind, max_attempts, limit) in enumerate(wanted):
+            params |= {
+                f"pipeline_{at}": name,
+                f"kind_{at}": WindowKind(kind).value,
+                f"attempts_{at}": max_attempts,
+                f"limit_{at}": limit,
+            }
+        with self._reading() as conn:
+            for row in conn.execute(_runnable_union(len(wanted)), params):
+                record = _to_record(row)
+                found[(record.pipeline, record.kind)].append(record)
+        return found
+
     def unfinished(self) -> list[UnfinishedGroup]:
         """Every pipeline's pending, queued, running and failed windows, counted per pipeline,
         kind, status and attempts, in one query (one round trip for 1,000 pipelines, and a few
@@ -350,3 +394,32 @@ class StoreQueries(StoreConnections):
                 int(k) * int(n) for k, n in conn.execute(done.group_by(WINDOWS.c.rechecks_done))
             )
             return total, int(conn.execute(drifted).scalar_one())
+
+
+@functools.cache
+def _runnable_union(parts: int) -> sa.Select[Any]:
+    """`StateStore.runnable_many`'s statement for `parts` (pipeline, kind) reads, with bound
+    `pipeline_<i>`, `kind_<i>`, `attempts_<i>` and `limit_<i>`: built once per size (building
+    50 subqueries costs more than running them)."""
+    selects = [
+        sa.select(WINDOWS)
+        .where(
+            WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}"),
+            WINDOWS.c.kind == sa.bindparam(f"kind_{at}"),
+            sa.or_(
+                WINDOWS.c.status == WindowStatus.PENDING.value,
+                sa.and_(
+                    WINDOWS.c.status == WindowStatus.FAILED.value,
+                    WINDOWS.c.attempts < sa.bindparam(f"attempts_{at}"),
+                ),
+            ),
+        )
+        .order_by(WINDOWS.c.window_start)
+        .limit(sa.bindparam(f"limit_{at}", type_=sa.Integer()))
+        .subquery()
+        for at in range(parts)
+    ]
+    # Each limited read in its own subquery: SQLite refuses ORDER BY/LIMIT on the members of
+    # a compound SELECT themselves.
+    union = sa.union_all(*(sa.select(part) for part in selects)).subquery()
+    return sa.select(union).order_by(union.c.pipeline, union.c.kind, union.c.window_start)
