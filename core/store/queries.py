@@ -119,23 +119,13 @@ class StoreQueries(StoreConnections):
         found: dict[str, list[WindowRecord]] = {name: [] for name in starts}
         if not starts:
             return found
-        query = (
-            sa.select(WINDOWS)
-            .where(
-                sa.or_(
-                    *(
-                        sa.and_(
-                            WINDOWS.c.pipeline == name,
-                            WINDOWS.c.window_start >= _aware(start, "start"),
-                        )
-                        for name, start in starts.items()
-                    )
-                )
-            )
-            .order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
-        )
-        for record in self._records(query):
-            found[record.pipeline].append(record)
+        params: dict[str, Any] = {}
+        for at, (name, start) in enumerate(starts.items()):
+            params |= {f"pipeline_{at}": name, f"start_{at}": _aware(start, "start")}
+        with self._reading() as conn:
+            for row in conn.execute(_records_from_query(len(starts)), params):
+                record = _to_record(row)
+                found[record.pipeline].append(record)
         return found
 
     def last_window_end(self, pipeline: str, *, kind: WindowKind | None = None) -> datetime | None:
@@ -156,14 +146,11 @@ class StoreQueries(StoreConnections):
         names = list(dict.fromkeys(pipelines))
         if not names:
             return {}
-        columns = []
-        for at, name in enumerate(names):
-            query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(WINDOWS.c.pipeline == name)
-            if kind is not None:
-                query = query.where(WINDOWS.c.kind == WindowKind(kind).value)
-            columns.append(query.scalar_subquery().label(f"end_{at}"))
+        params: dict[str, Any] = {f"pipeline_{at}": name for at, name in enumerate(names)}
+        if kind is not None:
+            params["kind"] = WindowKind(kind).value
         with self._reading() as conn:
-            row = conn.execute(sa.select(*columns)).one()
+            row = conn.execute(_last_ends_query(len(names), kind is not None), params).one()
         return dict(zip(names, row, strict=True))
 
     def waiting(self, pipelines: Sequence[str]) -> dict[str, set[tuple[WindowKind, WindowStatus]]]:
@@ -423,3 +410,43 @@ def _runnable_union(parts: int) -> sa.Select[Any]:
     # a compound SELECT themselves.
     union = sa.union_all(*(sa.select(part) for part in selects)).subquery()
     return sa.select(union).order_by(union.c.pipeline, union.c.kind, union.c.window_start)
+
+
+# The statements of the reads of many pipelines at once, built once per number of pipelines
+# with bound values: building 50 subqueries or conditions costs more than running them, and
+# a generation batch runs them with the same number of pipelines every tick.
+
+
+@functools.cache
+def _records_from_query(pipelines: int) -> sa.Select[Any]:
+    """`StateStore.records_from`'s statement, with bound `pipeline_<i>` and `start_<i>`."""
+    return (
+        sa.select(WINDOWS)
+        .where(
+            sa.or_(
+                *(
+                    sa.and_(
+                        WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}"),
+                        WINDOWS.c.window_start
+                        >= sa.bindparam(f"start_{at}", type_=WINDOWS.c.window_start.type),
+                    )
+                    for at in range(pipelines)
+                )
+            )
+        )
+        .order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
+    )
+
+
+@functools.cache
+def _last_ends_query(pipelines: int, of_kind: bool) -> sa.Select[Any]:
+    """`StateStore.last_window_ends`'s statement, with bound `pipeline_<i>` (and `kind`)."""
+    columns = []
+    for at in range(pipelines):
+        query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(
+            WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}")
+        )
+        if of_kind:
+            query = query.where(WINDOWS.c.kind == sa.bindparam("kind"))
+        columns.append(query.scalar_subquery().label(f"end_{at}"))
+    return sa.select(*columns)
