@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -512,13 +513,9 @@ class StateStore(StoreQueries):
         for _, _, status in claims:
             if WindowStatus(status) not in ENQUEUE.sources:
                 raise ValueError(f"ENQUEUE does not start from {WindowStatus(status).value}")
-        keyed = sa.tuple_(WINDOWS.c.pipeline, WINDOWS.c.window_start, WINDOWS.c.status)
-        statement = (
-            sa.update(WINDOWS)
-            .where(keyed.in_(sa.bindparam("claims", expanding=True)))
-            .values(**_move_values(ENQUEUE, sa.bindparam("now", type_=WINDOWS.c.updated_at.type)))
-            .returning(*WINDOWS.c)
-        )
+        if not claims:
+            return []  # no connection: on SQLite that would take the write lock
+        statement = _enqueue_many()
         claimed: list[WindowRecord] = []
         # More than a chunk: one transaction, so a failing chunk leaves none claimed.
         connection = self._one_statement if len(claims) <= INSERT_CHUNK_ROWS else self._writing
@@ -578,6 +575,19 @@ def _refuse_finished(conn: Connection, pipeline: str, starts: Sequence[datetime]
                 f"rebuild refused: window {_describe(pipeline, finished[0])} is {finished[1]}; "
                 "finished work is never deleted or reset"
             )
+
+
+@functools.cache
+def _enqueue_many() -> sa.Update:
+    """`StateStore.queue_many`'s UPDATE (built once), with an expanding `claims` parameter of
+    (pipeline, window start, status read) rows and `now`."""
+    keyed = sa.tuple_(WINDOWS.c.pipeline, WINDOWS.c.window_start, WINDOWS.c.status)
+    return (
+        sa.update(WINDOWS)
+        .where(keyed.in_(sa.bindparam("claims", expanding=True)))
+        .values(**_move_values(ENQUEUE, sa.bindparam("now", type_=WINDOWS.c.updated_at.type)))
+        .returning(*WINDOWS.c)
+    )
 
 
 def _describe(pipeline: str, window_start: datetime) -> str:
