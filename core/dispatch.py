@@ -470,13 +470,8 @@ def generation_batch(
 
 
 def _failed(report: BatchReport, pipeline: str, error: Exception) -> None:
-    """Log a pipeline's error (with its traceback: call it in the `except` block) and report
-    it under the pipeline's name."""
-    message = one_line(f"{type(error).__name__}: {error}")
-    get_logger("windowpipe.generation", pipeline=pipeline).exception(
-        "generation failed", error=message
-    )
-    report.failed[pipeline] = message
+    """Log a pipeline's error (call it in the `except` block) and report it under its name."""
+    report.failed[pipeline] = _logged(pipeline, error)
 
 
 def _create_due(
@@ -575,9 +570,10 @@ def dispatch_batch(
         _release(client, held)
     for name, count in dead.items():
         results[name] = (results[name][0], count)
+    by_themselves = {p.name for p in alone}  # `dispatch` logs their dispatch itself
     for pipeline in mine:
         queued, buried = results[pipeline.name]
-        if pipeline.name not in failed and pipeline not in alone and (queued or buried):
+        if pipeline.name not in failed.keys() | by_themselves and (queued or buried):
             get_logger("windowpipe.dispatch", pipeline=pipeline.name).info(
                 "dispatched", queued=len(queued), dead=buried
             )
@@ -610,9 +606,12 @@ def _release(client: redis.Redis, held: Mapping[str, str]) -> None:
 
 
 def _logged(pipeline: str, error: Exception) -> str:
-    """Log a pipeline's dispatch error (call it in the `except` block); its one-line form."""
+    """Log a pipeline's failed generation with its traceback (call it in the `except` block);
+    returns the error in one line."""
     message = one_line(f"{type(error).__name__}: {error}")
-    get_logger("windowpipe.dispatch", pipeline=pipeline).exception("dispatch failed", error=message)
+    get_logger("windowpipe.generation", pipeline=pipeline).exception(
+        "generation failed", error=message
+    )
     return message
 
 
