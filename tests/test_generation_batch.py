@@ -443,7 +443,7 @@ def test_runnable_many_reads_what_runnable_reads_for_each_pipeline_and_kind(
 
 @pytest.fixture
 def celery_config(
-    redis_db: str, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_db: str, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Config]:
     """Five pipelines, and this process's Celery app on the test's Redis DB (the app that
     `send_chains` publishes through); the app the process had before is back afterwards."""
@@ -452,7 +452,7 @@ def celery_config(
     monkeypatch.setattr(celery_app, "_app", None)
     monkeypatch.setattr(celery_app, "_config", None)
     settings = config(
-        {f"p{i}": pipeline() for i in range(5)}, redis_url=redis_db, state_url=sqlite_url
+        {f"p{i}": pipeline() for i in range(5)}, redis_url=redis_db, state_url=state_url
     )
     app = celery_app.create_app(settings)
     yield settings
@@ -479,7 +479,7 @@ def _precheck_messages(redis_url: str) -> list[tuple[str, str, list[str]]]:
 
 @pytest.mark.integration
 def test_chains_published_together_reach_the_queue_once_each(
-    celery_config: Config, redis_db: str, sqlite_url: str
+    celery_config: Config, redis_db: str, state_url: str
 ) -> None:
     import redis
 
@@ -487,7 +487,7 @@ def test_chains_published_together_reach_the_queue_once_each(
 
     client = redis.Redis.from_url(redis_db)
     pipelines = list(celery_config.pipelines.values())
-    with StateStore(sqlite_url) as store:
+    with StateStore(state_url) as store:
         store.migrate()
         for now in (NOW, NOW, NOW + timedelta(hours=1)):  # the second finds nothing to do
             report = generation_batch(
@@ -510,7 +510,7 @@ def test_chains_published_together_reach_the_queue_once_each(
 
 @pytest.mark.integration
 def test_a_pipeline_whose_dispatch_lock_is_held_is_left_to_its_holder(
-    celery_config: Config, redis_db: str, sqlite_url: str
+    celery_config: Config, redis_db: str, state_url: str
 ) -> None:
     import redis
 
@@ -522,7 +522,7 @@ def test_a_pipeline_whose_dispatch_lock_is_held_is_left_to_its_holder(
     holder = DispatchLock(client, "p1")  # another dispatcher of p1, busy all along
     assert holder.acquire()
     token = client.get(dispatch_lock_key("p1"))
-    with StateStore(sqlite_url) as store:
+    with StateStore(state_url) as store:
         store.migrate()
         report = generation_batch(
             store,
