@@ -543,3 +543,41 @@ def test_a_pipeline_whose_dispatch_lock_is_held_is_left_to_its_holder(
     assert client.get(dispatch_lock_key("p1")) == token  # not released by the batch
     holder.release()
     client.close()
+
+
+@pytest.mark.integration
+def test_batches_of_the_same_pipelines_racing_queue_and_send_each_window_once(
+    celery_config: Config, redis_db: str, state_url: str
+) -> None:
+    import threading
+
+    import redis
+
+    from workers.runtime import send_chain, send_chains
+
+    pipelines = list(celery_config.pipelines.values())
+    with StateStore(state_url) as store:
+        store.migrate()
+        start = threading.Barrier(4)
+        reports = []
+
+        def one_batch() -> None:
+            client = redis.Redis.from_url(redis_db)
+            start.wait()
+            reports.append(
+                generation_batch(store, client, pipelines, send_chain, NOW, send_batch=send_chains)
+            )
+            client.close()
+
+        threads = [threading.Thread(target=one_batch) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        records = store.list_records()
+
+    assert [report.failed for report in reports] == [{}] * 4
+    assert len(records) == 5 * 3
+    assert {(r.status, r.attempts) for r in records} == {(WindowStatus.QUEUED, 1)}
+    sent = sorted((name, start) for name, start, _ in _precheck_messages(redis_db))
+    assert sent == sorted((r.pipeline, format_instant(r.window_start)) for r in records)
