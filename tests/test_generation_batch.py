@@ -581,3 +581,21 @@ def test_batches_of_the_same_pipelines_racing_queue_and_send_each_window_once(
     assert {(r.status, r.attempts) for r in records} == {(WindowStatus.QUEUED, 1)}
     sent = sorted((name, start) for name, start, _ in _precheck_messages(redis_db))
     assert sent == sorted((r.pipeline, format_instant(r.window_start)) for r in records)
+
+
+def test_runnable_many_reads_more_pipelines_than_sqlite_compounds_in_one_select(
+    state_url: str,
+) -> None:
+    names = [f"p{i:03}" for i in range(260)]  # 520 reads: SQLite allows 500 terms a SELECT
+    window = Window(ORIGIN, ORIGIN + timedelta(hours=1))
+    with StateStore(state_url) as store:
+        store.migrate()
+        store.create_windows_many({name: [window] for name in names})
+        found = store.runnable_many([(name, kind, 5, 4) for name in names for kind in WindowKind])
+
+    assert len(found) == 520
+    assert all(
+        [r.window_start for r in found[(name, WindowKind.SCHEDULED)]] == [ORIGIN]
+        and found[(name, WindowKind.MANUAL)] == []
+        for name in names
+    )

@@ -71,6 +71,10 @@ class PipelineSummary:
 
 
 DISPATCHABLE = frozenset({WindowStatus.PENDING, WindowStatus.FAILED})
+
+RUNNABLE_READS_PER_STATEMENT = 250
+"""(pipeline, kind) reads per statement of `runnable_many`: SQLite refuses a compound SELECT of
+more than 500 terms (a batch of 1,000 pipelines with backfills would ask for 2,000)."""
 """What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 
@@ -277,26 +281,29 @@ class StoreQueries(StoreConnections):
         self, wanted: Sequence[tuple[str, WindowKind, int, int]]
     ) -> dict[tuple[str, WindowKind], list[WindowRecord]]:
         """`runnable(pipeline, kind, max_attempts=, limit=)` for each `(pipeline, kind,
-        max_attempts, limit)` of `wanted`, in one statement (a UNION ALL of the same limited
-        reads, so a backfill of 10,000 pending windows is read `limit` rows at a time as
-        before); each list oldest first, every one of `wanted` in the result."""
+        max_attempts, limit)` of `wanted`, in one statement per `RUNNABLE_READS_PER_STATEMENT`
+        of them (a UNION ALL of the same limited reads, so a backfill of 10,000 pending windows
+        is read `limit` rows at a time as before); each list oldest first, every one of `wanted`
+        in the result."""
         found: dict[tuple[str, WindowKind], list[WindowRecord]] = {
             (name, WindowKind(kind)): [] for name, kind, _, _ in wanted
         }
         if not wanted:
             return found
-        params: dict[str, Any] = {}
-        for at, (name, kind, max_attempts, limit) in enumerate(wanted):
-            params |= {
-                f"pipeline_{at}": name,
-                f"kind_{at}": WindowKind(kind).value,
-                f"attempts_{at}": max_attempts,
-                f"limit_{at}": limit,
-            }
         with self._reading() as conn:
-            for row in conn.execute(_runnable_union(len(wanted)), params):
-                record = _to_record(row)
-                found[(record.pipeline, record.kind)].append(record)
+            for first in range(0, len(wanted), RUNNABLE_READS_PER_STATEMENT):
+                chunk = wanted[first : first + RUNNABLE_READS_PER_STATEMENT]
+                params: dict[str, Any] = {}
+                for at, (name, kind, max_attempts, limit) in enumerate(chunk):
+                    params |= {
+                        f"pipeline_{at}": name,
+                        f"kind_{at}": WindowKind(kind).value,
+                        f"attempts_{at}": max_attempts,
+                        f"limit_{at}": limit,
+                    }
+                for row in conn.execute(_runnable_union(len(chunk)), params):
+                    record = _to_record(row)
+                    found[(record.pipeline, record.kind)].append(record)
         return found
 
     def unfinished(self) -> list[UnfinishedGroup]:
