@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
 
 from core.instants import parse_instant
 from core.keys import WINDOW_LOCK_PREFIX, dispatch_lock_key, recheck_lock_key, window_lock_key
@@ -277,6 +278,38 @@ class DispatchLock(_PipelineLock):
             timeout=DISPATCH_LOCK_SECONDS,
             blocking_timeout=DISPATCH_LOCK_WAIT_SECONDS,
         )
+
+
+_RELEASE_IF_OWNED = Lock.LUA_RELEASE_SCRIPT
+"""redis-py's release script (KEYS[1] the lock key, ARGV[1] the owner's token): deletes the key
+only while it holds the token, as `DispatchLock.release` does."""
+
+
+def acquire_dispatch_locks(client: redis.Redis, pipelines: Sequence[str]) -> dict[str, str]:
+    """Take the dispatch locks of many pipelines in one round trip, without waiting: the same
+    key, TTL and token-owned `SET NX PX` as `DispatchLock.acquire`; returns the pipelines taken
+    and each one's token (for `release_dispatch_locks`). A pipeline whose lock is held is left
+    out: its caller dispatches it through `DispatchLock`, which waits for the holder."""
+    names = list(dict.fromkeys(pipelines))
+    tokens = [uuid.uuid4().hex for _ in names]
+    pipe = client.pipeline(transaction=False)
+    for name, token in zip(names, tokens, strict=True):
+        pipe.set(dispatch_lock_key(name), token, nx=True, px=DISPATCH_LOCK_SECONDS * 1000)
+    taken = pipe.execute()
+    return {name: token for name, token, ok in zip(names, tokens, taken, strict=True) if ok}
+
+
+def release_dispatch_locks(client: redis.Redis, held: Mapping[str, str]) -> None:
+    """Release dispatch locks `acquire_dispatch_locks` took, in one round trip (plus the
+    script's load check): each only while it still holds its token, a no-op for one that
+    expired or was taken over meanwhile (as `DispatchLock.release`)."""
+    if not held:
+        return
+    release = client.register_script(_RELEASE_IF_OWNED)
+    pipe = client.pipeline(transaction=False)
+    for name, token in held.items():
+        release(keys=[dispatch_lock_key(name)], args=[token], client=pipe)
+    pipe.execute()
 
 
 class RecheckLock(_PipelineLock):

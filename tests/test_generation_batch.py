@@ -18,6 +18,7 @@ from celery.schedules import crontab
 from beat_schedule import build_schedule
 from core.config import Config, config_from_dict
 from core.dispatch import generation_batch, generation_tick
+from core.instants import format_instant
 from core.records import Stage, WindowKind, WindowStatus
 from core.store import StateStore
 from core.store.schema import WINDOWS
@@ -262,3 +263,354 @@ def test_a_batch_with_no_window_due_reads_three_statements_and_finds_what_a_tick
     assert "succeeded without source" in batch["p1"].problems[0].message
     for name in ("p0", "p2", "p3"):
         assert batch[name].problems == again[name].problems == []
+
+
+# --- the batch's writes done together: one INSERT, one claim, the chains published at once ------
+
+
+def _statements(store: StateStore) -> tuple[list[str], Any]:
+    statements: list[str] = []
+
+    def seen(*args: object) -> None:
+        statements.append(str(args[2]).lstrip().split()[0].upper())
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    return statements, seen
+
+
+def test_create_windows_many_creates_only_the_missing_windows_of_every_pipeline(
+    state_url: str,
+) -> None:
+    hour = timedelta(hours=1)
+    with StateStore(state_url) as store:
+        store.migrate()
+        store.create_windows("a", [Window(ORIGIN, ORIGIN + hour)])
+        store.create_windows("b", [Window(ORIGIN + hour, ORIGIN + 2 * hour)], WindowKind.MANUAL)
+
+        created = store.create_windows_many(
+            {
+                "a": [Window(ORIGIN + hour, ORIGIN + 2 * hour), Window(ORIGIN, ORIGIN + hour)],
+                "b": [Window(ORIGIN, ORIGIN + hour), Window(ORIGIN + hour, ORIGIN + 2 * hour)],
+                "c": [],
+            }
+        )
+        again = store.create_windows_many({"a": [Window(ORIGIN, ORIGIN + hour)]})
+        records = {(r.pipeline, r.window_start): r for r in store.list_records()}
+
+    assert created == {
+        "a": [Window(ORIGIN + hour, ORIGIN + 2 * hour)],
+        "b": [Window(ORIGIN, ORIGIN + hour)],
+        "c": [],
+    }
+    assert again == {"a": []}
+    assert sorted(records) == [
+        ("a", ORIGIN),
+        ("a", ORIGIN + hour),
+        ("b", ORIGIN),
+        ("b", ORIGIN + hour),
+    ]
+    # The window that existed keeps its record: still the manual one.
+    assert records[("b", ORIGIN + hour)].kind == WindowKind.MANUAL
+    assert records[("a", ORIGIN + hour)].status == WindowStatus.PENDING
+
+
+def test_a_batch_creates_its_due_windows_in_one_insert_and_claims_them_in_one_update(
+    state_url: str,
+) -> None:
+    pipelines = config({f"p{i}": pipeline() for i in range(4)}).pipelines
+    with StateStore(state_url) as store:
+        store.migrate()
+        # p1's first due window exists already (created by another tick a moment ago).
+        store.create_windows("p1", [Window(ORIGIN, ORIGIN + timedelta(hours=1))])
+        statements, seen = _statements(store)
+        report = generation_batch(
+            store, fakeredis.FakeRedis(), list(pipelines.values()), _none, NOW
+        )
+        sa.event.remove(store.engine, "before_cursor_execute", seen)
+        records = store.list_records()
+
+    assert statements.count("INSERT") == 1
+    assert statements.count("UPDATE") == 1
+    assert {tick.pipeline: len(tick.created) for tick in report.ticks} == {
+        "p0": 3,
+        "p1": 2,
+        "p2": 3,
+        "p3": 3,
+    }
+    assert len(records) == 12
+    assert {(r.status, r.attempts) for r in records} == {(WindowStatus.QUEUED, 1)}
+    assert report.summary()["queued"] == 12 and report.failed == {}
+
+
+def _refuse_inserts_of(store: StateStore, pipeline: str) -> None:
+    """A trigger that makes the database refuse every new record of `pipeline`."""
+    with store.engine.begin() as conn:
+        if store.dialect == "sqlite":
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON windows "
+                f"WHEN NEW.pipeline = '{pipeline}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            return
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.pipeline = '{pipeline}' THEN RAISE EXCEPTION 'refused'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse BEFORE INSERT ON windows FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+
+def test_a_pipeline_whose_insert_fails_does_not_stop_the_others(state_url: str) -> None:
+    pipelines = config({"a": pipeline(), "refused": pipeline(), "c": pipeline()}).pipelines
+    sent: list[tuple[str, datetime, Stage]] = []
+
+    def send(name: str, start: datetime, stage: Stage) -> str:
+        sent.append((name, start, stage))
+        return "chain"
+
+    with StateStore(state_url) as store:
+        store.migrate()
+        _refuse_inserts_of(store, "refused")
+        report = generation_batch(store, fakeredis.FakeRedis(), list(pipelines.values()), send, NOW)
+        records = store.list_records()
+
+    assert set(report.failed) == {"refused"} and "refused" in report.failed["refused"]
+    assert [tick.pipeline for tick in report.ticks] == ["a", "c"]
+    assert sorted((r.pipeline, r.window_start) for r in records) == [
+        (name, ORIGIN + timedelta(hours=i)) for name in ("a", "c") for i in range(3)
+    ]
+    assert sorted(sent) == [
+        (name, ORIGIN + timedelta(hours=i), Stage.PRECHECK) for name in ("a", "c") for i in range(3)
+    ]
+
+
+def test_queue_many_claims_only_windows_still_in_the_status_read(state_url: str) -> None:
+    hour = timedelta(hours=1)
+    with StateStore(state_url) as store:
+        store.migrate()
+        store.create_windows_many(
+            {"a": [Window(ORIGIN, ORIGIN + hour), Window(ORIGIN + hour, ORIGIN + 2 * hour)]}
+        )
+        # Another dispatcher claimed a's first window after this one read it as pending.
+        store.queue("a", ORIGIN, expect=[WindowStatus.PENDING])
+
+        claimed = store.queue_many(
+            [
+                ("a", ORIGIN, WindowStatus.PENDING),
+                ("a", ORIGIN + hour, WindowStatus.PENDING),
+                ("b", ORIGIN, WindowStatus.PENDING),  # no such record
+            ]
+        )
+        again = store.queue_many([("a", ORIGIN + hour, WindowStatus.PENDING)])
+        records = store.list_records("a")
+
+    assert [(r.pipeline, r.window_start, r.status) for r in claimed] == [
+        ("a", ORIGIN + hour, WindowStatus.QUEUED)
+    ]
+    assert claimed[0].stage == Stage.PRECHECK
+    assert again == []
+    assert [(r.status, r.attempts) for r in records] == [(WindowStatus.QUEUED, 1)] * 2
+    with pytest.raises(ValueError, match="ENQUEUE does not start from queued"):
+        store.queue_many([("a", ORIGIN, WindowStatus.QUEUED)])
+
+
+def test_runnable_many_reads_what_runnable_reads_for_each_pipeline_and_kind(
+    state_url: str,
+) -> None:
+    hour = timedelta(hours=1)
+    windows = [Window(ORIGIN + i * hour, ORIGIN + (i + 1) * hour) for i in range(6)]
+    with StateStore(state_url) as store:
+        store.migrate()
+        store.create_windows("a", windows[:4])
+        store.create_windows("a", windows[4:], WindowKind.MANUAL)
+        store.create_windows("b", windows)
+        with store.engine.begin() as conn:
+            for start, status, attempts in (
+                (windows[0].start, WindowStatus.FAILED, 5),  # out of attempts
+                (windows[1].start, WindowStatus.FAILED, 2),
+                (windows[2].start, WindowStatus.SUCCEEDED, 1),
+            ):
+                conn.execute(
+                    sa.update(WINDOWS)
+                    .where(WINDOWS.c.pipeline == "a", WINDOWS.c.window_start == start)
+                    .values(status=status.value, attempts=attempts)
+                )
+        wanted = [
+            ("a", WindowKind.SCHEDULED, 5, 8),
+            ("a", WindowKind.MANUAL, 5, 1),
+            ("b", WindowKind.SCHEDULED, 3, 2),
+            ("c", WindowKind.SCHEDULED, 5, 4),
+        ]
+        many = store.runnable_many(wanted)
+        one = {
+            (name, kind): store.runnable(name, kind, max_attempts=attempts, limit=limit)
+            for name, kind, attempts, limit in wanted
+        }
+
+    assert many == one
+    assert [r.window_start for r in many[("a", WindowKind.SCHEDULED)]] == [
+        windows[1].start,
+        windows[3].start,
+    ]
+    assert len(many[("b", WindowKind.SCHEDULED)]) == 2 and many[("c", WindowKind.SCHEDULED)] == []
+
+
+@pytest.fixture
+def celery_config(
+    redis_db: str, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Config]:
+    """Five pipelines, and this process's Celery app on the test's Redis DB (the app that
+    `send_chains` publishes through); the app the process had before is back afterwards."""
+    import workers.celery_app as celery_app
+
+    monkeypatch.setattr(celery_app, "_app", None)
+    monkeypatch.setattr(celery_app, "_config", None)
+    settings = config(
+        {f"p{i}": pipeline() for i in range(5)}, redis_url=redis_db, state_url=state_url
+    )
+    app = celery_app.create_app(settings)
+    yield settings
+    app.close()
+
+
+def _precheck_messages(redis_url: str) -> list[tuple[str, str, list[str]]]:
+    """(pipeline, window start, the later stages' tasks) of each message in the precheck queue."""
+    import base64
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    found = []
+    for raw in client.lrange("precheck", 0, -1):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "windowpipe.precheck"
+        args, _, embed = json.loads(base64.b64decode(message["body"]))
+        found.append((args[0], args[1], [step["task"] for step in reversed(embed["chain"])]))
+    client.close()
+    return found
+
+
+@pytest.mark.integration
+def test_chains_published_together_reach_the_queue_once_each(
+    celery_config: Config, redis_db: str, state_url: str
+) -> None:
+    import redis
+
+    from workers.runtime import send_chain, send_chains
+
+    client = redis.Redis.from_url(redis_db)
+    pipelines = list(celery_config.pipelines.values())
+    with StateStore(state_url) as store:
+        store.migrate()
+        for now in (NOW, NOW, NOW + timedelta(hours=1)):  # the second finds nothing to do
+            report = generation_batch(
+                store, client, pipelines, send_chain, now, send_batch=send_chains
+            )
+            assert report.failed == {}
+        records = store.list_records()
+    messages = _precheck_messages(redis_db)
+
+    assert len(records) == 5 * 4
+    assert {(r.status, r.attempts) for r in records} == {(WindowStatus.QUEUED, 1)}
+    starts = sorted((r.pipeline, format_instant(r.window_start)) for r in records)
+    assert sorted((name, start) for name, start, _ in messages) == starts  # each once
+    assert {tuple(later) for _, _, later in messages} == {
+        ("windowpipe.extract", "windowpipe.load", "windowpipe.audit")
+    }
+    assert client.keys("*dispatch*") == []  # every dispatch lock released
+    client.close()
+
+
+@pytest.mark.integration
+def test_a_pipeline_whose_dispatch_lock_is_held_is_left_to_its_holder(
+    celery_config: Config, redis_db: str, state_url: str
+) -> None:
+    import redis
+
+    from core.keys import dispatch_lock_key
+    from core.locks import DispatchLock
+    from workers.runtime import send_chain, send_chains
+
+    client = redis.Redis.from_url(redis_db)
+    holder = DispatchLock(client, "p1")  # another dispatcher of p1, busy all along
+    assert holder.acquire()
+    token = client.get(dispatch_lock_key("p1"))
+    with StateStore(state_url) as store:
+        store.migrate()
+        report = generation_batch(
+            store,
+            client,
+            list(celery_config.pipelines.values()),
+            send_chain,
+            NOW,
+            send_batch=send_chains,
+        )
+        statuses = {(r.pipeline, r.status) for r in store.list_records()}
+
+    # p1 waited for its lock (`DispatchLock`), then left its windows to the holder.
+    assert report.failed == {} and len(report.ticks) == 5
+    assert statuses == {(f"p{i}", WindowStatus.QUEUED) for i in (0, 2, 3, 4)} | {
+        ("p1", WindowStatus.PENDING)
+    }
+    assert {name for name, _, _ in _precheck_messages(redis_db)} == {"p0", "p2", "p3", "p4"}
+    assert client.get(dispatch_lock_key("p1")) == token  # not released by the batch
+    holder.release()
+    client.close()
+
+
+@pytest.mark.integration
+def test_batches_of_the_same_pipelines_racing_queue_and_send_each_window_once(
+    celery_config: Config, redis_db: str, state_url: str
+) -> None:
+    import threading
+
+    import redis
+
+    from workers.runtime import send_chain, send_chains
+
+    pipelines = list(celery_config.pipelines.values())
+    with StateStore(state_url) as store:
+        store.migrate()
+        start = threading.Barrier(4)
+        reports = []
+
+        def one_batch() -> None:
+            client = redis.Redis.from_url(redis_db)
+            start.wait()
+            reports.append(
+                generation_batch(store, client, pipelines, send_chain, NOW, send_batch=send_chains)
+            )
+            client.close()
+
+        threads = [threading.Thread(target=one_batch) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        records = store.list_records()
+
+    assert [report.failed for report in reports] == [{}] * 4
+    assert len(records) == 5 * 3
+    assert {(r.status, r.attempts) for r in records} == {(WindowStatus.QUEUED, 1)}
+    sent = sorted((name, start) for name, start, _ in _precheck_messages(redis_db))
+    assert sent == sorted((r.pipeline, format_instant(r.window_start)) for r in records)
+
+
+def test_runnable_many_reads_more_pipelines_than_sqlite_compounds_in_one_select(
+    state_url: str,
+) -> None:
+    names = [f"p{i:03}" for i in range(260)]  # 520 reads: SQLite allows 500 terms a SELECT
+    window = Window(ORIGIN, ORIGIN + timedelta(hours=1))
+    with StateStore(state_url) as store:
+        store.migrate()
+        store.create_windows_many({name: [window] for name in names})
+        found = store.runnable_many([(name, kind, 5, 4) for name in names for kind in WindowKind])
+
+    assert len(found) == 520
+    assert all(
+        [r.window_start for r in found[(name, WindowKind.SCHEDULED)]] == [ORIGIN]
+        and found[(name, WindowKind.MANUAL)] == []
+        for name in names
+    )

@@ -18,7 +18,7 @@ from core.instants import utc_now
 from core.keys import CLEANUP_RAN_KEY, generate_ran_key
 from core.recovery import cleanup as cleanup_stale
 from workers.celery_app import process_config
-from workers.runtime import dispatch_started, runtime, send_chain
+from workers.runtime import dispatch_started, runtime, send_chain, send_chains
 
 
 @shared_task(name="windowpipe.generate", bind=True)
@@ -51,6 +51,7 @@ def generate_batch(self: Task, pipelines: list[str]) -> dict[str, Any]:
         send_chain,
         utc_now(),
         failed_retry_base=config.settings.failed_retry_base,
+        send_batch=send_chains,
     )
     for name in pipelines:
         if name not in config.pipelines:

@@ -7,11 +7,12 @@ engine is shared between processes, and closed when that process shuts down.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import redis
-from celery import chain, signals
+from celery import Signature, chain, signals
 
 from connectors.registry import close_all, connector_for, forget_all
 from core.instants import format_instant
@@ -67,6 +68,46 @@ def send_chain(
     countdown: float | None = None,
 ) -> str:
     """Send the chain of a window from `first_stage` on; arguments are identifiers only."""
+    signatures = _stage_signatures(pipeline, window_start, first_stage, retry)
+    result = chain(*signatures).apply_async(countdown=countdown)
+    return str(result.id)
+
+
+def send_chains(chains: Sequence[tuple[str, datetime, Stage]]) -> list[str]:
+    """`send_chain` for many windows (pipeline, window start, first stage) at once, as a
+    generation batch dispatches them: one producer taken from the pool for all of them, and
+    their messages (with their task-sent events) written to Redis in one pipeline by kombu's
+    publish batch, instead of a pool acquire and two round trips each.
+
+    Each message is the one `send_chain` sends: the first stage's task, carrying the other
+    stages as its `chain` (the last one first, as Celery's `chain` puts them), so the worker
+    sends each next stage when one succeeds. It is published as the first stage's signature
+    with that `chain` option because `chain(...).apply_async(producer=...)` drops the producer
+    (Celery's `chain.run` takes it and does not pass it on).
+
+    Raises if the batch could not be written: which of its messages reached the broker is then
+    unknown (kombu's `BatchPublishError`), so the caller treats every one as maybe unsent;
+    cleanup sends a queued window's message again once it waited `stale_after`. A message sent
+    twice is harmless: a stage runs only for the worker that claims it (window lock, fence).
+    """
+    app = process_app()
+    with app.producer_or_acquire() as producer:
+        # kombu >= 5.7 batches publishes on Redis; an older kombu publishes each at once.
+        batch = producer.batch() if hasattr(producer, "batch") else contextlib.nullcontext()
+        with batch:
+            results = []
+            for pipeline, start, stage in chains:
+                first, *rest = _stage_signatures(pipeline, start, stage)
+                chained = {"chain": rest[::-1]} if rest else {}
+                results.append(first.apply_async(producer=producer, **chained))
+    return [str(result.id) for result in results]
+
+
+def _stage_signatures(
+    pipeline: str, window_start: datetime, first_stage: Stage, retry: int = 0
+) -> list[Signature]:
+    """The signatures of a window's stages from `first_stage` on, in order (the first one told
+    its `retry`, if any); arguments are identifiers only."""
     app = process_app()
     start = format_instant(window_start)
     stages = STAGE_ORDER[STAGE_ORDER.index(first_stage) :]
@@ -76,8 +117,7 @@ def send_chain(
         signatures.append(
             app.signature(f"windowpipe.{stage.value}", (pipeline, start), kwargs, immutable=True)
         )
-    result = chain(*signatures).apply_async(countdown=countdown)
-    return str(result.id)
+    return signatures
 
 
 DISPATCH_SPACING_MS = 250

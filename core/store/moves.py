@@ -56,8 +56,19 @@ def _pg_insert_new(
         .table_valued("window_start", "window_end")
         .render_derived(name="bounds")
     )
+    pipelines = sa.literal(pipeline, sa.String())
+    statement = _pg_insert_pending(pipelines, bounds, kind, now).returning(WINDOWS.c.window_start)
+    params = {"starts": [w.start for w in windows], "ends": [w.end for w in windows]}
+    return statement, params
+
+
+def _pg_insert_pending(
+    pipeline: sa.ColumnElement[str], bounds: sa.TableValuedAlias, kind: WindowKind, now: datetime
+) -> postgresql.Insert:
+    """The INSERT of new pending records from `bounds` (its `window_start` and `window_end`
+    columns), each of `pipeline`, `ON CONFLICT DO NOTHING`."""
     rows = sa.select(
-        sa.literal(pipeline, sa.String()),
+        pipeline,
         bounds.c.window_start,
         bounds.c.window_end,
         sa.literal(WindowStatus.PENDING.value, sa.String()),
@@ -68,14 +79,47 @@ def _pg_insert_new(
         sa.literal(now, UTCDateTime()),
     )
     columns = ["pipeline", "window_start", "window_end", "status", "kind", "attempts", "fence"]
-    statement = (
+    return (
         postgresql.insert(WINDOWS)
         .from_select([*columns, "created_at", "updated_at"], rows)
         .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
-        .returning(WINDOWS.c.window_start)
     )
-    params = {"starts": [w.start for w in windows], "ends": [w.end for w in windows]}
+
+
+_PG_ARRAY_OF_NAMES = postgresql.ARRAY(sa.String())
+
+
+def _pg_insert_new_many(
+    rows: Sequence[tuple[str, Window]], kind: WindowKind, now: datetime
+) -> tuple[sa.Executable, dict[str, Any]]:
+    """`_pg_insert_new` for windows of many pipelines: `(pipeline, window)` rows, a third
+    array parameter for the pipelines; RETURNING the pipeline and start of each row created."""
+    bounds = (
+        sa.func.unnest(
+            sa.bindparam("pipelines", type_=_PG_ARRAY_OF_NAMES),
+            sa.bindparam("starts", type_=_PG_ARRAY_OF_INSTANTS),
+            sa.bindparam("ends", type_=_PG_ARRAY_OF_INSTANTS),
+        )
+        .table_valued("pipeline", "window_start", "window_end")
+        .render_derived(name="bounds")
+    )
+    statement = _pg_insert_pending(bounds.c.pipeline, bounds, kind, now).returning(
+        WINDOWS.c.pipeline, WINDOWS.c.window_start
+    )
+    params = {
+        "pipelines": [pipeline for pipeline, _ in rows],
+        "starts": [window.start for _, window in rows],
+        "ends": [window.end for _, window in rows],
+    }
     return statement, params
+
+
+_SQLITE_INSERT_NEW_MANY = (
+    sqlite.insert(WINDOWS)
+    .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
+    .returning(WINDOWS.c.pipeline, WINDOWS.c.window_start)
+)
+"""`_SQLITE_INSERT_NEW` returning the pipeline too (rows of many pipelines)."""
 
 
 def first_fence(now: datetime) -> int:

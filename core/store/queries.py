@@ -3,9 +3,11 @@ unfinished and waiting groups the dispatch reads, and which windows are due a re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -70,6 +72,10 @@ class PipelineSummary:
 
 
 DISPATCHABLE = frozenset({WindowStatus.PENDING, WindowStatus.FAILED})
+
+RUNNABLE_READS_PER_STATEMENT = 250
+"""(pipeline, kind) reads per statement of `runnable_many`: SQLite refuses a compound SELECT of
+more than 500 terms (a batch of 1,000 pipelines with backfills would ask for 2,000)."""
 """What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 
@@ -138,23 +144,13 @@ class StoreQueries(StoreConnections):
         found: dict[str, list[WindowRecord]] = {name: [] for name in starts}
         if not starts:
             return found
-        query = (
-            sa.select(WINDOWS)
-            .where(
-                sa.or_(
-                    *(
-                        sa.and_(
-                            WINDOWS.c.pipeline == name,
-                            WINDOWS.c.window_start >= _aware(start, "start"),
-                        )
-                        for name, start in starts.items()
-                    )
-                )
-            )
-            .order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
-        )
-        for record in self._records(query):
-            found[record.pipeline].append(record)
+        params: dict[str, Any] = {}
+        for at, (name, start) in enumerate(starts.items()):
+            params |= {f"pipeline_{at}": name, f"start_{at}": _aware(start, "start")}
+        with self._reading() as conn:
+            for row in conn.execute(_records_from_query(len(starts)), params):
+                record = _to_record(row)
+                found[record.pipeline].append(record)
         return found
 
     def last_window_end(self, pipeline: str, *, kind: WindowKind | None = None) -> datetime | None:
@@ -175,14 +171,11 @@ class StoreQueries(StoreConnections):
         names = list(dict.fromkeys(pipelines))
         if not names:
             return {}
-        columns = []
-        for at, name in enumerate(names):
-            query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(WINDOWS.c.pipeline == name)
-            if kind is not None:
-                query = query.where(WINDOWS.c.kind == WindowKind(kind).value)
-            columns.append(query.scalar_subquery().label(f"end_{at}"))
+        params: dict[str, Any] = {f"pipeline_{at}": name for at, name in enumerate(names)}
+        if kind is not None:
+            params["kind"] = WindowKind(kind).value
         with self._reading() as conn:
-            row = conn.execute(sa.select(*columns)).one()
+            row = conn.execute(_last_ends_query(len(names), kind is not None), params).one()
         return dict(zip(names, row, strict=True))
 
     def waiting(self, pipelines: Sequence[str]) -> dict[str, set[tuple[WindowKind, WindowStatus]]]:
@@ -286,6 +279,51 @@ class StoreQueries(StoreConnections):
         )
         return self._records(query)
 
+    def count_active_many(self, pipelines: Sequence[str]) -> dict[tuple[str, WindowKind], int]:
+        """`count_active` of every kind of each of `pipelines` in one statement (through the
+        (pipeline, status) index: the active windows only); a (pipeline, kind) with none is
+        left out."""
+        names = list(dict.fromkeys(pipelines))
+        if not names:
+            return {}
+        query = (
+            sa.select(WINDOWS.c.pipeline, WINDOWS.c.kind, sa.func.count())
+            .where(WINDOWS.c.pipeline.in_(names), WINDOWS.c.status.in_(_values(ACTIVE)))
+            .group_by(WINDOWS.c.pipeline, WINDOWS.c.kind)
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).tuples().all()
+        return {(name, WindowKind(kind)): int(count) for name, kind, count in rows}
+
+    def runnable_many(
+        self, wanted: Sequence[tuple[str, WindowKind, int, int]]
+    ) -> dict[tuple[str, WindowKind], list[WindowRecord]]:
+        """`runnable(pipeline, kind, max_attempts=, limit=)` for each `(pipeline, kind,
+        max_attempts, limit)` of `wanted`, in one statement per `RUNNABLE_READS_PER_STATEMENT`
+        of them (a UNION ALL of the same limited reads, so a backfill of 10,000 pending windows
+        is read `limit` rows at a time as before); each list oldest first, every one of `wanted`
+        in the result."""
+        found: dict[tuple[str, WindowKind], list[WindowRecord]] = {
+            (name, WindowKind(kind)): [] for name, kind, _, _ in wanted
+        }
+        if not wanted:
+            return found
+        with self._reading() as conn:
+            for first in range(0, len(wanted), RUNNABLE_READS_PER_STATEMENT):
+                chunk = wanted[first : first + RUNNABLE_READS_PER_STATEMENT]
+                params: dict[str, Any] = {}
+                for at, (name, kind, max_attempts, limit) in enumerate(chunk):
+                    params |= {
+                        f"pipeline_{at}": name,
+                        f"kind_{at}": WindowKind(kind).value,
+                        f"attempts_{at}": max_attempts,
+                        f"limit_{at}": limit,
+                    }
+                for row in conn.execute(_runnable_union(len(chunk)), params):
+                    record = _to_record(row)
+                    found[(record.pipeline, record.kind)].append(record)
+        return found
+
     def unfinished(self) -> list[UnfinishedGroup]:
         """Every pipeline's pending, queued, running and failed windows, counted per pipeline,
         kind, status and attempts, in one query (one round trip for 1,000 pipelines, and a few
@@ -368,3 +406,72 @@ class StoreQueries(StoreConnections):
                 int(k) * int(n) for k, n in conn.execute(done.group_by(WINDOWS.c.rechecks_done))
             )
             return total, int(conn.execute(drifted).scalar_one())
+
+
+@functools.cache
+def _runnable_union(parts: int) -> sa.Select[Any]:
+    """`StateStore.runnable_many`'s statement for `parts` (pipeline, kind) reads, with bound
+    `pipeline_<i>`, `kind_<i>`, `attempts_<i>` and `limit_<i>`: built once per size (building
+    50 subqueries costs more than running them)."""
+    selects = [
+        sa.select(WINDOWS)
+        .where(
+            WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}"),
+            WINDOWS.c.kind == sa.bindparam(f"kind_{at}"),
+            sa.or_(
+                WINDOWS.c.status == WindowStatus.PENDING.value,
+                sa.and_(
+                    WINDOWS.c.status == WindowStatus.FAILED.value,
+                    WINDOWS.c.attempts < sa.bindparam(f"attempts_{at}"),
+                ),
+            ),
+        )
+        .order_by(WINDOWS.c.window_start)
+        .limit(sa.bindparam(f"limit_{at}", type_=sa.Integer()))
+        .subquery()
+        for at in range(parts)
+    ]
+    # Each limited read in its own subquery: SQLite refuses ORDER BY/LIMIT on the members of
+    # a compound SELECT themselves.
+    union = sa.union_all(*(sa.select(part) for part in selects)).subquery()
+    return sa.select(union).order_by(union.c.pipeline, union.c.kind, union.c.window_start)
+
+
+# The statements of the reads of many pipelines at once, built once per number of pipelines
+# with bound values: building 50 subqueries or conditions costs more than running them, and
+# a generation batch runs them with the same number of pipelines every tick.
+
+
+@functools.cache
+def _records_from_query(pipelines: int) -> sa.Select[Any]:
+    """`StateStore.records_from`'s statement, with bound `pipeline_<i>` and `start_<i>`."""
+    return (
+        sa.select(WINDOWS)
+        .where(
+            sa.or_(
+                *(
+                    sa.and_(
+                        WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}"),
+                        WINDOWS.c.window_start
+                        >= sa.bindparam(f"start_{at}", type_=WINDOWS.c.window_start.type),
+                    )
+                    for at in range(pipelines)
+                )
+            )
+        )
+        .order_by(WINDOWS.c.pipeline, WINDOWS.c.window_start)
+    )
+
+
+@functools.cache
+def _last_ends_query(pipelines: int, of_kind: bool) -> sa.Select[Any]:
+    """`StateStore.last_window_ends`'s statement, with bound `pipeline_<i>` (and `kind`)."""
+    columns = []
+    for at in range(pipelines):
+        query = sa.select(sa.func.max(WINDOWS.c.window_end)).where(
+            WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}")
+        )
+        if of_kind:
+            query = query.where(WINDOWS.c.kind == sa.bindparam("kind"))
+        columns.append(query.scalar_subquery().label(f"end_{at}"))
+    return sa.select(*columns)

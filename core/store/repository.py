@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,12 +18,14 @@ from core.records import FINISHED, Stage, WindowKind, WindowRecord, WindowStatus
 from core.store.moves import (
     _GUARDED_UPDATES,
     _SQLITE_INSERT_NEW,
+    _SQLITE_INSERT_NEW_MANY,
     _UNGUARDED,
     _checked_taken,
     _guarded_update,
     _move_values,
     _new_row,
     _pg_insert_new,
+    _pg_insert_new_many,
     _sources,
     _status_in,
     _Unguarded,
@@ -461,6 +464,80 @@ class StateStore(StoreQueries):
             f"{to.value if to else current.status.value} (only from {allowed})"
         )
 
+    # --- many pipelines at once (a generation batch) ------------------------------------------
+
+    def create_windows_many(
+        self, windows: Mapping[str, Sequence[Window]], kind: WindowKind = WindowKind.SCHEDULED
+    ) -> dict[str, list[Window]]:
+        """`create_windows` for many pipelines in one transaction and one INSERT per
+        `INSERT_CHUNK_ROWS` rows: for each pipeline of `windows`, the windows this call
+        created, oldest first ([] when all existed).
+
+        The same `INSERT ... ON CONFLICT DO NOTHING`, so it is idempotent and safe to race with
+        `create_windows` and with itself; rows go in sorted by (pipeline, start), so two
+        concurrent callers take the key's index entries in one order and never deadlock. All or
+        nothing: if the statement fails, no window of any pipeline was created (a caller that
+        wants one pipeline's bad row not to hold up the others retries per pipeline).
+        """
+        unique = {}
+        for pipeline, wanted in windows.items():
+            _require_pipeline(pipeline)
+            unique[pipeline] = _unique_by_start(wanted)
+        rows = [(pipeline, window) for pipeline in sorted(unique) for window in unique[pipeline]]
+        created: set[tuple[str, datetime]] = set()
+        if rows:
+            now = utc_now()
+            params: dict[str, Any] | list[dict[str, Any]]
+            with self._writing() as conn:
+                for chunk in _chunks(rows, INSERT_CHUNK_ROWS):
+                    if self.dialect == "postgresql":
+                        statement, params = _pg_insert_new_many(chunk, WindowKind(kind), now)
+                    else:
+                        statement = _SQLITE_INSERT_NEW_MANY
+                        params = [
+                            _new_row(name, window, WindowKind(kind), now) for name, window in chunk
+                        ]
+                    created.update(
+                        (name, _aware(start))
+                        for name, start in conn.execute(statement, params).tuples()
+                    )
+        return {
+            pipeline: [w for w in wanted if (pipeline, w.start) in created]
+            for pipeline, wanted in unique.items()
+        }
+
+    def queue_many(
+        self, claims: Sequence[tuple[str, datetime, WindowStatus]]
+    ) -> list[WindowRecord]:
+        """`queue(pipeline, start, expect=[status])` for many windows in ONE guarded UPDATE:
+        each `(pipeline, window_start, status)` is claimed (ENQUEUE) only while its record is
+        still in that status; returns the records claimed, as updated (in no order).
+
+        A window left out of the result was claimed by someone else first (or moved on), just as
+        `queue` returns None for it: each row's guard is its own, and PostgreSQL checks it again
+        against the row as committed when a concurrent writer held it (so a row two enqueuers
+        race for is claimed by exactly one). `status` must be one ENQUEUE starts from (pending,
+        failed, or a finished one). All or nothing: if it fails, no window changed.
+        """
+        for _, _, status in claims:
+            if WindowStatus(status) not in ENQUEUE.sources:
+                raise ValueError(f"ENQUEUE does not start from {WindowStatus(status).value}")
+        if not claims:
+            return []  # no connection: on SQLite that would take the write lock
+        statement = _enqueue_many()
+        claimed: list[WindowRecord] = []
+        # More than a chunk: one transaction, so a failing chunk leaves none claimed.
+        connection = self._one_statement if len(claims) <= INSERT_CHUNK_ROWS else self._writing
+        with connection() as conn:
+            for chunk in _chunks(sorted(claims), INSERT_CHUNK_ROWS):
+                rows = [
+                    (name, _aware(start), WindowStatus(status).value)
+                    for name, start, status in chunk
+                ]
+                result = conn.execute(statement, {"claims": rows, "now": utc_now()})
+                claimed.extend(_to_record(row) for row in result)
+        return claimed
+
     # --- schema revision (read-only) ----------------------------------------------------------
 
     def schema_revision(self) -> tuple[str | None, str]:
@@ -507,6 +584,19 @@ def _refuse_finished(conn: Connection, pipeline: str, starts: Sequence[datetime]
                 f"rebuild refused: window {_describe(pipeline, finished[0])} is {finished[1]}; "
                 "finished work is never deleted or reset"
             )
+
+
+@functools.cache
+def _enqueue_many() -> sa.Update:
+    """`StateStore.queue_many`'s UPDATE (built once), with an expanding `claims` parameter of
+    (pipeline, window start, status read) rows and `now`."""
+    keyed = sa.tuple_(WINDOWS.c.pipeline, WINDOWS.c.window_start, WINDOWS.c.status)
+    return (
+        sa.update(WINDOWS)
+        .where(keyed.in_(sa.bindparam("claims", expanding=True)))
+        .values(**_move_values(ENQUEUE, sa.bindparam("now", type_=WINDOWS.c.updated_at.type)))
+        .returning(*WINDOWS.c)
+    )
 
 
 def _describe(pipeline: str, window_start: datetime) -> str:
