@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 
 from core.records import ACTIVE, FINISHED, WindowKind, WindowRecord, WindowStatus
 from core.store.engine import StoreConnections
-from core.store.schema import WINDOWS, UTCDateTime, _aware, _record_from_values, _values
+from core.store.schema import WINDOWS, UTCDateTime, _aware, _record_from_values, _to_record, _values
 
 
 @dataclass(frozen=True)
