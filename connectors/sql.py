@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from functools import partial
 from itertools import repeat
@@ -109,6 +110,20 @@ def lease_engine(
 
 def _dispose(engine: sa.Engine) -> None:
     engine.dispose()
+
+
+CompiledCache = dict[Any, Any]
+"""A connector's own cache of compiled statements: `compiled_cache` of the connections it
+executes its statements on (`Connection.execution_options`).
+
+A connector builds its statements once per table, with bound parameters (building one is most
+of its cost: operators, then its cache key, which SQLAlchemy memoizes on the statement), and
+keeps their compiled forms beside them. The engine's cache would not keep them: it is an LRU of
+500 statements (`query_cache_size`) shared by every pipeline of the process on that URL, and a
+worker serving 1,000 pipelines cycles through 2-3 statements a table of 1,000 tables, so each
+would be evicted before its table came round again and be compiled anew every window. A
+connector's cache holds only its own few statement shapes (bounded), and lives and dies with
+its table."""
 
 
 # --- source -------------------------------------------------------------------------------------
@@ -211,19 +226,61 @@ def _lenient_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+@dataclass(frozen=True)
+class _SourceStatements:
+    """A source table's statements, built once and compiled once into `cache`, parameters
+    bound at execution: `start` and `end` the window's bounds as the column compares them,
+    `last_ts` and `last_id` the previous page's last row."""
+
+    table: sa.Table
+    cache: CompiledCache
+    count: sa.Executable
+    fingerprint: sa.Executable | None
+    """None when `version_column` names no column of the table (`fingerprint` raises)."""
+    first_page: sa.Executable
+    next_page: sa.Executable
+
+
+def _source_statements(table: sa.Table, config: SqlSourceConfig) -> _SourceStatements:
+    ts, key = table.c[config.timestamp_column], table.c[config.id_column]
+    start = sa.bindparam("start", type_=ts.type)
+    end = sa.bindparam("end", type_=ts.type)
+    last_ts = sa.bindparam("last_ts", type_=ts.type)
+    last_id = sa.bindparam("last_id", type_=key.type)
+    in_window = (ts >= start, ts < end)
+    column = config.version_column
+    fingerprint = None
+    if column is None or column in table.c:
+        newest = sa.func.max(table.c[column]) if column is not None else sa.null()
+        fingerprint = sa.select(sa.func.count(), newest).select_from(table).where(*in_window)
+    pages = sa.select(table).order_by(ts, key).limit(config.page_size)
+    return _SourceStatements(
+        table=table,
+        cache={},
+        count=sa.select(sa.func.count()).select_from(table).where(*in_window),
+        fingerprint=fingerprint,
+        first_page=pages.where(*in_window),
+        # After the last row, as the database compares it. `ts >= last` rather than a
+        # row-value `(ts, id) > (...)`: SQLite seeks an index with the former but scans from
+        # the window start with the latter.
+        next_page=pages.where(ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)),
+    )
+
+
 class SqlSource:
     """A table with a timestamp column and a unique id column, read a window at a time.
 
     The engine is leased on first use (`lease_engine`: one per process for every source on
     the same URL) and the table reflected once per instance (once per pipeline in a worker
     process, through the registry). A document's id is the id column's value as text, its
-    body the whole row as an object of column name to value.
+    body the whole row as an object of column name to value. Its statements are built once
+    per table too, and compiled once into a cache of its own (`CompiledCache`).
     """
 
     def __init__(self, config: SqlSourceConfig) -> None:
         self.config = config
         self._lease: Lease[sa.Engine] | None = None
-        self._table: sa.Table | None = None
+        self._statements: _SourceStatements | None = None
         self._lock = threading.Lock()
         self.driver_rows = True
         """Read PostgreSQL pages (through psycopg) as the driver's tuples rather than
@@ -233,16 +290,16 @@ class SqlSource:
 
     # -- connection and table --
 
-    def _connect(self) -> tuple[sa.Engine, sa.Table]:
+    def _connect(self) -> tuple[sa.Engine, _SourceStatements]:
         with self._lock:
             if self._lease is None:
                 self._lease = lease_engine(
                     self.config.url, self.config.password_env, "sql source", _source_engine
                 )
             engine = self._lease.client
-            if self._table is None:
-                self._table = self._reflect(engine)
-            return engine, self._table
+            if self._statements is None:
+                self._statements = _source_statements(self._reflect(engine), self.config)
+            return engine, self._statements
 
     def _reflect(self, engine: sa.Engine) -> sa.Table:
         schema, _, name = self.config.table.rpartition(".")
@@ -281,31 +338,30 @@ class SqlSource:
 
     def count(self, window: Window) -> int:
         """How many rows have `start <= timestamp < end`."""
-        engine, table = self._connect()
-        ts = table.c[self.config.timestamp_column]
-        start, end = self._bounds(table, window)
-        query = sa.select(sa.func.count()).select_from(table).where(ts >= start, ts < end)
+        engine, statements = self._connect()
+        start, end = self._bounds(statements.table, window)
         try:
             with engine.connect() as conn:
-                return int(conn.execute(query).scalar_one())
+                conn.execution_options(compiled_cache=statements.cache)
+                found = conn.execute(statements.count, {"start": start, "end": end})
+                return int(found.scalar_one())
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"count on {self.config.table!r}") from error
 
     def fingerprint(self, window: Window) -> Fingerprint:
         """The window's row count and, with `version_column`, that column's max, in one query."""
-        engine, table = self._connect()
-        ts = table.c[self.config.timestamp_column]
-        start, end = self._bounds(table, window)
-        column = self.config.version_column
-        if column is not None and column not in table.c:
+        engine, statements = self._connect()
+        if statements.fingerprint is None:
             raise TerminalError(
-                f"sql source: table {self.config.table!r} has no column {column!r} (version_column)"
+                f"sql source: table {self.config.table!r} has no column "
+                f"{self.config.version_column!r} (version_column)"
             )
-        newest = sa.func.max(table.c[column]) if column is not None else sa.null()
-        query = sa.select(sa.func.count(), newest).select_from(table).where(ts >= start, ts < end)
+        start, end = self._bounds(statements.table, window)
         try:
             with engine.connect() as conn:
-                count, version = conn.execute(query).one()
+                conn.execution_options(compiled_cache=statements.cache)
+                found = conn.execute(statements.fingerprint, {"start": start, "end": end})
+                count, version = found.one()
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"fingerprint on {self.config.table!r}") from error
         return Fingerprint(int(count), _version_text(version))
@@ -318,23 +374,23 @@ class SqlSource:
         this transaction only): the driver then hands out instants in UTC, which print without
         a conversion per row (the instants are the same in any time zone).
         """
-        engine, table = self._connect()
-        ts, key = table.c[self.config.timestamp_column], table.c[self.config.id_column]
+        engine, statements = self._connect()
+        table = statements.table
         start, end = self._bounds(table, window)
-        window_query = sa.select(table).order_by(ts, key).limit(self.config.page_size)
         postgresql = engine.dialect.name == "postgresql"
         driver_rows = postgresql and engine.dialect.driver == "psycopg" and self.driver_rows
         types = [column.type for column in table.columns]
         try:
             with engine.connect() as conn:
+                conn.execution_options(compiled_cache=statements.cache)
                 if postgresql:
                     conn = conn.execution_options(isolation_level="REPEATABLE READ")
                 with conn.begin():
                     if postgresql:
                         conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
-                    query = window_query.where(ts >= start, ts < end)
+                    query, bounds = statements.first_page, {"start": start, "end": end}
                     while True:
-                        result = conn.execute(query)
+                        result = conn.execute(query, bounds)
                         names = [str(name) for name in result.keys()]  # noqa: SIM118
                         rows: Sequence[Sequence[Any]] = (
                             _driver_rows(result, types, engine.dialect)
@@ -350,13 +406,9 @@ class SqlSource:
                         yield self._batch(names, ts_at, id_at, rows)
                         if len(rows) < self.config.page_size:
                             break
-                        # After the last row, as the database compares it. `ts >= last` rather
-                        # than a row-value `(ts, id) > (...)`: SQLite seeks an index with the
-                        # former but scans from the window start with the latter.
                         last_ts, last_id = rows[-1][ts_at], rows[-1][id_at]
-                        query = window_query.where(
-                            ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)
-                        )
+                        query = statements.next_page
+                        bounds = {"last_ts": last_ts, "end": end, "last_id": last_id}
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"reading {self.config.table!r}") from error
 
@@ -452,7 +504,7 @@ class SqlSource:
         """Give the engine back (the last source using it disposes of its connections); it is
         leased again on next use."""
         with self._lock:
-            held, self._lease, self._table = self._lease, None, None
+            held, self._lease, self._statements = self._lease, None, None
         if held is not None:
             held.release()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, decode_line
 from connectors.shared import Lease
-from connectors.sql import _translate, create_engine, lease_engine
+from connectors.sql import CompiledCache, _translate, create_engine, lease_engine
 from core.checksum import checksum_text, ids_sum
 from core.config import SqlTargetConfig
 from core.errors import (
@@ -130,47 +131,72 @@ def record_fence(
     key = (ledger.c.pipeline == pipeline, ledger.c.window_start == window_start)
     name = conn.dialect.name
     if dialect_upsert and name in ("postgresql", "sqlite"):
-        insert = postgresql.insert(ledger) if name == "postgresql" else sqlite.insert(ledger)
-        excluded = insert.excluded
-        upsert = (
-            insert.values(**values)
-            .on_conflict_do_update(
-                index_elements=[ledger.c.pipeline, ledger.c.window_start],
-                set_={
-                    "fence": excluded.fence,
-                    "row_count": excluded.row_count,
-                    "loaded_at": excluded.loaded_at,
-                },
-                where=ledger.c.fence <= excluded.fence,
-            )
-            .returning(ledger.c.fence)
-        )
-        if conn.execute(upsert).first() is not None:
+        statements = _ledger_statements(ledger, name)
+        if conn.execute(statements.upsert, values).first() is not None:
             return None
-    else:
-        update = (
-            sa.update(ledger)
-            .where(*key, ledger.c.fence <= fence)
-            .values(fence=fence, row_count=rows, loaded_at=loaded_at)
-        )
-        if conn.execute(update).rowcount == 1:
-            return None
-        recorded = conn.execute(
-            sa.select(ledger.c.fence).where(*key).with_for_update()
-        ).scalar_one_or_none()
-        if recorded is not None:
-            return int(recorded)
-        try:
-            conn.execute(sa.insert(ledger).values(**values))
-        except sa.exc.IntegrityError:
-            raise TransientError(
-                f"sql target: another load of window {pipeline} {_utc_text(window_start)} "
-                "recorded its fence first; retrying applies the guard to it"
-            ) from None
+        # Refused: the row exists with a fence at least ours (ON CONFLICT locked it, so this
+        # read sees the value that refused us).
+        held = conn.execute(statements.fence, {"pipeline": pipeline, "window_start": window_start})
+        return int(held.scalar_one())
+    update = (
+        sa.update(ledger)
+        .where(*key, ledger.c.fence <= fence)
+        .values(fence=fence, row_count=rows, loaded_at=loaded_at)
+    )
+    if conn.execute(update).rowcount == 1:
         return None
-    # Refused: the row exists with a fence at least ours (ON CONFLICT locked it, so this read
-    # sees the value that refused us).
-    return int(conn.execute(sa.select(ledger.c.fence).where(*key)).scalar_one())
+    recorded = conn.execute(
+        sa.select(ledger.c.fence).where(*key).with_for_update()
+    ).scalar_one_or_none()
+    if recorded is not None:
+        return int(recorded)
+    try:
+        conn.execute(sa.insert(ledger).values(**values))
+    except sa.exc.IntegrityError:
+        raise TransientError(
+            f"sql target: another load of window {pipeline} {_utc_text(window_start)} "
+            "recorded its fence first; retrying applies the guard to it"
+        ) from None
+    return None
+
+
+@dataclass(frozen=True)
+class _LedgerStatements:
+    """`record_fence`'s statements for one ledger and dialect, built once: parameters
+    `pipeline`, `window_start`, `fence`, `row_count`, `loaded_at`."""
+
+    upsert: sa.Executable
+    fence: sa.Executable
+
+
+_LEDGER_STATEMENTS = "windowpipe_ledger_statements"
+"""Key of a ledger `Table.info` under which its statements are kept, per dialect name."""
+
+
+def _ledger_statements(ledger: sa.Table, dialect: str) -> _LedgerStatements:
+    """The ledger's upsert and fence read for `dialect` ("postgresql" or "sqlite"), built on
+    first use and kept with the `Table` (each target holds its own)."""
+    kept: dict[str, _LedgerStatements] = ledger.info.setdefault(_LEDGER_STATEMENTS, {})
+    statements = kept.get(dialect)
+    if statements is None:
+        insert = postgresql.insert(ledger) if dialect == "postgresql" else sqlite.insert(ledger)
+        excluded = insert.excluded
+        upsert = insert.on_conflict_do_update(
+            index_elements=[ledger.c.pipeline, ledger.c.window_start],
+            set_={
+                "fence": excluded.fence,
+                "row_count": excluded.row_count,
+                "loaded_at": excluded.loaded_at,
+            },
+            where=ledger.c.fence <= excluded.fence,
+        ).returning(ledger.c.fence)
+        fence = sa.select(ledger.c.fence).where(
+            ledger.c.pipeline == sa.bindparam("pipeline"),
+            ledger.c.window_start == sa.bindparam("window_start"),
+        )
+        statements = _LedgerStatements(upsert, fence)
+        kept[dialect] = statements
+    return statements
 
 
 def window_key(table: str, pipeline: str, window_start: datetime) -> str:
@@ -367,37 +393,70 @@ def _copy_into_postgresql(
     return loaded
 
 
+@dataclass(frozen=True)
+class _TargetStatements:
+    """A target table's per-window statements, built once and compiled once into `cache`
+    (`record_fence`'s too, which keeps its statements with the ledger's `Table`), parameters
+    bound at execution: `pipeline` and `start` (the window's start as the column stores it)."""
+
+    table: sa.Table
+    ledger: sa.Table
+    cache: CompiledCache
+    delete: sa.Executable
+    count: sa.Executable
+    ids: sa.Executable
+    """The window's ids, read back to be hashed here (databases that hash none themselves)."""
+    checksum: sa.Executable
+    """PostgreSQL: the window's row count and `PG_ID_HASH_SUM`."""
+    held: sa.Executable
+    """The window's ledger row: its fence and row count."""
+
+
+def _target_statements(table: sa.Table, ledger: sa.Table) -> _TargetStatements:
+    pipeline: sa.BindParameter[str] = sa.bindparam("pipeline")
+    start: sa.BindParameter[datetime] = sa.bindparam("start")
+    window = (table.c.pipeline == pipeline, table.c.window_start == start)
+    checksum = sa.select(sa.func.count(), sa.text(f"coalesce({PG_ID_HASH_SUM}, 0)"))
+    held = sa.select(ledger.c.fence, ledger.c.row_count)
+    return _TargetStatements(
+        table=table,
+        ledger=ledger,
+        cache={},
+        delete=sa.delete(table).where(*window),
+        count=sa.select(sa.func.count()).select_from(table).where(*window),
+        ids=sa.select(table.c.doc_id).where(*window),
+        checksum=checksum.select_from(table).where(*window),
+        held=held.where(ledger.c.pipeline == pipeline, ledger.c.window_start == start),
+    )
+
+
 class SqlTarget:
     """Loads windows into a SQL table, idempotently per window."""
 
     def __init__(self, config: SqlTargetConfig) -> None:
         self.config = config
         self._lease: Lease[sa.Engine] | None = None
-        self._table: sa.Table | None = None
-        self._ledger: sa.Table | None = None
+        self._statements: _TargetStatements | None = None
         self._lock = threading.Lock()
 
-    def _connect(self) -> tuple[sa.Engine, sa.Table]:
-        engine, table, _ = self._connect_with_ledger()
-        return engine, table
-
-    def _connect_with_ledger(self) -> tuple[sa.Engine, sa.Table, sa.Table]:
+    def _connect(self) -> tuple[sa.Engine, _TargetStatements]:
         """The process's engine for this URL (`lease_engine`, shared by every target on it),
-        and this target's table and ledger, created if missing on first use."""
+        and this target's table and ledger (created if missing on first use) with their
+        statements (`_TargetStatements`)."""
         with self._lock:
             if self._lease is None:
                 self._lease = lease_engine(
                     self.config.url, self.config.password_env, "sql target", _target_engine
                 )
             engine = self._lease.client
-            if self._table is None or self._ledger is None:
+            if self._statements is None:
                 metadata = sa.MetaData()
                 table = target_table(self.config.table, metadata)
                 ledger = ledger_table(self.config.table, metadata)
                 for created in (table, ledger):
                     _create_if_missing(engine, created)
-                self._table, self._ledger = table, ledger
-            return engine, self._table, self._ledger
+                self._statements = _target_statements(table, ledger)
+            return engine, self._statements
 
     def _instant(self, engine: sa.Engine, value: datetime) -> datetime:
         # SQLite keeps no zone: store and compare naive UTC there.
@@ -408,8 +467,7 @@ class SqlTarget:
     def _fence_and_clear(
         self,
         conn: sa.Connection,
-        table: sa.Table,
-        ledger: sa.Table,
+        statements: _TargetStatements,
         pipeline: str,
         window_start: datetime,
         fence: int,
@@ -425,8 +483,9 @@ class SqlTarget:
         tag = None
         if engine.dialect.name == "postgresql":  # SQLite targets are single-writer
             tag = LoadTag(self.config.table, pipeline, window_start, fence)
-        _take_fence(conn, ledger, pipeline, start, fence, rows, at, tag=tag)
-        return _delete_window(conn, table, pipeline, start)
+        _take_fence(conn, statements.ledger, pipeline, start, fence, rows, at, tag=tag)
+        deleted = conn.execute(statements.delete, {"pipeline": pipeline, "start": start})
+        return int(deleted.rowcount or 0)
 
     def load_window(
         self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
@@ -454,18 +513,18 @@ class SqlTarget:
 
         Also raises TerminalError, committing nothing, if the staged files hold a different
         number of documents than the manifest lists."""
-        engine, table, ledger = self._connect_with_ledger()
+        engine, statements = self._connect()
         start = self._instant(engine, manifest.window_start)
         end = self._instant(engine, manifest.window_end)
         loaded_at = self._instant(engine, utc_now())
         loaded = 0
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
+                conn.execution_options(compiled_cache=statements.cache)
                 # Committed only if the staged files hold exactly `manifest.rows` (below).
                 self._fence_and_clear(
                     conn,
-                    table,
-                    ledger,
+                    statements,
                     pipeline,
                     manifest.window_start,
                     fence,
@@ -474,11 +533,11 @@ class SqlTarget:
                 )
                 if engine.dialect.name == "postgresql":
                     chunks = self._copy_chunks(manifest, staging, pipeline, start, end, loaded_at)
-                    loaded = _copy_into_postgresql(conn, table, chunks)
+                    loaded = _copy_into_postgresql(conn, statements.table, chunks)
                 else:
                     batches = self._row_batches(manifest, staging, pipeline, start, end, loaded_at)
                     for rows in batches:
-                        conn.execute(sa.insert(table), rows)
+                        conn.execute(sa.insert(statements.table), rows)
                         loaded += len(rows)
                 if loaded != manifest.rows:
                     # Raised inside the transaction: nothing of this load is committed. The
@@ -571,12 +630,13 @@ class SqlTarget:
         (ledger 3); B's guard sees 3 < 5, deletes them and commits (ledger 5, 0 rows). Or B
         clears first (ledger 5); A's guard refuses 3 and A rolls back. The window ends empty.
         """
-        engine, table, ledger = self._connect_with_ledger()
+        engine, statements = self._connect()
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
+                conn.execution_options(compiled_cache=statements.cache)
                 cleared_at = self._instant(engine, utc_now())
                 return self._fence_and_clear(
-                    conn, table, ledger, pipeline, window.start, fence, 0, cleared_at
+                    conn, statements, pipeline, window.start, fence, 0, cleared_at
                 )
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "clear window") from None
@@ -584,19 +644,16 @@ class SqlTarget:
     def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
         """The window's rows, their ids' checksum and its ledger row, read in one snapshot
         (a REPEATABLE READ transaction on PostgreSQL, SQLite's read transaction)."""
-        engine, table, ledger = self._connect_with_ledger()
-        start = self._instant(engine, window.start)
+        engine, statements = self._connect()
+        window_of = {"pipeline": pipeline, "start": self._instant(engine, window.start)}
         try:
             with engine.connect() as conn:
+                conn.execution_options(compiled_cache=statements.cache)
                 if engine.dialect.name == "postgresql":
                     conn = conn.execution_options(isolation_level="REPEATABLE READ")
                 with conn.begin():
-                    rows, checksum = _window_checksum(conn, table, pipeline, start)
-                    held = conn.execute(
-                        sa.select(ledger.c.fence, ledger.c.row_count).where(
-                            ledger.c.pipeline == pipeline, ledger.c.window_start == start
-                        )
-                    ).first()
+                    rows, checksum = _window_checksum(conn, statements, window_of)
+                    held = conn.execute(statements.held, window_of).first()
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "audit window") from None
         return TargetAudit(
@@ -608,17 +665,12 @@ class SqlTarget:
 
     def count_window(self, pipeline: str, window: Window) -> int:
         """Rows the table holds for the window."""
-        engine, table = self._connect()
+        engine, statements = self._connect()
+        window_of = {"pipeline": pipeline, "start": self._instant(engine, window.start)}
         try:
             with engine.connect() as conn:
-                return int(
-                    conn.execute(
-                        sa.select(sa.func.count()).where(
-                            table.c.pipeline == pipeline,
-                            table.c.window_start == self._instant(engine, window.start),
-                        )
-                    ).scalar_one()
-                )
+                conn.execution_options(compiled_cache=statements.cache)
+                return int(conn.execute(statements.count, window_of).scalar_one())
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "count window") from None
 
@@ -626,8 +678,7 @@ class SqlTarget:
         """Give the engine back (the last target using it disposes of its connections); it is
         leased again on next use."""
         with self._lock:
-            held, self._lease = self._lease, None
-            self._table = self._ledger = None
+            held, self._lease, self._statements = self._lease, None, None
         if held is not None:
             held.release()
 
@@ -676,14 +727,6 @@ def _take_fence(
         )
 
 
-def _delete_window(conn: sa.Connection, table: sa.Table, pipeline: str, start: datetime) -> int:
-    """Delete a window's rows inside the caller's (fenced) transaction; how many went."""
-    deleted = conn.execute(
-        sa.delete(table).where(table.c.pipeline == pipeline, table.c.window_start == start)
-    )
-    return int(deleted.rowcount or 0)
-
-
 PG_ID_HASH_SUM = "sum(('x' || substr(md5(doc_id), 1, 16))::bit(64)::bigint)"
 """PostgreSQL's sum of `core.checksum.id_hash` over a window's rows (as signed bigints: the
 same sum modulo 2**64)."""
@@ -693,7 +736,7 @@ ID_READ_BATCH = 10_000
 
 
 def _window_checksum(
-    conn: sa.Connection, table: sa.Table, pipeline: str, start: datetime
+    conn: sa.Connection, statements: _TargetStatements, window_of: dict[str, Any]
 ) -> tuple[int, str]:
     """The window's row count and the checksum of its ids (`core.checksum`).
 
@@ -701,18 +744,11 @@ def _window_checksum(
     DuckDB) the ids are read back in batches and hashed here: one id per row over the wire,
     the cost of a count that returns the column, and no function to register per connection.
     """
-    where = (table.c.pipeline == pipeline, table.c.window_start == start)
     if conn.dialect.name == "postgresql":
-        count, total = conn.execute(
-            sa.select(sa.func.count(), sa.text(f"coalesce({PG_ID_HASH_SUM}, 0)"))
-            .select_from(table)
-            .where(*where)
-        ).one()
+        count, total = conn.execute(statements.checksum, window_of).one()
         return int(count), checksum_text(int(total))
     rows = total = 0
-    result = conn.execution_options(yield_per=ID_READ_BATCH).execute(
-        sa.select(table.c.doc_id).where(*where)
-    )
+    result = conn.execution_options(yield_per=ID_READ_BATCH).execute(statements.ids, window_of)
     for batch in result.scalars().partitions():
         rows += len(batch)
         total += ids_sum(batch)
