@@ -12,6 +12,7 @@ are UTC; such a column is compared with naive UTC bounds, an aware column with a
 from __future__ import annotations
 
 import re
+import select
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from datetime import UTC, date, datetime, time
 from functools import partial
 from itertools import repeat
 from operator import attrgetter, itemgetter
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -56,6 +58,72 @@ POOL_RECYCLE_SECONDS = 300
 """An idle connection older than this is replaced at its next checkout (servers, proxies and
 firewalls drop long-idle sessions)."""
 
+IDLE_PING_SECONDS = 5.0
+"""A pooled connection that sat idle in the pool longer than this is pinged at checkout
+(`checkout_ping_needed`)."""
+
+_IDLE_SINCE = "windowpipe_idle_since"
+"""Key of a pooled connection's `info` holding when it was last checked in (monotonic)."""
+
+
+def checkout_ping_needed(idle_seconds: float | None, has_input: bool) -> bool:
+    """Whether a connection checked out of the pool after `idle_seconds` in it (None: never
+    checked in, i.e. just opened) is pinged first (a `SELECT 1`, replaced if that fails).
+
+    A connection the server ended while it sat idle (`pg_terminate_backend`, a restart,
+    `idle_session_timeout`) has input waiting on its socket (the server's last message, or the
+    end of the stream): pinged, found dead, replaced, so a dead pooled connection never reaches
+    a connector. One dropped silently (a firewall or proxy forgetting it) shows nothing; only
+    one idle longer than `IDLE_PING_SECONDS` is pinged for that. Every other checkout (a
+    worker's next task a moment later, the common case) skips the round trip SQLAlchemy's
+    `pool_pre_ping` would make each time. A connection that dies unseen between its last use
+    and its next query, or while busy, fails that query: SQLAlchemy invalidates it (the pool
+    opens a new one on next checkout) and the connector raises TransientError, which the
+    stage's retry policy retries.
+    """
+    if idle_seconds is None:
+        return False
+    return has_input or idle_seconds > IDLE_PING_SECONDS
+
+
+def _has_input(dbapi_connection: Any) -> bool:
+    """Whether the driver connection's socket has something to read (or is closed); False
+    when the driver exposes no socket (SQLite)."""
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        descriptor = fileno()
+    except Exception:  # closed: the ping finds out how
+        return True
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _ping_stale_connections(engine: sa.Engine) -> None:
+    """Ping a connection at checkout when `checkout_ping_needed` says so, instead of at every
+    checkout (`pool_pre_ping`); a failed ping replaces the connection, as `pool_pre_ping`
+    does (SQLAlchemy's pool opens a new one when a `checkout` listener raises
+    `DisconnectionError`)."""
+    dialect = engine.dialect
+
+    @sa.event.listens_for(engine.pool, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            record.info[_IDLE_SINCE] = monotonic()
+
+    @sa.event.listens_for(engine.pool, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        idle = monotonic() - since if since is not None else None
+        if not checkout_ping_needed(idle, idle is not None and _has_input(dbapi_connection)):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            raise sa.exc.DisconnectionError(f"pooled connection failed a ping: {error}") from error
+
 
 def engine_url(raw_url: str | sa.URL, password_env: str | None, role: str) -> sa.URL:
     """A connector's URL with its password taken from `password_env` (never from the file)."""
@@ -72,7 +140,8 @@ def create_engine(
 ) -> sa.Engine:
     """An engine for a connector's URL, its password taken from `password_env` (never from the
     file), with connect timeouts so an unreachable server fails fast and transiently, and a
-    small pool (`POOL_SIZE`, `POOL_OVERFLOW`) checked before use."""
+    small pool (`POOL_SIZE`, `POOL_OVERFLOW`) whose connections are checked at checkout when
+    they may have died (`checkout_ping_needed`)."""
     url = engine_url(raw_url, password_env, role)
     try:
         connect_args: dict[str, Any] = {}
@@ -87,9 +156,11 @@ def create_engine(
                 "pool_recycle": POOL_RECYCLE_SECONDS,
                 **options,
             }
-        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **options)
+        engine = sa.create_engine(url, connect_args=connect_args, **options)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
         raise TerminalError(one_line(f"{role}: bad url: {error}")) from None
+    _ping_stale_connections(engine)
+    return engine
 
 
 def lease_engine(

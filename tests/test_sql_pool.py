@@ -1,0 +1,115 @@
+"""The SQL connectors' pooled connections: checked at checkout only when they may have died
+(`connectors.sql.checkout_ping_needed`), and a dead one is still replaced silently (README:
+"a pooled connection found dead at checkout is replaced once before use")."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from connectors import shared
+from connectors.local import LocalStaging
+from connectors.sql import IDLE_PING_SECONDS, SqlSource, checkout_ping_needed
+from connectors.sql_target import SqlTarget
+from core.config import LocalStagingConfig, SqlSourceConfig, SqlTargetConfig
+from core.windows import Window
+
+WINDOWS = [
+    Window(datetime(2026, 11, 1, n, tzinfo=UTC), datetime(2026, 11, 1, n + 1, tzinfo=UTC))
+    for n in range(2)
+]
+
+
+@pytest.mark.parametrize(
+    ("idle_seconds", "has_input", "pinged"),
+    [
+        (None, False, False),  # just opened
+        (None, True, False),
+        (0.0, False, False),  # the next task a moment later: no round trip
+        (IDLE_PING_SECONDS, False, False),
+        (IDLE_PING_SECONDS + 0.001, False, True),  # long idle: may have been dropped silently
+        (3600.0, False, True),
+        (0.0, True, True),  # the server ended it (its last message waits on the socket)
+        (IDLE_PING_SECONDS + 1, True, True),
+    ],
+)
+def test_a_connection_is_pinged_at_checkout_only_when_it_may_have_died(
+    idle_seconds: float | None, has_input: bool, pinged: bool
+) -> None:
+    assert checkout_ping_needed(idle_seconds, has_input) is pinged
+
+
+@pytest.fixture
+def events_url(pg_schema_url: str) -> Iterator[str]:
+    """A schema holding `events` with two rows in each of `WINDOWS`."""
+    engine = sa.create_engine(pg_schema_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE events (id BIGINT PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO events VALUES (:id, :at)"),
+            [
+                {"id": number * 10 + row, "at": window.start + timedelta(minutes=row + 1)}
+                for number, window in enumerate(WINDOWS)
+                for row in range(2)
+            ],
+        )
+    engine.dispose()
+    yield pg_schema_url
+    shared.close_all()
+
+
+def _backend_pids(engine: sa.Engine) -> set[int]:
+    with engine.connect() as conn:
+        return {int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())}
+
+
+def _terminate(url: str, pids: set[int]) -> None:
+    """End the backends `pids` as an administrator would, and wait until they are gone."""
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        for pid in pids:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            alive = conn.execute(
+                sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                {"pids": list(pids)},
+            ).scalar_one()
+            if alive == 0:
+                break
+            time.sleep(0.05)
+    admin.dispose()
+
+
+def test_pooled_connections_terminated_between_two_windows_are_replaced_without_an_error(
+    events_url: str, tmp_path: Path
+) -> None:
+    source = SqlSource(SqlSourceConfig(type="sql", url=events_url, table="events"))
+    target = SqlTarget(SqlTargetConfig(type="sql", url=events_url, table="loaded"))
+    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path)))
+
+    def run_window(number: int) -> None:
+        window = WINDOWS[number]
+        assert source.fingerprint(window).count == 2
+        manifest = staging.write_window("p", window, f"r{number}", source.iter_batches(window))
+        assert target.load_window("p", manifest, staging, fence=number + 1) == 2
+        assert target.audit_window("p", window).rows == 2
+
+    run_window(0)
+    engines = [source._connect()[0], target._connect()[0]]
+    before = set().union(*(_backend_pids(engine) for engine in engines))
+
+    _terminate(events_url, before)
+    run_window(1)  # raises if a stage met a dead connection
+
+    after = set().union(*(_backend_pids(engine) for engine in engines))
+    assert before.isdisjoint(after)
+    source.close()
+    target.close()
