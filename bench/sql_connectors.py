@@ -10,8 +10,11 @@ Two layouts: every window on one table, and windows spread over `--tables` (1,00
 round visiting the next `--per-round` of them, so each table comes back only after all the
 others did (what a worker serving 1,000 pipelines sees). Both variants run in this process,
 interleaved round by round: "old" is `git show REF:connectors/{shared,sql,sql_target}.py`
-loaded as a package of its own (its own engines), "new" is the working tree's. Reported: the
-median over rounds of process CPU ms per window, and new/old.
+loaded as a package of its own (its own engines), "new" is the working tree's. Reported, in ms a
+window, medians over rounds: this process's CPU, the CPU of the database's PostgreSQL backends
+(from /proc), and the wall time; and new/old; then the round trips a window on one table
+(libpq's trace of 20 windows: the `Query` and `Sync` requests sent), and how many statements
+were compiled a window while timed (compiled-cache misses).
 
 `python -m bench.sql_connectors [--ref main] [--tables 1000] [--rounds 7] [--per-round 200]`
 """
@@ -32,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine.default import CACHE_MISS
 
-from bench.common import file_at, log, median, pg_database
+from bench.common import cpu_seconds, file_at, log, median, pg_database
 from bench.many_pipelines import seed
 from connectors.base import Batch
 from connectors.local import LocalStaging
@@ -113,10 +116,36 @@ class Variant:
         assert found.count == loaded == audit.rows == again.count == 2, (found, loaded, audit)
 
 
-def _cpu_ms_per_window(run: Callable[[], int]) -> float:
-    before = time.process_time()
+def round_trips(variant: Variant, windows: list[Window], trace: Path) -> float:
+    """Round trips to PostgreSQL a window on one table: the requests (`Query`, `Sync`) the
+    frontend sends, from libpq's trace of the engines' pooled connections."""
+    source, target = variant.pair(0)
+    engines = {source._connect()[0], target._connect()[0]}
+    with trace.open("w") as sink:
+        for engine in engines:
+            with engine.connect() as conn:
+                conn.connection.driver_connection.pgconn.trace(sink.fileno())  # type: ignore[union-attr]
+        for window in windows:
+            variant.window(0, window)
+        for engine in engines:
+            with engine.connect() as conn:
+                conn.connection.driver_connection.pgconn.untrace()  # type: ignore[union-attr]
+    sent = [line.split("\t") for line in trace.read_text().splitlines()]
+    return sum(1 for f in sent if len(f) > 3 and f[1] == "F" and f[3] in ("Query", "Sync")) / len(
+        windows
+    )
+
+
+def _per_window(run: Callable[[], int], database: str) -> tuple[float, float, float]:
+    """This process's CPU, the database's PostgreSQL backends' CPU and the wall time, in ms a
+    window, of `run()` (which returns how many windows it ran)."""
+    cpu, backends, wall = time.process_time(), cpu_seconds([], database), time.perf_counter()
     windows = run()
-    return (time.process_time() - before) * 1000 / windows
+    return (
+        (time.process_time() - cpu) * 1000 / windows,
+        (cpu_seconds([], database) - backends) * 1000 / windows,
+        (time.perf_counter() - wall) * 1000 / windows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             for index in range(args.tables):
                 variant.window(index, windows[0])
             variant.count_compilations()
-        results: dict[tuple[str, str], list[float]] = {}
+        database = sa.make_url(url).database or ""
+        results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         cursor = 0
         for number in range(args.rounds):
             spread = [(cursor + k) % args.tables for k in range(args.per_round)]
@@ -160,15 +190,25 @@ def main(argv: list[str] | None = None) -> int:
                             variant.window(index, windows[k % SEEDED_WINDOWS])
                         return len(indexes)
 
-                    results.setdefault((layout, variant.name), []).append(_cpu_ms_per_window(run))
+                    measured = _per_window(run, database)
+                    results.setdefault((layout, variant.name), []).append(measured)
             log(f"round {number + 1}/{args.rounds} done")
-        print(f"CPU ms per window (median of {args.rounds} rounds of {args.per_round} windows)")
-        print(f"{'layout':<22} {'old':>8} {'new':>8} {'new/old':>8}")
+        print(f"ms a window, median of {args.rounds} rounds of {args.per_round} windows")
+        print(f"{'layout':<12} {'measure':<18} {'old':>7} {'new':>7} {'new/old':>8}")
         for layout, label in (("1 table", "1 table"), ("spread", f"{args.tables} tables")):
-            old = median(results[(layout, "old")])
-            new = median(results[(layout, "new")])
-            print(f"{label:<22} {old:8.2f} {new:8.2f} {new / old:8.2f}")
+            for at, measure in enumerate(("worker CPU", "PostgreSQL CPU", "wall")):
+                old = median([run[at] for run in results[(layout, "old")]])
+                new = median([run[at] for run in results[(layout, "new")]])
+                ratio = new / old if old else float("nan")
+                print(f"{label:<12} {measure:<18} {old:7.2f} {new:7.2f} {ratio:8.2f}")
         measured = args.rounds * args.per_round * 2
+        traced = [windows[k % SEEDED_WINDOWS] for k in range(20)]
+        trips = [
+            round_trips(variant, traced, Path(tmp) / f"{variant.name}.trace")
+            for variant in variants
+        ]
+        print(f"{'1 table':<12} {'round trips':<18} {trips[0]:7.1f} {trips[1]:7.1f}", end=" ")
+        print(f"{trips[1] / trips[0]:8.2f}")
         for variant in variants:
             print(f"{variant.name}: {variant.compiled / measured:.2f} statements compiled a window")
         for variant in variants:

@@ -28,7 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, decode_line
 from connectors.shared import Lease
-from connectors.sql import CompiledCache, _translate, create_engine, lease_engine
+from connectors.sql import CompiledCache, _translate, create_engine, lease_engine, read_with
 from core.checksum import checksum_text, ids_sum
 from core.config import SqlTargetConfig
 from core.errors import (
@@ -406,18 +406,29 @@ class _TargetStatements:
     count: sa.Executable
     ids: sa.Executable
     """The window's ids, read back to be hashed here (databases that hash none themselves)."""
-    checksum: sa.Executable
-    """PostgreSQL: the window's row count and `PG_ID_HASH_SUM`."""
     held: sa.Executable
     """The window's ledger row: its fence and row count."""
+    audit: sa.Executable
+    """PostgreSQL: the window's row count, `PG_ID_HASH_SUM` and its ledger row (fence and
+    row count, NULL if none) in one statement."""
 
 
 def _target_statements(table: sa.Table, ledger: sa.Table) -> _TargetStatements:
     pipeline: sa.BindParameter[str] = sa.bindparam("pipeline")
     start: sa.BindParameter[datetime] = sa.bindparam("start")
     window = (table.c.pipeline == pipeline, table.c.window_start == start)
-    checksum = sa.select(sa.func.count(), sa.text(f"coalesce({PG_ID_HASH_SUM}, 0)"))
     held = sa.select(ledger.c.fence, ledger.c.row_count)
+    ledger_row = sa.and_(ledger.c.pipeline == pipeline, ledger.c.window_start == start)
+    rows = (
+        sa.select(
+            sa.func.count().label("row_count"),
+            sa.literal_column(f"coalesce({PG_ID_HASH_SUM}, 0)").label("id_sum"),
+        )
+        .select_from(table)
+        .where(*window)
+        .subquery()
+    )
+    audit = sa.select(rows.c.row_count, rows.c.id_sum, ledger.c.fence, ledger.c.row_count)
     return _TargetStatements(
         table=table,
         ledger=ledger,
@@ -425,8 +436,8 @@ def _target_statements(table: sa.Table, ledger: sa.Table) -> _TargetStatements:
         delete=sa.delete(table).where(*window),
         count=sa.select(sa.func.count()).select_from(table).where(*window),
         ids=sa.select(table.c.doc_id).where(*window),
-        checksum=checksum.select_from(table).where(*window),
-        held=held.where(ledger.c.pipeline == pipeline, ledger.c.window_start == start),
+        held=held.where(ledger_row),
+        audit=audit.select_from(rows.outerjoin(ledger, ledger_row)),
     )
 
 
@@ -642,18 +653,24 @@ class SqlTarget:
             raise _translate_target(error, "clear window") from None
 
     def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
-        """The window's rows, their ids' checksum and its ledger row, read in one snapshot
-        (a REPEATABLE READ transaction on PostgreSQL, SQLite's read transaction)."""
+        """The window's rows, their ids' checksum and its ledger row, read in one snapshot: one
+        statement on PostgreSQL (`_TargetStatements.audit`: the server sums the ids' hashes,
+        `PG_ID_HASH_SUM`, and one row comes back), elsewhere a read transaction
+        (`_window_ids_checksum`, then the ledger row)."""
         engine, statements = self._connect()
         window_of = {"pipeline": pipeline, "start": self._instant(engine, window.start)}
         try:
             with engine.connect() as conn:
-                conn.execution_options(compiled_cache=statements.cache)
                 if engine.dialect.name == "postgresql":
-                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
-                with conn.begin():
-                    rows, checksum = _window_checksum(conn, statements, window_of)
-                    held = conn.execute(statements.held, window_of).first()
+                    found = read_with(conn, statements.cache).execute(statements.audit, window_of)
+                    count, total, fence, held_rows = found.one()
+                    rows, checksum = int(count), checksum_text(int(total))
+                    held = (fence, held_rows) if fence is not None else None
+                else:
+                    conn.execution_options(compiled_cache=statements.cache)
+                    with conn.begin():
+                        rows, checksum = _window_ids_checksum(conn, statements, window_of)
+                        held = conn.execute(statements.held, window_of).first()
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "audit window") from None
         return TargetAudit(
@@ -669,8 +686,8 @@ class SqlTarget:
         window_of = {"pipeline": pipeline, "start": self._instant(engine, window.start)}
         try:
             with engine.connect() as conn:
-                conn.execution_options(compiled_cache=statements.cache)
-                return int(conn.execute(statements.count, window_of).scalar_one())
+                counted = read_with(conn, statements.cache).execute(statements.count, window_of)
+                return int(counted.scalar_one())
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "count window") from None
 
@@ -735,18 +752,14 @@ ID_READ_BATCH = 10_000
 """Ids read back per fetch where the database hashes none itself (`_window_checksum`)."""
 
 
-def _window_checksum(
+def _window_ids_checksum(
     conn: sa.Connection, statements: _TargetStatements, window_of: dict[str, Any]
 ) -> tuple[int, str]:
-    """The window's row count and the checksum of its ids (`core.checksum`).
-
-    PostgreSQL sums the hashes itself (`PG_ID_HASH_SUM`: one row back). Elsewhere (SQLite,
-    DuckDB) the ids are read back in batches and hashed here: one id per row over the wire,
-    the cost of a count that returns the column, and no function to register per connection.
+    """The window's row count and the checksum of its ids (`core.checksum`), where the
+    database hashes none itself (SQLite, DuckDB): the ids are read back in batches and hashed
+    here, one id per row over the wire, the cost of a count that returns the column, and no
+    function to register per connection. (PostgreSQL sums the hashes itself: `audit_window`.)
     """
-    if conn.dialect.name == "postgresql":
-        count, total = conn.execute(statements.checksum, window_of).one()
-        return int(count), checksum_text(int(total))
     rows = total = 0
     result = conn.execution_options(yield_per=ID_READ_BATCH).execute(statements.ids, window_of)
     for batch in result.scalars().partitions():

@@ -1,6 +1,7 @@
 """The SQL connectors' pooled connections: checked at checkout only when they may have died
 (`connectors.sql.checkout_ping_needed`), and a dead one is still replaced silently (README:
-"a pooled connection found dead at checkout is replaced once before use")."""
+"a pooled connection found dead at checkout is replaced once before use"); a source's
+session keeps no time zone of its own."""
 
 from __future__ import annotations
 
@@ -113,3 +114,29 @@ def test_pooled_connections_terminated_between_two_windows_are_replaced_without_
     assert before.isdisjoint(after)
     source.close()
     target.close()
+
+
+def test_a_source_reads_the_same_instants_in_any_session_time_zone_and_leaves_it_as_it_was(
+    events_url: str,
+) -> None:
+    # The session's default zone as a server or role setting would make it; page_size 1 reads
+    # the window in its transaction (`SET LOCAL TIME ZONE 'UTC'`), 1,000 in one statement.
+    kolkata = events_url + "%20-ctimezone%3DAsia/Kolkata"
+    read: dict[int, list[tuple[str, datetime]]] = {}
+    for page_size in (1, 1000):
+        source = SqlSource(
+            SqlSourceConfig(type="sql", url=kolkata, table="events", page_size=page_size)
+        )
+        read[page_size] = [
+            (document.body["created_at"], document.timestamp)
+            for batch in source.iter_batches(WINDOWS[0])
+            for document in batch.documents
+        ]
+        with source._connect()[0].connect() as conn:
+            # No session state kept (PgBouncer's transaction pooling shares server sessions).
+            assert conn.exec_driver_sql("SHOW TimeZone").scalar_one() == "Asia/Kolkata"
+        source.close()
+
+    stamps = [WINDOWS[0].start + timedelta(minutes=minute) for minute in (1, 2)]
+    expected = [(stamp.strftime("%Y-%m-%dT%H:%M:%SZ"), stamp) for stamp in stamps]
+    assert read[1] == read[1000] == expected

@@ -124,3 +124,32 @@ def test_connectors_of_many_tables_on_one_engine_each_see_their_own_table_and_co
             assert compiled == []
     for item in (*sources, *targets):
         item.close()
+
+
+def test_a_window_of_several_pages_is_read_in_one_snapshot(pg_schema_url: str) -> None:
+    """Its first page comes back full when read alone, so the window is read again in one
+    transaction: a row committed after the first page was yielded is not read."""
+    engine = sa.create_engine(pg_schema_url)
+    window = WINDOWS[0]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE src (id BIGINT PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO src VALUES (:id, :at)"),
+            [{"id": n, "at": window.start + timedelta(minutes=n)} for n in range(1, 5)],
+        )
+    source = SqlSource(SqlSourceConfig(type="sql", url=pg_schema_url, table="src", page_size=2))
+    batches = source.iter_batches(window)
+    first = next(batches)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO src VALUES (:id, :at)"),
+            {"id": 9, "at": window.start + timedelta(minutes=9)},
+        )
+    rest = list(batches)
+
+    assert [d.id for b in [first, *rest] for d in b.documents] == ["1", "2", "3", "4"]
+    assert source.count(window) == 5
+    source.close()
+    engine.dispose()
