@@ -281,12 +281,15 @@ def take_ledger_row(
     window is fenced out anyway, so ending one that does not hold the row yet loses nothing.
     """
     for _ in range(LEDGER_WAITS):
+        # The savepoint by hand rather than `begin_nested()`: its release and the reset of
+        # `lock_timeout` then go in one round trip (a simple query of two statements).
+        conn.exec_driver_sql(f"SAVEPOINT {_LEDGER_SAVEPOINT}")
         try:
-            with conn.begin_nested():
-                recorded = record_fence(conn, ledger, **record)
+            recorded = record_fence(conn, ledger, **record)
         except sa.exc.OperationalError as error:
             if getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
+            conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_LEDGER_SAVEPOINT}")
             ended = conn.execute(
                 _TERMINATE_OLDER_LOADS, {"prefix": LOAD_TAG, "key": tag.key, "fence": tag.fence}
             ).all()
@@ -296,7 +299,9 @@ def take_ledger_row(
                 ended=[f"{pid} ({name})" for pid, name, _ in ended],
             )
             continue
-        conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+        conn.exec_driver_sql(
+            f"RELEASE SAVEPOINT {_LEDGER_SAVEPOINT}; SET LOCAL lock_timeout TO DEFAULT"
+        )
         return recorded
     raise TransientError(
         f"sql target: the ledger row of window {record['pipeline']} "
@@ -304,6 +309,9 @@ def take_ledger_row(
         f"fence {tag.fence} for {LEDGER_WAITS * LEDGER_WAIT_SECONDS}s"
     )
 
+
+_LEDGER_SAVEPOINT = "windowpipe_ledger"
+"""The savepoint around a PostgreSQL load's ledger upsert (`take_ledger_row`)."""
 
 _LOCK_NOT_AVAILABLE = "55P03"
 """PostgreSQL's SQLSTATE for a lock wait that ran past `lock_timeout`."""
