@@ -89,19 +89,54 @@ def _terminate(url: str, pids: set[int]) -> None:
     admin.dispose()
 
 
+class Stages:
+    """A SQL source and target on `url` and a local staging, as the stages use them."""
+
+    def __init__(self, url: str, staging: Path) -> None:
+        self.source = SqlSource(SqlSourceConfig(type="sql", url=url, table="events"))
+        self.target = SqlTarget(SqlTargetConfig(type="sql", url=url, table="loaded"))
+        self.staging = LocalStaging(LocalStagingConfig(type="local", path=str(staging)))
+        self.fence = 0
+
+    def run_window(self, number: int) -> None:
+        """Precheck, extract, load and audit of `WINDOWS[number]`; raises on any error."""
+        window = WINDOWS[number]
+        self.fence += 1
+        assert self.source.fingerprint(window).count == 2
+        batches = self.source.iter_batches(window)
+        manifest = self.staging.write_window("p", window, f"r{self.fence}", batches)
+        assert self.target.load_window("p", manifest, self.staging, fence=self.fence) == 2
+        assert self.target.audit_window("p", window).rows == 2
+        assert self.source.fingerprint(window).count == 2
+
+    def engines(self) -> list[sa.Engine]:
+        return [self.source._connect()[0], self.target._connect()[0]]
+
+    def close(self) -> None:
+        self.source.close()
+        self.target.close()
+
+
+def test_a_live_connection_pinged_after_idling_is_kept_and_serves_every_stage(
+    events_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stages = Stages(events_url, tmp_path)
+    stages.run_window(0)
+    before = set().union(*(_backend_pids(engine) for engine in stages.engines()))
+
+    monkeypatch.setattr("connectors.sql.IDLE_PING_SECONDS", -1.0)  # every checkout pings
+    stages.run_window(1)
+    stages.run_window(0)
+
+    assert set().union(*(_backend_pids(engine) for engine in stages.engines())) == before
+    stages.close()
+
+
 def test_pooled_connections_terminated_between_two_windows_are_replaced_without_an_error(
     events_url: str, tmp_path: Path
 ) -> None:
-    source = SqlSource(SqlSourceConfig(type="sql", url=events_url, table="events"))
-    target = SqlTarget(SqlTargetConfig(type="sql", url=events_url, table="loaded"))
-    staging = LocalStaging(LocalStagingConfig(type="local", path=str(tmp_path)))
-
-    def run_window(number: int) -> None:
-        window = WINDOWS[number]
-        assert source.fingerprint(window).count == 2
-        manifest = staging.write_window("p", window, f"r{number}", source.iter_batches(window))
-        assert target.load_window("p", manifest, staging, fence=number + 1) == 2
-        assert target.audit_window("p", window).rows == 2
+    stages = Stages(events_url, tmp_path)
+    source, target, run_window = stages.source, stages.target, stages.run_window
 
     run_window(0)
     engines = [source._connect()[0], target._connect()[0]]
