@@ -224,16 +224,24 @@ class LoadTag:
         text = f"{LOAD_TAG} {fence} {self.key} {label}".encode()[:63]
         self.text = text.decode("utf-8", errors="ignore")
 
-    def apply(self, conn: sa.Connection) -> None:
+    def apply(self, conn: sa.Connection, *, savepoint: str) -> None:
         """Tag this transaction, bound its ledger wait (`LEDGER_WAIT_SECONDS`) and its idle time
-        (`IDLE_LOAD_SECONDS`); one round trip, every setting local to the transaction."""
-        conn.execute(
-            sa.text(
-                "SELECT set_config('application_name', :tag, true),"
-                " set_config('lock_timeout', :wait, true),"
-                " set_config('idle_in_transaction_session_timeout', :idle, true)"
-            ),
-            {"tag": self.text, "wait": f"{LEDGER_WAIT_SECONDS}s", "idle": f"{IDLE_LOAD_SECONDS}s"},
+        (`IDLE_LOAD_SECONDS`), every setting local to the transaction, then set `savepoint`:
+        one round trip, a simple query of two statements (which takes no parameters, so the
+        values are quoted by psycopg as literals for this connection)."""
+        from psycopg import sql
+
+        raw = conn.connection.driver_connection
+        tag, wait, idle = (
+            # `%` doubled: the driver still reads the text for placeholders.
+            sql.Literal(value).as_string(raw).replace("%", "%%")
+            for value in (self.text, f"{LEDGER_WAIT_SECONDS}s", f"{IDLE_LOAD_SECONDS}s")
+        )
+        conn.exec_driver_sql(
+            f"SELECT set_config('application_name', {tag}, true),"
+            f" set_config('lock_timeout', {wait}, true),"
+            f" set_config('idle_in_transaction_session_timeout', {idle}, true);"
+            f" SAVEPOINT {savepoint}"
         )
 
 
@@ -254,7 +262,7 @@ whose transaction ended meanwhile, and with it its tag, is not touched)."""
 def take_ledger_row(
     conn: sa.Connection, ledger: sa.Table, tag: LoadTag, **record: Any
 ) -> int | None:
-    """`record_fence` on PostgreSQL, for a load tagged `tag` (`LoadTag.apply`): a load frozen
+    """`record_fence` on PostgreSQL, for a load it tags `tag` (`LoadTag.apply`): a load frozen
     with the window's ledger row cannot make this one wait longer than
     `LEDGER_WAITS * LEDGER_WAIT_SECONDS`.
 
@@ -280,10 +288,10 @@ def take_ledger_row(
     the wait ran out, B no longer waits, so nobody blocks it; and every older fence of this
     window is fenced out anyway, so ending one that does not hold the row yet loses nothing.
     """
+    # The savepoint by hand rather than `begin_nested()`: set with the tag, and released with
+    # the reset of `lock_timeout`, a round trip each. ROLLBACK TO keeps it for the next try.
+    tag.apply(conn, savepoint=_LEDGER_SAVEPOINT)
     for _ in range(LEDGER_WAITS):
-        # The savepoint by hand rather than `begin_nested()`: its release and the reset of
-        # `lock_timeout` then go in one round trip (a simple query of two statements).
-        conn.exec_driver_sql(f"SAVEPOINT {_LEDGER_SAVEPOINT}")
         try:
             recorded = record_fence(conn, ledger, **record)
         except sa.exc.OperationalError as error:
@@ -741,7 +749,6 @@ def _take_fence(
         "loaded_at": loaded_at,
     }
     if tag is not None:
-        tag.apply(conn)
         recorded = take_ledger_row(conn, ledger, tag, **record)
     else:
         recorded = record_fence(conn, ledger, **record)
