@@ -50,6 +50,14 @@ NOOP_LAST_KEY = "bench:noop:last"
 """`time.time()` when the last no-op chain finished."""
 
 
+def file_at(ref: str, path: str) -> str:
+    """The text of the repository's file `path` as of commit `ref` (to bench old code)."""
+    shown = subprocess.run(
+        ["git", "show", f"{ref}:{path}"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return shown.stdout
+
+
 # --- services -----------------------------------------------------------------------------------
 
 

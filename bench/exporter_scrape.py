@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import REPO, Row, log, pg_database, redis_db, schema_url, write_config
+from bench.common import Row, file_at, log, pg_database, redis_db, schema_url, write_config
 from core.config import Config, load_config
 from core.metrics import read_window_metrics
 from core.store import StateStore
@@ -46,13 +45,7 @@ NOW = ORIGIN + timedelta(days=2)
 
 def baseline_module() -> ModuleType:
     """core/metrics.py as it was at BASELINE_COMMIT, imported under another name."""
-    source = subprocess.run(
-        ["git", "show", f"{BASELINE_COMMIT}:core/metrics.py"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    source = file_at(BASELINE_COMMIT, "core/metrics.py")
     path = Path(tempfile.mkdtemp()) / "baseline_metrics.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("baseline_metrics", path)

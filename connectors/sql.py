@@ -12,12 +12,15 @@ are UTC; such a column is compared with naive UTC bounds, an aware column with a
 from __future__ import annotations
 
 import re
+import select
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from functools import partial
 from itertools import repeat
 from operator import attrgetter, itemgetter
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -55,6 +58,72 @@ POOL_RECYCLE_SECONDS = 300
 """An idle connection older than this is replaced at its next checkout (servers, proxies and
 firewalls drop long-idle sessions)."""
 
+IDLE_PING_SECONDS = 5.0
+"""A pooled connection that sat idle in the pool longer than this is pinged at checkout
+(`checkout_ping_needed`)."""
+
+_IDLE_SINCE = "windowpipe_idle_since"
+"""Key of a pooled connection's `info` holding when it was last checked in (monotonic)."""
+
+
+def checkout_ping_needed(idle_seconds: float | None, has_input: bool) -> bool:
+    """Whether a connection checked out of the pool after `idle_seconds` in it (None: never
+    checked in, i.e. just opened) is pinged first (a `SELECT 1`, replaced if that fails).
+
+    A connection the server ended while it sat idle (`pg_terminate_backend`, a restart,
+    `idle_session_timeout`) has input waiting on its socket (the server's last message, or the
+    end of the stream): pinged, found dead, replaced, so a dead pooled connection never reaches
+    a connector. One dropped silently (a firewall or proxy forgetting it) shows nothing; only
+    one idle longer than `IDLE_PING_SECONDS` is pinged for that. Every other checkout (a
+    worker's next task a moment later, the common case) skips the round trip SQLAlchemy's
+    `pool_pre_ping` would make each time. A connection that dies unseen between its last use
+    and its next query, or while busy, fails that query: SQLAlchemy invalidates it (the pool
+    opens a new one on next checkout) and the connector raises TransientError, which the
+    stage's retry policy retries.
+    """
+    if idle_seconds is None:
+        return False
+    return has_input or idle_seconds > IDLE_PING_SECONDS
+
+
+def _has_input(dbapi_connection: Any) -> bool:
+    """Whether the driver connection's socket has something to read (or is closed); False
+    when the driver exposes no socket (SQLite)."""
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        descriptor = fileno()
+    except Exception:  # closed: the ping finds out how
+        return True
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _ping_stale_connections(engine: sa.Engine) -> None:
+    """Ping a connection at checkout when `checkout_ping_needed` says so, instead of at every
+    checkout (`pool_pre_ping`); a failed ping replaces the connection, as `pool_pre_ping`
+    does (SQLAlchemy's pool opens a new one when a `checkout` listener raises
+    `DisconnectionError`)."""
+    dialect = engine.dialect
+
+    @sa.event.listens_for(engine.pool, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None:
+            record.info[_IDLE_SINCE] = monotonic()
+
+    @sa.event.listens_for(engine.pool, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        idle = monotonic() - since if since is not None else None
+        if not checkout_ping_needed(idle, idle is not None and _has_input(dbapi_connection)):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            raise sa.exc.DisconnectionError(f"pooled connection failed a ping: {error}") from error
+
 
 def engine_url(raw_url: str | sa.URL, password_env: str | None, role: str) -> sa.URL:
     """A connector's URL with its password taken from `password_env` (never from the file)."""
@@ -71,7 +140,8 @@ def create_engine(
 ) -> sa.Engine:
     """An engine for a connector's URL, its password taken from `password_env` (never from the
     file), with connect timeouts so an unreachable server fails fast and transiently, and a
-    small pool (`POOL_SIZE`, `POOL_OVERFLOW`) checked before use."""
+    small pool (`POOL_SIZE`, `POOL_OVERFLOW`) whose connections are checked at checkout when
+    they may have died (`checkout_ping_needed`)."""
     url = engine_url(raw_url, password_env, role)
     try:
         connect_args: dict[str, Any] = {}
@@ -86,9 +156,11 @@ def create_engine(
                 "pool_recycle": POOL_RECYCLE_SECONDS,
                 **options,
             }
-        return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **options)
+        engine = sa.create_engine(url, connect_args=connect_args, **options)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as error:
         raise TerminalError(one_line(f"{role}: bad url: {error}")) from None
+    _ping_stale_connections(engine)
+    return engine
 
 
 def lease_engine(
@@ -109,6 +181,20 @@ def lease_engine(
 
 def _dispose(engine: sa.Engine) -> None:
     engine.dispose()
+
+
+CompiledCache = dict[Any, Any]
+"""A connector's own cache of compiled statements: `compiled_cache` of the connections it
+executes its statements on (`Connection.execution_options`).
+
+A connector builds its statements once per table, with bound parameters (building one is most
+of its cost: operators, then its cache key, which SQLAlchemy memoizes on the statement), and
+keeps their compiled forms beside them. The engine's cache would not keep them: it is an LRU of
+500 statements (`query_cache_size`) shared by every pipeline of the process on that URL, and a
+worker serving 1,000 pipelines cycles through 2-3 statements a table of 1,000 tables, so each
+would be evicted before its table came round again and be compiled anew every window. A
+connector's cache holds only its own few statement shapes (bounded), and lives and dies with
+its table."""
 
 
 # --- source -------------------------------------------------------------------------------------
@@ -211,19 +297,72 @@ def _lenient_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def read_with(conn: sa.Connection, cache: CompiledCache) -> sa.Connection:
+    """`conn` set up for a connector's read of one statement: compiled into the connector's
+    `cache`, and on PostgreSQL in autocommit. A statement is its own snapshot there whatever
+    the transaction around it, so a one-statement read in a transaction of its own would only
+    add a BEGIN and a ROLLBACK round trip (a third of a fingerprint's)."""
+    conn.execution_options(compiled_cache=cache)
+    if conn.dialect.name == "postgresql":
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+    return conn
+
+
+@dataclass(frozen=True)
+class _SourceStatements:
+    """A source table's statements, built once and compiled once into `cache`, parameters
+    bound at execution: `start` and `end` the window's bounds as the column compares them,
+    `last_ts` and `last_id` the previous page's last row."""
+
+    table: sa.Table
+    cache: CompiledCache
+    count: sa.Executable
+    fingerprint: sa.Executable | None
+    """None when `version_column` names no column of the table (`fingerprint` raises)."""
+    first_page: sa.Executable
+    next_page: sa.Executable
+
+
+def _source_statements(table: sa.Table, config: SqlSourceConfig) -> _SourceStatements:
+    ts, key = table.c[config.timestamp_column], table.c[config.id_column]
+    start = sa.bindparam("start", type_=ts.type)
+    end = sa.bindparam("end", type_=ts.type)
+    last_ts = sa.bindparam("last_ts", type_=ts.type)
+    last_id = sa.bindparam("last_id", type_=key.type)
+    in_window = (ts >= start, ts < end)
+    column = config.version_column
+    fingerprint = None
+    if column is None or column in table.c:
+        newest = sa.func.max(table.c[column]) if column is not None else sa.null()
+        fingerprint = sa.select(sa.func.count(), newest).select_from(table).where(*in_window)
+    pages = sa.select(table).order_by(ts, key).limit(config.page_size)
+    return _SourceStatements(
+        table=table,
+        cache={},
+        count=sa.select(sa.func.count()).select_from(table).where(*in_window),
+        fingerprint=fingerprint,
+        first_page=pages.where(*in_window),
+        # After the last row, as the database compares it. `ts >= last` rather than a
+        # row-value `(ts, id) > (...)`: SQLite seeks an index with the former but scans from
+        # the window start with the latter.
+        next_page=pages.where(ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)),
+    )
+
+
 class SqlSource:
     """A table with a timestamp column and a unique id column, read a window at a time.
 
     The engine is leased on first use (`lease_engine`: one per process for every source on
     the same URL) and the table reflected once per instance (once per pipeline in a worker
     process, through the registry). A document's id is the id column's value as text, its
-    body the whole row as an object of column name to value.
+    body the whole row as an object of column name to value. Its statements are built once
+    per table too, and compiled once into a cache of its own (`CompiledCache`).
     """
 
     def __init__(self, config: SqlSourceConfig) -> None:
         self.config = config
         self._lease: Lease[sa.Engine] | None = None
-        self._table: sa.Table | None = None
+        self._statements: _SourceStatements | None = None
         self._lock = threading.Lock()
         self.driver_rows = True
         """Read PostgreSQL pages (through psycopg) as the driver's tuples rather than
@@ -233,16 +372,16 @@ class SqlSource:
 
     # -- connection and table --
 
-    def _connect(self) -> tuple[sa.Engine, sa.Table]:
+    def _connect(self) -> tuple[sa.Engine, _SourceStatements]:
         with self._lock:
             if self._lease is None:
                 self._lease = lease_engine(
                     self.config.url, self.config.password_env, "sql source", _source_engine
                 )
             engine = self._lease.client
-            if self._table is None:
-                self._table = self._reflect(engine)
-            return engine, self._table
+            if self._statements is None:
+                self._statements = _source_statements(self._reflect(engine), self.config)
+            return engine, self._statements
 
     def _reflect(self, engine: sa.Engine) -> sa.Table:
         schema, _, name = self.config.table.rpartition(".")
@@ -281,31 +420,32 @@ class SqlSource:
 
     def count(self, window: Window) -> int:
         """How many rows have `start <= timestamp < end`."""
-        engine, table = self._connect()
-        ts = table.c[self.config.timestamp_column]
-        start, end = self._bounds(table, window)
-        query = sa.select(sa.func.count()).select_from(table).where(ts >= start, ts < end)
+        engine, statements = self._connect()
+        start, end = self._bounds(statements.table, window)
         try:
             with engine.connect() as conn:
-                return int(conn.execute(query).scalar_one())
+                found = read_with(conn, statements.cache).execute(
+                    statements.count, {"start": start, "end": end}
+                )
+                return int(found.scalar_one())
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"count on {self.config.table!r}") from error
 
     def fingerprint(self, window: Window) -> Fingerprint:
         """The window's row count and, with `version_column`, that column's max, in one query."""
-        engine, table = self._connect()
-        ts = table.c[self.config.timestamp_column]
-        start, end = self._bounds(table, window)
-        column = self.config.version_column
-        if column is not None and column not in table.c:
+        engine, statements = self._connect()
+        if statements.fingerprint is None:
             raise TerminalError(
-                f"sql source: table {self.config.table!r} has no column {column!r} (version_column)"
+                f"sql source: table {self.config.table!r} has no column "
+                f"{self.config.version_column!r} (version_column)"
             )
-        newest = sa.func.max(table.c[column]) if column is not None else sa.null()
-        query = sa.select(sa.func.count(), newest).select_from(table).where(ts >= start, ts < end)
+        start, end = self._bounds(statements.table, window)
         try:
             with engine.connect() as conn:
-                count, version = conn.execute(query).one()
+                found = read_with(conn, statements.cache).execute(
+                    statements.fingerprint, {"start": start, "end": end}
+                )
+                count, version = found.one()
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"fingerprint on {self.config.table!r}") from error
         return Fingerprint(int(count), _version_text(version))
@@ -316,49 +456,62 @@ class SqlSource:
         On PostgreSQL the pages are read in one REPEATABLE READ transaction: one snapshot,
         like a point in time in Elasticsearch. Its session time zone is UTC (`SET LOCAL`, for
         this transaction only): the driver then hands out instants in UTC, which print without
-        a conversion per row (the instants are the same in any time zone).
+        a conversion per row (the instants are the same in any time zone). A window that fits
+        in its first page (most do) is read by that one statement alone, in autocommit (its own
+        snapshot), without the BEGIN, SET and COMMIT round trips, its few instants converted
+        one by one; a full first page is set aside (nothing of it yielded) and the window read
+        again from its start in the transaction.
         """
-        engine, table = self._connect()
-        ts, key = table.c[self.config.timestamp_column], table.c[self.config.id_column]
-        start, end = self._bounds(table, window)
-        window_query = sa.select(table).order_by(ts, key).limit(self.config.page_size)
-        postgresql = engine.dialect.name == "postgresql"
-        driver_rows = postgresql and engine.dialect.driver == "psycopg" and self.driver_rows
-        types = [column.type for column in table.columns]
+        engine, statements = self._connect()
+        start, end = self._bounds(statements.table, window)
+        page_size = self.config.page_size
+        first = {"start": start, "end": end}
         try:
             with engine.connect() as conn:
-                if postgresql:
-                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                conn.execution_options(compiled_cache=statements.cache)
+                if engine.dialect.name == "postgresql":
+                    names, rows = self._page(read_with(conn, statements.cache), statements, first)
+                    if len(rows) < page_size:
+                        if rows:
+                            yield self._batch(names, *self._key_at(names), rows)
+                        return
+                    conn.rollback()  # autocommit: ends SQLAlchemy's transaction, not a round trip
+                    conn.execution_options(isolation_level="REPEATABLE READ")
                 with conn.begin():
-                    if postgresql:
+                    if engine.dialect.name == "postgresql":
                         conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
-                    query = window_query.where(ts >= start, ts < end)
+                    bounds = first
                     while True:
-                        result = conn.execute(query)
-                        names = [str(name) for name in result.keys()]  # noqa: SIM118
-                        rows: Sequence[Sequence[Any]] = (
-                            _driver_rows(result, types, engine.dialect)
-                            if driver_rows
-                            else result.fetchall()
-                        )
+                        names, rows = self._page(conn, statements, bounds)
                         if not rows:
                             break
-                        ts_at, id_at = (
-                            names.index(self.config.timestamp_column),
-                            names.index(self.config.id_column),
-                        )
+                        ts_at, id_at = self._key_at(names)
                         yield self._batch(names, ts_at, id_at, rows)
-                        if len(rows) < self.config.page_size:
+                        if len(rows) < page_size:
                             break
-                        # After the last row, as the database compares it. `ts >= last` rather
-                        # than a row-value `(ts, id) > (...)`: SQLite seeks an index with the
-                        # former but scans from the window start with the latter.
                         last_ts, last_id = rows[-1][ts_at], rows[-1][id_at]
-                        query = window_query.where(
-                            ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)
-                        )
+                        bounds = {"last_ts": last_ts, "end": end, "last_id": last_id}
         except sa.exc.SQLAlchemyError as error:
             raise _translate(error, f"reading {self.config.table!r}") from error
+
+    def _page(
+        self, conn: sa.Connection, statements: _SourceStatements, bounds: dict[str, Any]
+    ) -> tuple[list[str], Sequence[Sequence[Any]]]:
+        """One page's column names and rows: the first page for bounds `start` and `end`, the
+        one after a row for `last_ts`, `last_id` and `end`. On PostgreSQL through psycopg the
+        rows are the driver's tuples (`driver_rows`)."""
+        query = statements.next_page if "last_ts" in bounds else statements.first_page
+        result = conn.execute(query, bounds)
+        names = [str(name) for name in result.keys()]  # noqa: SIM118
+        dialect = conn.dialect
+        if dialect.name == "postgresql" and dialect.driver == "psycopg" and self.driver_rows:
+            types = [column.type for column in statements.table.columns]
+            return names, _driver_rows(result, types, dialect)
+        return names, result.fetchall()
+
+    def _key_at(self, names: list[str]) -> tuple[int, int]:
+        """Where the timestamp and id columns are in a page's rows."""
+        return names.index(self.config.timestamp_column), names.index(self.config.id_column)
 
     def _batch(
         self, names: list[str], ts_at: int, id_at: int, rows: Sequence[Sequence[Any]]
@@ -452,7 +605,7 @@ class SqlSource:
         """Give the engine back (the last source using it disposes of its connections); it is
         leased again on next use."""
         with self._lock:
-            held, self._lease, self._table = self._lease, None, None
+            held, self._lease, self._statements = self._lease, None, None
         if held is not None:
             held.release()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from connectors.base import Manifest, decode_line
 from connectors.shared import Lease
-from connectors.sql import _translate, create_engine, lease_engine
+from connectors.sql import CompiledCache, _translate, create_engine, lease_engine, read_with
 from core.checksum import checksum_text, ids_sum
 from core.config import SqlTargetConfig
 from core.errors import (
@@ -130,47 +131,72 @@ def record_fence(
     key = (ledger.c.pipeline == pipeline, ledger.c.window_start == window_start)
     name = conn.dialect.name
     if dialect_upsert and name in ("postgresql", "sqlite"):
-        insert = postgresql.insert(ledger) if name == "postgresql" else sqlite.insert(ledger)
-        excluded = insert.excluded
-        upsert = (
-            insert.values(**values)
-            .on_conflict_do_update(
-                index_elements=[ledger.c.pipeline, ledger.c.window_start],
-                set_={
-                    "fence": excluded.fence,
-                    "row_count": excluded.row_count,
-                    "loaded_at": excluded.loaded_at,
-                },
-                where=ledger.c.fence <= excluded.fence,
-            )
-            .returning(ledger.c.fence)
-        )
-        if conn.execute(upsert).first() is not None:
+        statements = _ledger_statements(ledger, name)
+        if conn.execute(statements.upsert, values).first() is not None:
             return None
-    else:
-        update = (
-            sa.update(ledger)
-            .where(*key, ledger.c.fence <= fence)
-            .values(fence=fence, row_count=rows, loaded_at=loaded_at)
-        )
-        if conn.execute(update).rowcount == 1:
-            return None
-        recorded = conn.execute(
-            sa.select(ledger.c.fence).where(*key).with_for_update()
-        ).scalar_one_or_none()
-        if recorded is not None:
-            return int(recorded)
-        try:
-            conn.execute(sa.insert(ledger).values(**values))
-        except sa.exc.IntegrityError:
-            raise TransientError(
-                f"sql target: another load of window {pipeline} {_utc_text(window_start)} "
-                "recorded its fence first; retrying applies the guard to it"
-            ) from None
+        # Refused: the row exists with a fence at least ours (ON CONFLICT locked it, so this
+        # read sees the value that refused us).
+        held = conn.execute(statements.fence, {"pipeline": pipeline, "window_start": window_start})
+        return int(held.scalar_one())
+    update = (
+        sa.update(ledger)
+        .where(*key, ledger.c.fence <= fence)
+        .values(fence=fence, row_count=rows, loaded_at=loaded_at)
+    )
+    if conn.execute(update).rowcount == 1:
         return None
-    # Refused: the row exists with a fence at least ours (ON CONFLICT locked it, so this read
-    # sees the value that refused us).
-    return int(conn.execute(sa.select(ledger.c.fence).where(*key)).scalar_one())
+    recorded = conn.execute(
+        sa.select(ledger.c.fence).where(*key).with_for_update()
+    ).scalar_one_or_none()
+    if recorded is not None:
+        return int(recorded)
+    try:
+        conn.execute(sa.insert(ledger).values(**values))
+    except sa.exc.IntegrityError:
+        raise TransientError(
+            f"sql target: another load of window {pipeline} {_utc_text(window_start)} "
+            "recorded its fence first; retrying applies the guard to it"
+        ) from None
+    return None
+
+
+@dataclass(frozen=True)
+class _LedgerStatements:
+    """`record_fence`'s statements for one ledger and dialect, built once: parameters
+    `pipeline`, `window_start`, `fence`, `row_count`, `loaded_at`."""
+
+    upsert: sa.Executable
+    fence: sa.Executable
+
+
+_LEDGER_STATEMENTS = "windowpipe_ledger_statements"
+"""Key of a ledger `Table.info` under which its statements are kept, per dialect name."""
+
+
+def _ledger_statements(ledger: sa.Table, dialect: str) -> _LedgerStatements:
+    """The ledger's upsert and fence read for `dialect` ("postgresql" or "sqlite"), built on
+    first use and kept with the `Table` (each target holds its own)."""
+    kept: dict[str, _LedgerStatements] = ledger.info.setdefault(_LEDGER_STATEMENTS, {})
+    statements = kept.get(dialect)
+    if statements is None:
+        insert = postgresql.insert(ledger) if dialect == "postgresql" else sqlite.insert(ledger)
+        excluded = insert.excluded
+        upsert = insert.on_conflict_do_update(
+            index_elements=[ledger.c.pipeline, ledger.c.window_start],
+            set_={
+                "fence": excluded.fence,
+                "row_count": excluded.row_count,
+                "loaded_at": excluded.loaded_at,
+            },
+            where=ledger.c.fence <= excluded.fence,
+        ).returning(ledger.c.fence)
+        fence = sa.select(ledger.c.fence).where(
+            ledger.c.pipeline == sa.bindparam("pipeline"),
+            ledger.c.window_start == sa.bindparam("window_start"),
+        )
+        statements = _LedgerStatements(upsert, fence)
+        kept[dialect] = statements
+    return statements
 
 
 def window_key(table: str, pipeline: str, window_start: datetime) -> str:
@@ -198,16 +224,24 @@ class LoadTag:
         text = f"{LOAD_TAG} {fence} {self.key} {label}".encode()[:63]
         self.text = text.decode("utf-8", errors="ignore")
 
-    def apply(self, conn: sa.Connection) -> None:
+    def apply(self, conn: sa.Connection, *, savepoint: str) -> None:
         """Tag this transaction, bound its ledger wait (`LEDGER_WAIT_SECONDS`) and its idle time
-        (`IDLE_LOAD_SECONDS`); one round trip, every setting local to the transaction."""
-        conn.execute(
-            sa.text(
-                "SELECT set_config('application_name', :tag, true),"
-                " set_config('lock_timeout', :wait, true),"
-                " set_config('idle_in_transaction_session_timeout', :idle, true)"
-            ),
-            {"tag": self.text, "wait": f"{LEDGER_WAIT_SECONDS}s", "idle": f"{IDLE_LOAD_SECONDS}s"},
+        (`IDLE_LOAD_SECONDS`), every setting local to the transaction, then set `savepoint`:
+        one round trip, a simple query of two statements (which takes no parameters, so the
+        values are quoted by psycopg as literals for this connection)."""
+        from psycopg import sql
+
+        raw = conn.connection.driver_connection
+        tag, wait, idle = (
+            # `%` doubled: the driver still reads the text for placeholders.
+            sql.Literal(value).as_string(raw).replace("%", "%%")
+            for value in (self.text, f"{LEDGER_WAIT_SECONDS}s", f"{IDLE_LOAD_SECONDS}s")
+        )
+        conn.exec_driver_sql(
+            f"SELECT set_config('application_name', {tag}, true),"
+            f" set_config('lock_timeout', {wait}, true),"
+            f" set_config('idle_in_transaction_session_timeout', {idle}, true);"
+            f" SAVEPOINT {savepoint}"
         )
 
 
@@ -228,7 +262,7 @@ whose transaction ended meanwhile, and with it its tag, is not touched)."""
 def take_ledger_row(
     conn: sa.Connection, ledger: sa.Table, tag: LoadTag, **record: Any
 ) -> int | None:
-    """`record_fence` on PostgreSQL, for a load tagged `tag` (`LoadTag.apply`): a load frozen
+    """`record_fence` on PostgreSQL, for a load it tags `tag` (`LoadTag.apply`): a load frozen
     with the window's ledger row cannot make this one wait longer than
     `LEDGER_WAITS * LEDGER_WAIT_SECONDS`.
 
@@ -254,13 +288,16 @@ def take_ledger_row(
     the wait ran out, B no longer waits, so nobody blocks it; and every older fence of this
     window is fenced out anyway, so ending one that does not hold the row yet loses nothing.
     """
+    # The savepoint by hand rather than `begin_nested()`: set with the tag, and released with
+    # the reset of `lock_timeout`, a round trip each. ROLLBACK TO keeps it for the next try.
+    tag.apply(conn, savepoint=_LEDGER_SAVEPOINT)
     for _ in range(LEDGER_WAITS):
         try:
-            with conn.begin_nested():
-                recorded = record_fence(conn, ledger, **record)
+            recorded = record_fence(conn, ledger, **record)
         except sa.exc.OperationalError as error:
             if getattr(error.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
+            conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_LEDGER_SAVEPOINT}")
             ended = conn.execute(
                 _TERMINATE_OLDER_LOADS, {"prefix": LOAD_TAG, "key": tag.key, "fence": tag.fence}
             ).all()
@@ -270,7 +307,9 @@ def take_ledger_row(
                 ended=[f"{pid} ({name})" for pid, name, _ in ended],
             )
             continue
-        conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+        conn.exec_driver_sql(
+            f"RELEASE SAVEPOINT {_LEDGER_SAVEPOINT}; SET LOCAL lock_timeout TO DEFAULT"
+        )
         return recorded
     raise TransientError(
         f"sql target: the ledger row of window {record['pipeline']} "
@@ -278,6 +317,9 @@ def take_ledger_row(
         f"fence {tag.fence} for {LEDGER_WAITS * LEDGER_WAIT_SECONDS}s"
     )
 
+
+_LEDGER_SAVEPOINT = "windowpipe_ledger"
+"""The savepoint around a PostgreSQL load's ledger upsert (`take_ledger_row`)."""
 
 _LOCK_NOT_AVAILABLE = "55P03"
 """PostgreSQL's SQLSTATE for a lock wait that ran past `lock_timeout`."""
@@ -367,37 +409,81 @@ def _copy_into_postgresql(
     return loaded
 
 
+@dataclass(frozen=True)
+class _TargetStatements:
+    """A target table's per-window statements, built once and compiled once into `cache`
+    (`record_fence`'s too, which keeps its statements with the ledger's `Table`), parameters
+    bound at execution: `pipeline` and `start` (the window's start as the column stores it)."""
+
+    table: sa.Table
+    ledger: sa.Table
+    cache: CompiledCache
+    delete: sa.Executable
+    count: sa.Executable
+    ids: sa.Executable
+    """The window's ids, read back to be hashed here (databases that hash none themselves)."""
+    held: sa.Executable
+    """The window's ledger row: its fence and row count."""
+    audit: sa.Executable
+    """PostgreSQL: the window's row count, `PG_ID_HASH_SUM` and its ledger row (fence and
+    row count, NULL if none) in one statement."""
+
+
+def _target_statements(table: sa.Table, ledger: sa.Table) -> _TargetStatements:
+    pipeline: sa.BindParameter[str] = sa.bindparam("pipeline")
+    start: sa.BindParameter[datetime] = sa.bindparam("start")
+    window = (table.c.pipeline == pipeline, table.c.window_start == start)
+    held = sa.select(ledger.c.fence, ledger.c.row_count)
+    ledger_row = sa.and_(ledger.c.pipeline == pipeline, ledger.c.window_start == start)
+    rows = (
+        sa.select(
+            sa.func.count().label("row_count"),
+            sa.literal_column(f"coalesce({PG_ID_HASH_SUM}, 0)").label("id_sum"),
+        )
+        .select_from(table)
+        .where(*window)
+        .subquery()
+    )
+    audit = sa.select(rows.c.row_count, rows.c.id_sum, ledger.c.fence, ledger.c.row_count)
+    return _TargetStatements(
+        table=table,
+        ledger=ledger,
+        cache={},
+        delete=sa.delete(table).where(*window),
+        count=sa.select(sa.func.count()).select_from(table).where(*window),
+        ids=sa.select(table.c.doc_id).where(*window),
+        held=held.where(ledger_row),
+        audit=audit.select_from(rows.outerjoin(ledger, ledger_row)),
+    )
+
+
 class SqlTarget:
     """Loads windows into a SQL table, idempotently per window."""
 
     def __init__(self, config: SqlTargetConfig) -> None:
         self.config = config
         self._lease: Lease[sa.Engine] | None = None
-        self._table: sa.Table | None = None
-        self._ledger: sa.Table | None = None
+        self._statements: _TargetStatements | None = None
         self._lock = threading.Lock()
 
-    def _connect(self) -> tuple[sa.Engine, sa.Table]:
-        engine, table, _ = self._connect_with_ledger()
-        return engine, table
-
-    def _connect_with_ledger(self) -> tuple[sa.Engine, sa.Table, sa.Table]:
+    def _connect(self) -> tuple[sa.Engine, _TargetStatements]:
         """The process's engine for this URL (`lease_engine`, shared by every target on it),
-        and this target's table and ledger, created if missing on first use."""
+        and this target's table and ledger (created if missing on first use) with their
+        statements (`_TargetStatements`)."""
         with self._lock:
             if self._lease is None:
                 self._lease = lease_engine(
                     self.config.url, self.config.password_env, "sql target", _target_engine
                 )
             engine = self._lease.client
-            if self._table is None or self._ledger is None:
+            if self._statements is None:
                 metadata = sa.MetaData()
                 table = target_table(self.config.table, metadata)
                 ledger = ledger_table(self.config.table, metadata)
                 for created in (table, ledger):
                     _create_if_missing(engine, created)
-                self._table, self._ledger = table, ledger
-            return engine, self._table, self._ledger
+                self._statements = _target_statements(table, ledger)
+            return engine, self._statements
 
     def _instant(self, engine: sa.Engine, value: datetime) -> datetime:
         # SQLite keeps no zone: store and compare naive UTC there.
@@ -408,8 +494,7 @@ class SqlTarget:
     def _fence_and_clear(
         self,
         conn: sa.Connection,
-        table: sa.Table,
-        ledger: sa.Table,
+        statements: _TargetStatements,
         pipeline: str,
         window_start: datetime,
         fence: int,
@@ -425,8 +510,9 @@ class SqlTarget:
         tag = None
         if engine.dialect.name == "postgresql":  # SQLite targets are single-writer
             tag = LoadTag(self.config.table, pipeline, window_start, fence)
-        _take_fence(conn, ledger, pipeline, start, fence, rows, at, tag=tag)
-        return _delete_window(conn, table, pipeline, start)
+        _take_fence(conn, statements.ledger, pipeline, start, fence, rows, at, tag=tag)
+        deleted = conn.execute(statements.delete, {"pipeline": pipeline, "start": start})
+        return int(deleted.rowcount or 0)
 
     def load_window(
         self, pipeline: str, manifest: Manifest, staging: StagedLines, fence: int
@@ -454,18 +540,18 @@ class SqlTarget:
 
         Also raises TerminalError, committing nothing, if the staged files hold a different
         number of documents than the manifest lists."""
-        engine, table, ledger = self._connect_with_ledger()
+        engine, statements = self._connect()
         start = self._instant(engine, manifest.window_start)
         end = self._instant(engine, manifest.window_end)
         loaded_at = self._instant(engine, utc_now())
         loaded = 0
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
+                conn.execution_options(compiled_cache=statements.cache)
                 # Committed only if the staged files hold exactly `manifest.rows` (below).
                 self._fence_and_clear(
                     conn,
-                    table,
-                    ledger,
+                    statements,
                     pipeline,
                     manifest.window_start,
                     fence,
@@ -474,11 +560,11 @@ class SqlTarget:
                 )
                 if engine.dialect.name == "postgresql":
                     chunks = self._copy_chunks(manifest, staging, pipeline, start, end, loaded_at)
-                    loaded = _copy_into_postgresql(conn, table, chunks)
+                    loaded = _copy_into_postgresql(conn, statements.table, chunks)
                 else:
                     batches = self._row_batches(manifest, staging, pipeline, start, end, loaded_at)
                     for rows in batches:
-                        conn.execute(sa.insert(table), rows)
+                        conn.execute(sa.insert(statements.table), rows)
                         loaded += len(rows)
                 if loaded != manifest.rows:
                     # Raised inside the transaction: nothing of this load is committed. The
@@ -571,32 +657,36 @@ class SqlTarget:
         (ledger 3); B's guard sees 3 < 5, deletes them and commits (ledger 5, 0 rows). Or B
         clears first (ledger 5); A's guard refuses 3 and A rolls back. The window ends empty.
         """
-        engine, table, ledger = self._connect_with_ledger()
+        engine, statements = self._connect()
         try:
             with engine.execution_options(**_WRITE).begin() as conn:
+                conn.execution_options(compiled_cache=statements.cache)
                 cleared_at = self._instant(engine, utc_now())
                 return self._fence_and_clear(
-                    conn, table, ledger, pipeline, window.start, fence, 0, cleared_at
+                    conn, statements, pipeline, window.start, fence, 0, cleared_at
                 )
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "clear window") from None
 
     def audit_window(self, pipeline: str, window: Window) -> TargetAudit:
-        """The window's rows, their ids' checksum and its ledger row, read in one snapshot
-        (a REPEATABLE READ transaction on PostgreSQL, SQLite's read transaction)."""
-        engine, table, ledger = self._connect_with_ledger()
-        start = self._instant(engine, window.start)
+        """The window's rows, their ids' checksum and its ledger row, read in one snapshot: one
+        statement on PostgreSQL (`_TargetStatements.audit`: the server sums the ids' hashes,
+        `PG_ID_HASH_SUM`, and one row comes back), elsewhere a read transaction
+        (`_window_ids_checksum`, then the ledger row)."""
+        engine, statements = self._connect()
+        window_of = {"pipeline": pipeline, "start": self._instant(engine, window.start)}
         try:
             with engine.connect() as conn:
                 if engine.dialect.name == "postgresql":
-                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
-                with conn.begin():
-                    rows, checksum = _window_checksum(conn, table, pipeline, start)
-                    held = conn.execute(
-                        sa.select(ledger.c.fence, ledger.c.row_count).where(
-                            ledger.c.pipeline == pipeline, ledger.c.window_start == start
-                        )
-                    ).first()
+                    found = read_with(conn, statements.cache).execute(statements.audit, window_of)
+                    count, total, fence, held_rows = found.one()
+                    rows, checksum = int(count), checksum_text(int(total))
+                    held = (fence, held_rows) if fence is not None else None
+                else:
+                    conn.execution_options(compiled_cache=statements.cache)
+                    with conn.begin():
+                        rows, checksum = _window_ids_checksum(conn, statements, window_of)
+                        held = conn.execute(statements.held, window_of).first()
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "audit window") from None
         return TargetAudit(
@@ -608,17 +698,12 @@ class SqlTarget:
 
     def count_window(self, pipeline: str, window: Window) -> int:
         """Rows the table holds for the window."""
-        engine, table = self._connect()
+        engine, statements = self._connect()
+        window_of = {"pipeline": pipeline, "start": self._instant(engine, window.start)}
         try:
             with engine.connect() as conn:
-                return int(
-                    conn.execute(
-                        sa.select(sa.func.count()).where(
-                            table.c.pipeline == pipeline,
-                            table.c.window_start == self._instant(engine, window.start),
-                        )
-                    ).scalar_one()
-                )
+                counted = read_with(conn, statements.cache).execute(statements.count, window_of)
+                return int(counted.scalar_one())
         except sa.exc.SQLAlchemyError as error:
             raise _translate_target(error, "count window") from None
 
@@ -626,8 +711,7 @@ class SqlTarget:
         """Give the engine back (the last target using it disposes of its connections); it is
         leased again on next use."""
         with self._lock:
-            held, self._lease = self._lease, None
-            self._table = self._ledger = None
+            held, self._lease, self._statements = self._lease, None, None
         if held is not None:
             held.release()
 
@@ -665,7 +749,6 @@ def _take_fence(
         "loaded_at": loaded_at,
     }
     if tag is not None:
-        tag.apply(conn)
         recorded = take_ledger_row(conn, ledger, tag, **record)
     else:
         recorded = record_fence(conn, ledger, **record)
@@ -676,14 +759,6 @@ def _take_fence(
         )
 
 
-def _delete_window(conn: sa.Connection, table: sa.Table, pipeline: str, start: datetime) -> int:
-    """Delete a window's rows inside the caller's (fenced) transaction; how many went."""
-    deleted = conn.execute(
-        sa.delete(table).where(table.c.pipeline == pipeline, table.c.window_start == start)
-    )
-    return int(deleted.rowcount or 0)
-
-
 PG_ID_HASH_SUM = "sum(('x' || substr(md5(doc_id), 1, 16))::bit(64)::bigint)"
 """PostgreSQL's sum of `core.checksum.id_hash` over a window's rows (as signed bigints: the
 same sum modulo 2**64)."""
@@ -692,27 +767,16 @@ ID_READ_BATCH = 10_000
 """Ids read back per fetch where the database hashes none itself (`_window_checksum`)."""
 
 
-def _window_checksum(
-    conn: sa.Connection, table: sa.Table, pipeline: str, start: datetime
+def _window_ids_checksum(
+    conn: sa.Connection, statements: _TargetStatements, window_of: dict[str, Any]
 ) -> tuple[int, str]:
-    """The window's row count and the checksum of its ids (`core.checksum`).
-
-    PostgreSQL sums the hashes itself (`PG_ID_HASH_SUM`: one row back). Elsewhere (SQLite,
-    DuckDB) the ids are read back in batches and hashed here: one id per row over the wire,
-    the cost of a count that returns the column, and no function to register per connection.
+    """The window's row count and the checksum of its ids (`core.checksum`), where the
+    database hashes none itself (SQLite, DuckDB): the ids are read back in batches and hashed
+    here, one id per row over the wire, the cost of a count that returns the column, and no
+    function to register per connection. (PostgreSQL sums the hashes itself: `audit_window`.)
     """
-    where = (table.c.pipeline == pipeline, table.c.window_start == start)
-    if conn.dialect.name == "postgresql":
-        count, total = conn.execute(
-            sa.select(sa.func.count(), sa.text(f"coalesce({PG_ID_HASH_SUM}, 0)"))
-            .select_from(table)
-            .where(*where)
-        ).one()
-        return int(count), checksum_text(int(total))
     rows = total = 0
-    result = conn.execution_options(yield_per=ID_READ_BATCH).execute(
-        sa.select(table.c.doc_id).where(*where)
-    )
+    result = conn.execution_options(yield_per=ID_READ_BATCH).execute(statements.ids, window_of)
     for batch in result.scalars().partitions():
         rows += len(batch)
         total += ids_sum(batch)

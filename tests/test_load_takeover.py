@@ -33,6 +33,30 @@ def test_a_load_tag_fits_postgresql_and_names_fence_window_and_label() -> None:
     assert short.text == f"windowpipe-load 7 {short.key} orders@2026-01-01T00:15:00Z"
 
 
+@pytest.mark.integration
+def test_a_load_tag_is_set_as_it_is_with_its_bounds_and_savepoint_in_one_query(
+    pg_schema_url: str,
+) -> None:
+    # The settings go as literals in a simple query: quotes, `%` and backslashes stay as they
+    # are (pipeline names cannot hold them; the tag's quoting does not rely on that).
+    tag = LoadTag("events_loaded", "it's 5% \\ odd", START, 7)
+    engine = sa.create_engine(pg_schema_url)
+    with engine.begin() as conn:
+        tag.apply(conn, savepoint="windowpipe_ledger")
+        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT windowpipe_ledger")  # the savepoint is set
+        settings = conn.exec_driver_sql(
+            "SELECT current_setting('application_name'), current_setting('lock_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')"
+        ).one()
+    with engine.connect() as conn:
+        after = conn.exec_driver_sql("SELECT current_setting('application_name')").scalar_one()
+    engine.dispose()
+
+    assert tuple(settings) == (tag.text, "5s", "5min")
+    assert "it's 5% \\ odd" in tag.text
+    assert after != tag.text  # local to the transaction
+
+
 def test_the_window_key_differs_by_table_pipeline_and_window_and_is_stable() -> None:
     key = window_key("events_loaded", "orders", START)
     assert len(key) == 16 and key == window_key("events_loaded", "orders", START)
