@@ -321,6 +321,16 @@ class _SourceStatements:
     """None when `version_column` names no column of the table (`fingerprint` raises)."""
     first_page: sa.Executable
     next_page: sa.Executable
+    probe: sa.Executable
+    """The window's first `probe_rows` rows, read in autocommit: all of a small window."""
+    probe_rows: int
+
+
+PROBE_ROWS = 100
+"""A window of fewer rows is read by one statement in autocommit (its own snapshot), without
+the BEGIN, SET and COMMIT round trips of the paged transaction. A bigger window reads these
+rows twice (the probe's are set aside): at most this many, so a window of a few thousand rows
+does not pay a whole page (`page_size`, 5,000 by default) again to save three round trips."""
 
 
 def _source_statements(table: sa.Table, config: SqlSourceConfig) -> _SourceStatements:
@@ -335,7 +345,9 @@ def _source_statements(table: sa.Table, config: SqlSourceConfig) -> _SourceState
     if column is None or column in table.c:
         newest = sa.func.max(table.c[column]) if column is not None else sa.null()
         fingerprint = sa.select(sa.func.count(), newest).select_from(table).where(*in_window)
-    pages = sa.select(table).order_by(ts, key).limit(config.page_size)
+    ordered = sa.select(table).order_by(ts, key)
+    pages = ordered.limit(config.page_size)
+    probe_rows = min(PROBE_ROWS, config.page_size)
     return _SourceStatements(
         table=table,
         cache={},
@@ -346,6 +358,8 @@ def _source_statements(table: sa.Table, config: SqlSourceConfig) -> _SourceState
         # row-value `(ts, id) > (...)`: SQLite seeks an index with the former but scans from
         # the window start with the latter.
         next_page=pages.where(ts >= last_ts, ts < end, sa.or_(ts > last_ts, key > last_id)),
+        probe=ordered.limit(probe_rows).where(*in_window),
+        probe_rows=probe_rows,
     )
 
 
@@ -459,8 +473,8 @@ class SqlSource:
         a conversion per row (the instants are the same in any time zone). A window that fits
         in its first page (most do) is read by that one statement alone, in autocommit (its own
         snapshot), without the BEGIN, SET and COMMIT round trips, its few instants converted
-        one by one; a full first page is set aside (nothing of it yielded) and the window read
-        again from its start in the transaction.
+        one by one: a window of fewer than `PROBE_ROWS` rows. A bigger window sets the probe's
+        rows aside (nothing of them yielded) and is read from its start in the transaction.
         """
         engine, statements = self._connect()
         start, end = self._bounds(statements.table, window)
@@ -470,8 +484,9 @@ class SqlSource:
             with engine.connect() as conn:
                 conn.execution_options(compiled_cache=statements.cache)
                 if engine.dialect.name == "postgresql":
-                    names, rows = self._page(read_with(conn, statements.cache), statements, first)
-                    if len(rows) < page_size:
+                    reader = read_with(conn, statements.cache)
+                    names, rows = self._page(reader, statements, first, probe=True)
+                    if len(rows) < statements.probe_rows:
                         if rows:
                             yield self._batch(names, *self._key_at(names), rows)
                         return
@@ -495,12 +510,20 @@ class SqlSource:
             raise _translate(error, f"reading {self.config.table!r}") from error
 
     def _page(
-        self, conn: sa.Connection, statements: _SourceStatements, bounds: dict[str, Any]
+        self,
+        conn: sa.Connection,
+        statements: _SourceStatements,
+        bounds: dict[str, Any],
+        *,
+        probe: bool = False,
     ) -> tuple[list[str], Sequence[Sequence[Any]]]:
-        """One page's column names and rows: the first page for bounds `start` and `end`, the
-        one after a row for `last_ts`, `last_id` and `end`. On PostgreSQL through psycopg the
-        rows are the driver's tuples (`driver_rows`)."""
-        query = statements.next_page if "last_ts" in bounds else statements.first_page
+        """One page's column names and rows: the first page for bounds `start` and `end` (the
+        probe's rows with `probe`), the one after a row for `last_ts`, `last_id` and `end`. On
+        PostgreSQL through psycopg the rows are the driver's tuples (`driver_rows`)."""
+        if probe:
+            query = statements.probe
+        else:
+            query = statements.next_page if "last_ts" in bounds else statements.first_page
         result = conn.execute(query, bounds)
         names = [str(name) for name in result.keys()]  # noqa: SIM118
         dialect = conn.dialect

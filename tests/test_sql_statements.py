@@ -16,7 +16,7 @@ from sqlalchemy.engine.default import CACHE_MISS
 
 from connectors import shared
 from connectors.local import LocalStaging
-from connectors.sql import SqlSource
+from connectors.sql import PROBE_ROWS, SqlSource
 from connectors.sql_target import SqlTarget
 from core.checksum import ids_checksum
 from core.config import LocalStagingConfig, SqlSourceConfig, SqlTargetConfig
@@ -152,4 +152,37 @@ def test_a_window_of_several_pages_is_read_in_one_snapshot(pg_schema_url: str) -
     assert [d.id for b in [first, *rest] for d in b.documents] == ["1", "2", "3", "4"]
     assert source.count(window) == 5
     source.close()
+    engine.dispose()
+
+
+def test_a_window_bigger_than_the_probe_is_read_whole_once_in_its_pages(
+    pg_schema_url: str,
+) -> None:
+    """More rows than `PROBE_ROWS` (set aside) but fewer than a page: one batch of every row,
+    each once; and a window of several pages read after the probe is one snapshot."""
+    engine = sa.create_engine(pg_schema_url)
+    window = WINDOWS[0]
+    rows = PROBE_ROWS + 50
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE src (id BIGINT PRIMARY KEY, created_at TIMESTAMPTZ NOT NULL)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO src VALUES (:id, :at)"),
+            [{"id": n, "at": window.start + timedelta(seconds=n)} for n in range(1, rows + 1)],
+        )
+    whole = SqlSource(SqlSourceConfig(type="sql", url=pg_schema_url, table="src"))
+    batches = list(whole.iter_batches(window))
+    assert [len(b.documents) for b in batches] == [rows]
+    assert [d.id for d in batches[0].documents] == [str(n) for n in range(1, rows + 1)]
+    whole.close()
+
+    paged = SqlSource(SqlSourceConfig(type="sql", url=pg_schema_url, table="src", page_size=120))
+    pages = paged.iter_batches(window)
+    first = next(pages)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO src VALUES (1000, :at)"), {"at": window.start})
+    read = [d.id for b in [first, *pages] for d in b.documents]
+    assert read == [str(n) for n in range(1, rows + 1)]
+    paged.close()
     engine.dispose()
