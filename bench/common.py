@@ -288,9 +288,18 @@ def redis_server_cpu() -> float:
     return _proc_cpu(lambda _entry, name, _fields: name == "redis-server")
 
 
-def _proc_cpu(match: Callable[[Path, str, list[str]], bool]) -> float:
+def postgres_server_cpu() -> float:
+    """CPU seconds used so far by the whole PostgreSQL server: every live `postgres` process,
+    plus what the postmaster's ended children used (a backend closed when its pooled
+    connection was returned is counted there once reaped, and lost to a per-backend reading).
+    Every database's backends, autovacuum and the bench's own sampler included: an upper bound
+    for a database on an otherwise idle server."""
+    return _proc_cpu(lambda _entry, name, _fields: name == "postgres", reaped=True)
+
+
+def _proc_cpu(match: Callable[[Path, str, list[str]], bool], *, reaped: bool = False) -> float:
     """CPU seconds (user + system) of every process that `match(entry, name, stat fields after
-    the name)` selects, from /proc."""
+    the name)` selects, from /proc; with `reaped`, its ended children's too."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for entry in Path("/proc").iterdir():
@@ -302,6 +311,8 @@ def _proc_cpu(match: Callable[[Path, str, list[str]], bool]) -> float:
             fields = stat[stat.rindex(")") + 2 :].split()
             if match(entry, name, fields):
                 total += int(fields[11]) + int(fields[12])  # utime, stime
+                if reaped:
+                    total += int(fields[13]) + int(fields[14])  # cutime, cstime
         except (OSError, ValueError, IndexError):
             continue  # the process ended meanwhile
     return total / tick
