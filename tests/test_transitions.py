@@ -203,7 +203,7 @@ SCANNED = ["core", "workers", "connectors", "windowpipe", "beat_schedule.py"]
 STATUS_WRITERS = {
     ("core/store/moves.py", "_move_values"),  # every move
     ("core/store/moves.py", "_new_row"),  # a new record is pending (SQLite insert)
-    ("core/store/moves.py", "_pg_insert_pending"),  # the same, PostgreSQL inserts
+    ("core/store/moves.py", "_pg_insert_new"),  # the same, PostgreSQL insert
 }
 """The only functions that may write the `status` column."""
 

@@ -33,42 +33,36 @@ _NEW_ROW_KEY = ["pipeline", "window_start"]
 _SQLITE_INSERT_NEW = (
     sqlite.insert(WINDOWS)
     .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
-    .returning(WINDOWS.c.window_start)
+    .returning(WINDOWS.c.pipeline, WINDOWS.c.window_start)
 )
-"""Executed with a list of `_new_row`s; compiled once, sent as multi-row VALUES."""
+"""Executed with a list of `_new_row`s; compiled once, sent as multi-row VALUES; RETURNING
+the pipeline and start of each row created."""
 
 _PG_ARRAY_OF_INSTANTS = postgresql.ARRAY(UTCDateTime())
+_PG_ARRAY_OF_NAMES = postgresql.ARRAY(sa.String())
 
 
 def _pg_insert_new(
-    pipeline: str, windows: Sequence[Window], kind: WindowKind, now: datetime
+    rows: Sequence[tuple[str, Window]], kind: WindowKind, now: datetime
 ) -> tuple[sa.Executable, dict[str, Any]]:
-    """`INSERT ... SELECT ... FROM unnest(:starts, :ends) ON CONFLICT DO NOTHING RETURNING`.
+    """`INSERT ... SELECT ... FROM unnest(:pipelines, :starts, :ends) ON CONFLICT DO NOTHING
+    RETURNING` the pipeline and start of each row created, for `(pipeline, window)` rows (of
+    one pipeline or many).
 
-    Two array parameters instead of thousands of scalar ones: psycopg parses a query with
+    Three array parameters instead of thousands of scalar ones: psycopg parses a query with
     9,000 placeholders slowly, so this is several times faster for a year of 15m windows.
     """
     bounds = (
         sa.func.unnest(
+            sa.bindparam("pipelines", type_=_PG_ARRAY_OF_NAMES),
             sa.bindparam("starts", type_=_PG_ARRAY_OF_INSTANTS),
             sa.bindparam("ends", type_=_PG_ARRAY_OF_INSTANTS),
         )
-        .table_valued("window_start", "window_end")
+        .table_valued("pipeline", "window_start", "window_end")
         .render_derived(name="bounds")
     )
-    pipelines = sa.literal(pipeline, sa.String())
-    statement = _pg_insert_pending(pipelines, bounds, kind, now).returning(WINDOWS.c.window_start)
-    params = {"starts": [w.start for w in windows], "ends": [w.end for w in windows]}
-    return statement, params
-
-
-def _pg_insert_pending(
-    pipeline: sa.ColumnElement[str], bounds: sa.TableValuedAlias, kind: WindowKind, now: datetime
-) -> postgresql.Insert:
-    """The INSERT of new pending records from `bounds` (its `window_start` and `window_end`
-    columns), each of `pipeline`, `ON CONFLICT DO NOTHING`."""
-    rows = sa.select(
-        pipeline,
+    pending = sa.select(
+        bounds.c.pipeline,
         bounds.c.window_start,
         bounds.c.window_end,
         sa.literal(WindowStatus.PENDING.value, sa.String()),
@@ -79,32 +73,11 @@ def _pg_insert_pending(
         sa.literal(now, UTCDateTime()),
     )
     columns = ["pipeline", "window_start", "window_end", "status", "kind", "attempts", "fence"]
-    return (
+    statement = (
         postgresql.insert(WINDOWS)
-        .from_select([*columns, "created_at", "updated_at"], rows)
+        .from_select([*columns, "created_at", "updated_at"], pending)
         .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
-    )
-
-
-_PG_ARRAY_OF_NAMES = postgresql.ARRAY(sa.String())
-
-
-def _pg_insert_new_many(
-    rows: Sequence[tuple[str, Window]], kind: WindowKind, now: datetime
-) -> tuple[sa.Executable, dict[str, Any]]:
-    """`_pg_insert_new` for windows of many pipelines: `(pipeline, window)` rows, a third
-    array parameter for the pipelines; RETURNING the pipeline and start of each row created."""
-    bounds = (
-        sa.func.unnest(
-            sa.bindparam("pipelines", type_=_PG_ARRAY_OF_NAMES),
-            sa.bindparam("starts", type_=_PG_ARRAY_OF_INSTANTS),
-            sa.bindparam("ends", type_=_PG_ARRAY_OF_INSTANTS),
-        )
-        .table_valued("pipeline", "window_start", "window_end")
-        .render_derived(name="bounds")
-    )
-    statement = _pg_insert_pending(bounds.c.pipeline, bounds, kind, now).returning(
-        WINDOWS.c.pipeline, WINDOWS.c.window_start
+        .returning(WINDOWS.c.pipeline, WINDOWS.c.window_start)
     )
     params = {
         "pipelines": [pipeline for pipeline, _ in rows],
@@ -112,14 +85,6 @@ def _pg_insert_new_many(
         "ends": [window.end for _, window in rows],
     }
     return statement, params
-
-
-_SQLITE_INSERT_NEW_MANY = (
-    sqlite.insert(WINDOWS)
-    .on_conflict_do_nothing(index_elements=_NEW_ROW_KEY)
-    .returning(WINDOWS.c.pipeline, WINDOWS.c.window_start)
-)
-"""`_SQLITE_INSERT_NEW` returning the pipeline too (rows of many pipelines)."""
 
 
 def first_fence(now: datetime) -> int:

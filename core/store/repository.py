@@ -18,14 +18,12 @@ from core.records import FINISHED, Stage, WindowKind, WindowRecord, WindowStatus
 from core.store.moves import (
     _GUARDED_UPDATES,
     _SQLITE_INSERT_NEW,
-    _SQLITE_INSERT_NEW_MANY,
     _UNGUARDED,
     _checked_taken,
     _guarded_update,
     _move_values,
     _new_row,
     _pg_insert_new,
-    _pg_insert_new_many,
     _sources,
     _status_in,
     _Unguarded,
@@ -122,32 +120,32 @@ class StateStore(StoreQueries):
         transaction. Rows go in sorted by start, so two concurrent callers never deadlock.
         Returns [] if every window existed already.
         """
-        _require_pipeline(pipeline)
-        unique = _unique_by_start(windows)
-        with self._writing() as conn:
-            created = set(self._insert_new(conn, pipeline, unique, WindowKind(kind)))
-        return [window for window in unique if window.start in created]
+        return self.create_windows_many({pipeline: windows}, kind)[pipeline]
 
     def _insert_new(
-        self, conn: Connection, pipeline: str, windows: Sequence[Window], kind: WindowKind
-    ) -> list[datetime]:
-        """Insert pending records for the windows not stored yet; returns their starts.
+        self, conn: Connection, rows: Sequence[tuple[str, Window]], kind: WindowKind
+    ) -> set[tuple[str, datetime]]:
+        """Insert pending records for the `(pipeline, window)` rows not stored yet; returns
+        the (pipeline, start) of each row created.
 
         Chunks of `INSERT_CHUNK_ROWS`, each ONE statement with `ON CONFLICT DO NOTHING`:
-        on PostgreSQL an `INSERT ... SELECT FROM unnest(starts, ends)` with two array
-        parameters, on SQLite a multi-row VALUES built by SQLAlchemy's "insertmanyvalues".
+        on PostgreSQL an `INSERT ... SELECT FROM unnest(pipelines, starts, ends)` with three
+        array parameters, on SQLite a multi-row VALUES built by SQLAlchemy's
+        "insertmanyvalues".
         """
         now = utc_now()
-        starts: list[datetime] = []
+        created: set[tuple[str, datetime]] = set()
         params: dict[str, Any] | list[dict[str, Any]]
-        for chunk in _chunks(windows, INSERT_CHUNK_ROWS):
+        for chunk in _chunks(rows, INSERT_CHUNK_ROWS):
             if self.dialect == "postgresql":
-                statement, params = _pg_insert_new(pipeline, chunk, kind, now)
+                statement, params = _pg_insert_new(chunk, kind, now)
             else:
                 statement = _SQLITE_INSERT_NEW
-                params = [_new_row(pipeline, window, kind, now) for window in chunk]
-            starts.extend(conn.execute(statement, params).scalars())
-        return starts
+                params = [_new_row(name, window, kind, now) for name, window in chunk]
+            created.update(
+                (name, _aware(start)) for name, start in conn.execute(statement, params).tuples()
+            )
+        return created
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -375,7 +373,8 @@ class StateStore(StoreQueries):
                     .values(**values)
                 ).rowcount
             windows = _unique_by_start(plan.create)
-            created = len(self._insert_new(conn, pipeline, windows, WindowKind.SCHEDULED))
+            new_rows = [(pipeline, window) for window in windows]
+            created = len(self._insert_new(conn, new_rows, WindowKind.SCHEDULED))
             for window in windows:
                 if fences.get(window.start):
                     conn.execute(
@@ -486,21 +485,8 @@ class StateStore(StoreQueries):
         rows = [(pipeline, window) for pipeline in sorted(unique) for window in unique[pipeline]]
         created: set[tuple[str, datetime]] = set()
         if rows:
-            now = utc_now()
-            params: dict[str, Any] | list[dict[str, Any]]
             with self._writing() as conn:
-                for chunk in _chunks(rows, INSERT_CHUNK_ROWS):
-                    if self.dialect == "postgresql":
-                        statement, params = _pg_insert_new_many(chunk, WindowKind(kind), now)
-                    else:
-                        statement = _SQLITE_INSERT_NEW_MANY
-                        params = [
-                            _new_row(name, window, WindowKind(kind), now) for name, window in chunk
-                        ]
-                    created.update(
-                        (name, _aware(start))
-                        for name, start in conn.execute(statement, params).tuples()
-                    )
+                created = self._insert_new(conn, rows, WindowKind(kind))
         return {
             pipeline: [w for w in wanted if (pipeline, w.start) in created]
             for pipeline, wanted in unique.items()
