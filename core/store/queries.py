@@ -72,11 +72,11 @@ class PipelineSummary:
 
 
 DISPATCHABLE = frozenset({WindowStatus.PENDING, WindowStatus.FAILED})
+"""What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 RUNNABLE_READS_PER_STATEMENT = 250
 """(pipeline, kind) reads per statement of `runnable_many`: SQLite refuses a compound SELECT of
 more than 500 terms (a batch of 1,000 pipelines with backfills would ask for 2,000)."""
-"""What a dispatch acts on: pending windows to queue, failed ones to retry or bury."""
 
 
 _GET = sa.select(WINDOWS).where(
@@ -264,19 +264,7 @@ class StoreQueries(StoreConnections):
     ) -> list[WindowRecord]:
         """Windows of `kind` that may be queued: pending, or failed with attempts left; oldest
         first."""
-        retryable = sa.and_(
-            WINDOWS.c.status == WindowStatus.FAILED.value, WINDOWS.c.attempts < max_attempts
-        )
-        query = (
-            sa.select(WINDOWS)
-            .where(
-                WINDOWS.c.pipeline == pipeline,
-                WINDOWS.c.kind == WindowKind(kind).value,
-                sa.or_(WINDOWS.c.status == WindowStatus.PENDING.value, retryable),
-            )
-            .order_by(WINDOWS.c.window_start)
-            .limit(limit)
-        )
+        query = _runnable_read(pipeline, WindowKind(kind).value, max_attempts, limit)
         return self._records(query)
 
     def count_active_many(self, pipelines: Sequence[str]) -> dict[tuple[str, WindowKind], int]:
@@ -408,27 +396,37 @@ class StoreQueries(StoreConnections):
             return total, int(conn.execute(drifted).scalar_one())
 
 
+def _runnable_read(pipeline: Any, kind: Any, max_attempts: Any, limit: Any) -> sa.Select[Any]:
+    """A pipeline's windows of one kind that may be queued (pending, or failed with attempts
+    left), oldest first, at most `limit`: for values (`runnable`) or bound parameters
+    (`runnable_many`)."""
+    retryable = sa.and_(
+        WINDOWS.c.status == WindowStatus.FAILED.value, WINDOWS.c.attempts < max_attempts
+    )
+    return (
+        sa.select(WINDOWS)
+        .where(
+            WINDOWS.c.pipeline == pipeline,
+            WINDOWS.c.kind == kind,
+            sa.or_(WINDOWS.c.status == WindowStatus.PENDING.value, retryable),
+        )
+        .order_by(WINDOWS.c.window_start)
+        .limit(limit)
+    )
+
+
 @functools.cache
 def _runnable_union(parts: int) -> sa.Select[Any]:
     """`StateStore.runnable_many`'s statement for `parts` (pipeline, kind) reads, with bound
     `pipeline_<i>`, `kind_<i>`, `attempts_<i>` and `limit_<i>`: built once per size (building
     50 subqueries costs more than running them)."""
     selects = [
-        sa.select(WINDOWS)
-        .where(
-            WINDOWS.c.pipeline == sa.bindparam(f"pipeline_{at}"),
-            WINDOWS.c.kind == sa.bindparam(f"kind_{at}"),
-            sa.or_(
-                WINDOWS.c.status == WindowStatus.PENDING.value,
-                sa.and_(
-                    WINDOWS.c.status == WindowStatus.FAILED.value,
-                    WINDOWS.c.attempts < sa.bindparam(f"attempts_{at}"),
-                ),
-            ),
-        )
-        .order_by(WINDOWS.c.window_start)
-        .limit(sa.bindparam(f"limit_{at}", type_=sa.Integer()))
-        .subquery()
+        _runnable_read(
+            sa.bindparam(f"pipeline_{at}"),
+            sa.bindparam(f"kind_{at}"),
+            sa.bindparam(f"attempts_{at}"),
+            sa.bindparam(f"limit_{at}", type_=sa.Integer()),
+        ).subquery()
         for at in range(parts)
     ]
     # Each limited read in its own subquery: SQLite refuses ORDER BY/LIMIT on the members of
