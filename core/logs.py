@@ -16,7 +16,12 @@ _configured = False
 
 
 def configure_logging(level: str = "INFO", *, json: bool = True) -> None:
-    """Route structlog and the standard library (Celery's loggers too) to stderr, once."""
+    """Route structlog and the standard library (Celery's loggers too) to stderr, once.
+
+    windowpipe's own lines are rendered by structlog and written to stderr directly, filtered
+    by level before any work: no stdlib `LogRecord`, handler and formatter per line, which cost
+    more than the rest of a tiny window's stage logging. Other libraries' lines go through the
+    stdlib root handler, rendered by the same processors into the same JSON."""
     global _configured
     if _configured:
         return
@@ -24,23 +29,20 @@ def configure_logging(level: str = "INFO", *, json: bool = True) -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -51,12 +53,13 @@ def configure_logging(level: str = "INFO", *, json: bool = True) -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(threshold)
     # Client libraries are chatty at INFO (every HTTP request); keep their warnings only.
     for noisy in ("elastic_transport", "urllib3", "botocore", "boto3", "snowflake", "opensearch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def get_logger(name: str = "windowpipe", **context: Any) -> Any:
-    """A structlog logger with `context` bound (e.g. pipeline=..., window=...)."""
-    return structlog.get_logger(name).bind(**context)
+    """A structlog logger with `context` bound (e.g. pipeline=..., window=...); its lines say
+    `name` as their `logger`, as the standard library's lines do."""
+    return structlog.get_logger().bind(logger=name, **context)

@@ -177,7 +177,28 @@ def call_with_retries(policy: StagePolicy, function: Callable[[], T]) -> T:
 
     A soft time limit is never retried: `StageTimeLimitError` and the raw `TIME_LIMIT_ERRORS`
     (raised by the call or during a wait) propagate at once, unchanged.
+
+    The first try is a plain call: tenacity's state is built only once it failed (building it
+    for every call cost more than a tiny window's SQL statement). The failure is then replayed
+    as tenacity's first attempt, so the tries, waits and log lines are tenacity's as before.
     """
+    try:
+        return function()
+    except TransientError as error:
+        first_failure: TransientError | None = error
+
+    def replay_then_call() -> T:
+        nonlocal first_failure
+        if first_failure is not None:
+            failure, first_failure = first_failure, None
+            raise failure
+        return function()
+
+    return _retrying(policy)(replay_then_call)()
+
+
+def _retrying(policy: StagePolicy) -> Callable[[Callable[[], T]], Callable[[], T]]:
+    """The tenacity decorator of `call_with_retries` for `policy`."""
 
     def wait(state: RetryCallState) -> float:
         return backoff_seconds(
@@ -192,7 +213,7 @@ def call_with_retries(policy: StagePolicy, function: Callable[[], T]) -> T:
         before_sleep=_log_retry,
         reraise=True,
     )
-    return retrying(function)()
+    return retrying
 
 
 def _log_retry(state: RetryCallState) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
+import structlog.testing
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from core.config import (
@@ -411,6 +413,33 @@ def test_a_call_that_recovers_returns_its_value_after_the_failed_tries() -> None
 
     assert call_with_retries(QUICK, call) == "counted"
     assert len(calls) == 3
+
+
+def test_each_failed_try_is_logged_once_with_its_number_and_wait() -> None:
+    # The first try runs outside tenacity; its failure must still count as tenacity's first.
+    calls: list[int] = []
+
+    def call() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise TransientError(f"blip {len(calls)}")
+        return "counted"
+
+    with structlog.testing.capture_logs() as logged:
+        assert call_with_retries(QUICK, call) == "counted"
+    retries = [e for e in logged if e["event"] == "transient error, retrying"]
+    assert [(e["attempt"], e["error"], e["wait"]) for e in retries] == [
+        (1, "blip 1", 0.0),
+        (2, "blip 2", 0.0),
+    ]
+
+
+def test_a_call_that_succeeds_at_once_is_called_once_and_logs_nothing() -> None:
+    calls: list[int] = []
+    with structlog.testing.capture_logs() as logged:
+        assert call_with_retries(QUICK, lambda: calls.append(1) or "first") == "first"
+    assert calls == [1]
+    assert logged == []
 
 
 def test_a_soft_time_limit_during_the_wait_between_tries_ends_the_step() -> None:
