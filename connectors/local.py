@@ -124,15 +124,8 @@ class LocalStaging(ObjectStaging):
         return _os_errors(action, path)
 
     def _list(self, directory: str) -> list[str]:
-        base = self._file(directory)
-        if not base.is_dir():
-            return []
         with _os_errors("list", directory):
-            return [
-                file.relative_to(self.root).as_posix()
-                for file in base.rglob("*")
-                if not file.name.startswith(".") and file.is_file()
-            ]
+            return [path for path, name, _ in _walk(self.root, directory) if name[0] != "."]
 
     def _delete(self, paths: list[str]) -> int:
         deleted = 0
@@ -151,18 +144,22 @@ class LocalStaging(ObjectStaging):
         return deleted
 
     def _sweep(self, directory: str, max_age: float) -> None:
-        base = self._file(directory)
-        if not base.is_dir():
-            return
         cutoff = time.time() - max_age
+        swept = False
         with _os_errors("delete", directory):
-            for temp in base.rglob(".*.tmp"):
+            for _, name, entry in _walk(self.root, directory):
+                if not (name[0] == "." and name.endswith(".tmp")):
+                    continue
                 try:
-                    if temp.stat().st_mtime <= cutoff:
-                        temp.unlink()
+                    if entry.stat().st_mtime <= cutoff:
+                        os.unlink(entry.path)
+                        swept = True
                 except FileNotFoundError:  # its writer committed or aborted meanwhile
                     continue
-        self._remove_empty_dirs(base)
+        # After a write only a removed temporary can leave a directory empty; a delete of the
+        # whole window (max_age 0) leaves none behind, whatever it found.
+        if swept or max_age <= 0:
+            self._remove_empty_dirs(self._file(directory))
 
     def _remove_empty_dirs(self, directory: Path) -> None:
         """Remove `directory` and its parents while empty, never the staging root."""
@@ -172,3 +169,23 @@ class LocalStaging(ObjectStaging):
             except OSError:  # not empty (or already gone): stop here
                 return
             directory = directory.parent
+
+
+def _walk(root: Path, directory: str) -> Iterator[tuple[str, str, os.DirEntry[str]]]:
+    """Every file under `root/directory`, recursively, as (its path relative to `root`, its
+    name, its entry); nothing when the directory is missing. `os.scandir` on strings: a
+    window's directory is walked twice a stage, and `Path.rglob` cost more than the files."""
+    pending = [directory.strip("/")]
+    while pending:
+        relative = pending.pop()
+        try:
+            scan = os.scandir(os.path.join(root, relative))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with scan:
+            for entry in scan:
+                path = f"{relative}/{entry.name}" if relative else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif entry.is_file():
+                    yield path, entry.name, entry

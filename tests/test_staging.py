@@ -26,7 +26,7 @@ from connectors.staging import StagedFileWriter
 from core.config import LocalStagingConfig, S3StagingConfig
 from core.errors import TerminalError, TransientError
 from core.instants import format_instant
-from core.ports import Batch, Document, Manifest, Rejection, StagingArea
+from core.ports import Batch, Document, Manifest, Rejection, StagedFile, StagingArea
 from core.windows import Window
 from tests.support import free_port
 
@@ -249,6 +249,33 @@ def test_manifest_sha256_and_bytes_match_the_stored_files(kit: StagingKit) -> No
         assert staged.sha256 == hashlib.sha256(stored).hexdigest()
     assert Manifest.from_json(kit.raw(manifest.path)) == manifest
     assert staging.read_manifest(manifest.path) == manifest
+
+
+@pytest.mark.parametrize(
+    "rejected_ids",
+    [[], ["plain", "accentu\u00e9"], ["undecodable \udcff"]],
+    ids=["none", "non-ASCII", "lone surrogate"],
+)
+def test_a_manifest_survives_its_json_whatever_ids_it_rejected(rejected_ids: list[str]) -> None:
+    # orjson writes it; an id with a lone surrogate (undecodable source bytes) falls back to
+    # the stdlib encoder, which escapes it. Every field comes back, keys sorted and indented.
+    manifest = Manifest(
+        pipeline=PIPELINE,
+        window_start=WINDOW.start,
+        window_end=WINDOW.end,
+        run="f00000007",
+        files=[StagedFile("p/part-00000.ndjson.gz", rows=2, bytes=40, sha256="ab" * 32)],
+        rows=2,
+        rejected={"not UTF-8": len(rejected_ids)} if rejected_ids else {},
+        rejected_ids=rejected_ids,
+        path="p/manifest-f00000007.json",
+        checksum="00000000000000ff",
+    )
+    raw = manifest.to_json()
+    assert Manifest.from_json(raw) == manifest
+    assert raw.startswith(b'{\n  "checksum": ')
+    keys = re.findall(rb'^  "([a-z_]+)":', raw, flags=re.MULTILINE)
+    assert keys == sorted(keys) and len(keys) == len(Manifest.__slots__)
 
 
 def test_layout_is_pipeline_date_window_run_part_and_free_of_equals_signs(kit: StagingKit) -> None:
