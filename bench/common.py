@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,9 +264,12 @@ def log(message: str) -> None:
 # --- CPU ----------------------------------------------------------------------------------------
 
 
-def cpu_seconds(process_groups: Sequence[int], database: str | None = None) -> float:
+def cpu_seconds(
+    process_groups: Sequence[int], database: str | None = None, skip: Collection[int] = ()
+) -> float:
     """CPU seconds (user + system) used so far by every process in `process_groups` (worker
-    subprocesses and their pool children), plus the PostgreSQL backends serving `database`.
+    subprocesses and their pool children), plus the PostgreSQL backends serving `database`
+    but those in `skip` (the bench's own connections, `backend_pids`).
 
     On a shared, loaded machine a rate moves with whatever else runs; the CPU each window costs
     moves much less, so the bench reports both.
@@ -276,11 +279,36 @@ def cpu_seconds(process_groups: Sequence[int], database: str | None = None) -> f
     def mine(entry: Path, name: str, fields: list[str]) -> bool:
         if int(fields[2]) in groups:  # pgrp
             return True
-        if database is not None and "postgres" in name:
+        if database is not None and "postgres" in name and int(entry.name) not in skip:
             return f" {database} " in (entry / "cmdline").read_text().replace("\0", " ")
         return False
 
     return _proc_cpu(mine)
+
+
+BENCH_APPLICATION = "windowpipe-bench"
+"""The `application_name` of the bench's own PostgreSQL connections (its polling, its set-up),
+whose backends a CPU reading of windowpipe's work leaves out (`backend_pids`)."""
+
+
+def as_bench_client(database_url: str) -> str:
+    """`database_url` (with a query string already) naming its connections the bench's."""
+    return f"{database_url}&application_name={BENCH_APPLICATION}"
+
+
+def backend_pids(database_url: str, application_name: str = BENCH_APPLICATION) -> set[int]:
+    """The pids of the PostgreSQL backends whose connections call themselves
+    `application_name`, asked on a connection of that name (so it is among them)."""
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT pid FROM pg_stat_activity WHERE application_name = :name"),
+                {"name": application_name},
+            )
+            return {int(pid) for (pid,) in rows}
+    finally:
+        engine.dispose()
 
 
 def redis_server_cpu() -> float:

@@ -136,11 +136,18 @@ def dispatch(
     *,
     failed_retry_base: timedelta = FAILED_RETRY_BASE,
     waiting: Collection[tuple[WindowKind, WindowStatus]] | None = None,
+    send_batch: SendChains | None = None,
 ) -> tuple[list[WindowRecord], int]:
     """Enqueue runnable windows up to the pipeline's caps; returns (queued, newly dead).
 
-    One dispatcher per pipeline at a time (`DispatchLock`); the guarded `queue()` (ENQUEUE)
-    makes each window's enqueue happen once even if two dispatchers raced anyway.
+    One dispatcher per pipeline at a time (`DispatchLock`). The windows are read and claimed
+    as `dispatch_batch` does: the active counts of both kinds in one statement, the runnable
+    windows in one, every chosen window claimed by one guarded UPDATE (`StateStore.queue_many`:
+    each row matches only while in the status read, so a window another dispatcher claimed
+    first is left out, not sent, and no window is queued twice), then the chains sent, through
+    `send_batch` when given (one producer, one Redis round trip), else one by one. A send that
+    fails raises: the windows claimed stay queued, and cleanup sends their messages again once
+    they waited `stale_after`.
 
     `waiting`, when given, is the (kind, status) pairs of the pipeline's pending and failed
     windows as read just before (`StateStore.waiting`): a kind with none is not looked at,
@@ -160,37 +167,28 @@ def dispatch(
         dead = 0
         if waiting is None or any(status == WindowStatus.FAILED for _, status in waiting):
             dead = store.mark_dead_exhausted(pipeline.name, pipeline.max_attempts)
-        queued: list[WindowRecord] = []
-        caps = {
-            WindowKind.SCHEDULED: pipeline.max_active_windows,
-            WindowKind.MANUAL: pipeline.max_backfill_windows,
-        }
-        for kind, cap in caps.items():
-            if waiting is not None and all(k != kind for k, _ in waiting):
-                continue
-            free = cap - store.count_active(pipeline.name, kind)
-            if free <= 0:
-                continue
-            candidates = store.runnable(
-                pipeline.name, kind, max_attempts=pipeline.max_attempts, limit=free * 4
-            )
-            for record in candidates:
-                if len([r for r in queued if r.kind == kind]) >= free:
-                    break
-                if not _ready(record, now, failed_retry_base):
-                    continue
-                claimed = store.queue(pipeline.name, record.window_start, expect=[record.status])
-                if claimed is None:
-                    continue
-                send(
-                    pipeline.name, claimed.window_start, resume_stage(claimed.status, claimed.stage)
-                )
-                queued.append(claimed)
-        if queued or dead:
-            log.info("dispatched", queued=len(queued), dead=dead)
-        return queued, dead
+        kinds = waiting if waiting is not None else _EVERY_KIND
+        chosen = _choose(store, [pipeline], {pipeline.name: kinds}, now, failed_retry_base)
+        claimed = store.queue_many(
+            [(r.pipeline, r.window_start, r.status) for rs in chosen.values() for r in rs]
+        )
+        # Scheduled windows first, each kind oldest first.
+        claimed.sort(key=lambda r: (r.kind != WindowKind.SCHEDULED, r.window_start))
+        chains = [(r.pipeline, r.window_start, resume_stage(r.status, r.stage)) for r in claimed]
+        if send_batch is not None and chains:
+            send_batch(chains)
+        else:
+            for name, start, stage in chains:
+                send(name, start, stage)
+        if claimed or dead:
+            log.info("dispatched", queued=len(claimed), dead=dead)
+        return claimed, dead
     finally:
         lock.release()
+
+
+_EVERY_KIND = tuple((kind, WindowStatus.PENDING) for kind in WindowKind)
+"""What `dispatch` looks at when it was not told what waits: every kind of window."""
 
 
 def _ready(record: WindowRecord, now: datetime, failed_retry_base: timedelta) -> bool:
@@ -587,6 +585,7 @@ def dispatch_batch(
                 now,
                 failed_retry_base=failed_retry_base,
                 waiting=waiting[pipeline.name],
+                send_batch=send_batch,
             )
         except Exception as error:
             failed[pipeline.name] = _logged(pipeline.name, error)

@@ -4,7 +4,7 @@ scheduled ends are read in one statement, and one pipeline's failure leaves the 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +17,7 @@ from celery.schedules import crontab
 
 from beat_schedule import build_schedule
 from core.config import Config, config_from_dict
-from core.dispatch import generation_batch, generation_tick
+from core.dispatch import dispatch, generation_batch, generation_tick
 from core.instants import format_instant
 from core.records import Stage, WindowKind, WindowStatus
 from core.store import StateStore
@@ -340,6 +340,54 @@ def test_a_batch_creates_its_due_windows_in_one_insert_and_claims_them_in_one_up
     assert len(records) == 12
     assert {(r.status, r.attempts) for r in records} == {(WindowStatus.QUEUED, 1)}
     assert report.summary()["queued"] == 12 and report.failed == {}
+
+
+def test_a_dispatch_claims_its_windows_in_one_update_and_sends_them_together(
+    state_url: str,
+) -> None:
+    # A pipeline's dispatch (a finishing window's) reads, claims and sends as a batch does:
+    # scheduled windows up to their cap first, then the backfill's up to its own, oldest
+    # first, one UPDATE for all of them and one send of every chain.
+    settings = pipeline() | {"max_active_windows": 2, "max_backfill_windows": 4}
+    (one,) = config({"live": settings}).pipelines.values()
+    hour = timedelta(hours=1)
+    scheduled = [Window(ORIGIN + i * hour, ORIGIN + (i + 1) * hour) for i in range(3)]
+    backfill = [Window(ORIGIN - (i + 1) * hour, ORIGIN - i * hour) for i in range(10)]
+    sent: list[list[tuple[str, datetime, Stage]]] = []
+
+    def keep(chains: Sequence[tuple[str, datetime, Stage]]) -> None:
+        sent.append(list(chains))
+
+    with StateStore(state_url) as store:
+        store.migrate()
+        store.create_windows("live", scheduled, kind=WindowKind.SCHEDULED)
+        store.create_windows("live", backfill, kind=WindowKind.MANUAL)
+        waiting = store.waiting(["live"])["live"]
+        statements, seen = _statements(store)
+        queued, dead = dispatch(
+            store,
+            fakeredis.FakeRedis(),
+            one,
+            _refuse_one_by_one,
+            NOW,
+            waiting=waiting,
+            send_batch=keep,
+        )
+        sa.event.remove(store.engine, "before_cursor_execute", seen)
+        again, _ = dispatch(
+            store, fakeredis.FakeRedis(), one, _refuse_one_by_one, NOW, send_batch=keep
+        )
+
+    oldest_backfill = sorted(w.start for w in backfill)[:4]
+    expected = [w.start for w in scheduled[:2]] + oldest_backfill
+    assert [r.window_start for r in queued] == expected and dead == 0
+    assert statements.count("UPDATE") == 1
+    assert sent == [[("live", start, Stage.PRECHECK) for start in expected]]
+    assert again == []  # both caps are full now: nothing more is queued or sent
+
+
+def _refuse_one_by_one(name: str, start: datetime, stage: Stage) -> None:
+    raise AssertionError("a dispatch given send_batch sends its chains together")
 
 
 def _refuse_inserts_of(store: StateStore, pipeline: str) -> None:

@@ -82,6 +82,7 @@ def dispatch(pipeline: str) -> dict[str, Any]:
         utc_now(),
         failed_retry_base=config.settings.failed_retry_base,
         waiting=rt.store.waiting([pipeline])[pipeline],
+        send_batch=send_chains,
     )
     return {"pipeline": pipeline, "queued": len(queued), "dead": dead}
 
