@@ -1,10 +1,14 @@
 """1. Orchestration overhead: tiny windows (one document each) through the four-stage chain on
-real `celery worker` subprocesses, against a bare chain of four no-op tasks on the same queues,
-the same worker layout (one worker per stage queue plus control) and the same Redis.
+real `celery worker` subprocesses, against a bare chain of four no-op tasks on the same queue
+names, the same worker layout (one worker per stage queue plus control) and the same Redis
+server (a DB of its own, so both sets of workers run at once and their runs alternate: a shared
+machine that slows down or speeds up during the bench moves both alike).
 
 Throughput is windows (chains) per second from the first send to the last finish, as recorded
 by the finishing process (`finished_at` of the record, or the no-op audit's timestamp), so the
-bench's polling interval does not count. Latency is one window alone on idle workers.
+bench's polling interval does not count. Latency is one window alone on idle workers. CPU is
+read from /proc per process group, and PostgreSQL's for the bench database's backends but the
+bench's own (its polling of the records).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from bench.common import (
     log,
     median,
     percentile,
+    redis_db,
     schema_url,
     sql_pipeline,
     write_config,
@@ -65,7 +70,7 @@ class Plan:
     warmup: int = 8
 
 
-PLANS = {"full": Plan(windows=200, runs=3, latency_samples=30), "quick": Plan(60, 2, 10)}
+PLANS = {"full": Plan(windows=200, runs=5, latency_samples=30), "quick": Plan(60, 2, 10)}
 
 ENQUEUE_CAP = 32
 """`max_active_windows` and `max_backfill_windows` of the bench pipeline: caps that do not
@@ -302,15 +307,10 @@ def _measure(
     return rates, latencies
 
 
-def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[Row]:
-    plan = PLANS["quick" if quick else "full"]
-    database = database_url.rsplit("/", 1)[1]
-    data_url = schema_url(database_url, "orchestration")
-    state_url = schema_url(database_url, "orchestration_state")
-    total = plan.warmup + 2 * plan.runs * plan.windows + plan.latency_samples
-    _seed(data_url, total)
-    config_path = write_config(
-        workdir / "orchestration.toml",
+def _config(path: Path, redis_url: str, state_url: str, data_url: str, workdir: Path) -> Path:
+    """The bench pipeline's config, on `redis_url` as broker and lock store."""
+    return write_config(
+        path,
         {"redis_url": redis_url, "state_url": state_url, "log_level": "INFO"},
         {
             PIPELINE: {
@@ -325,6 +325,40 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
             }
         },
     )
+
+
+def _alternate(
+    plan: Plan,
+    phase: str,
+    bare: _Noop,
+    bare_cpu: _Cpu,
+    ours: Callable[[], float],
+    ours_cpu: _Cpu,
+) -> tuple[list[float], list[float]]:
+    """`plan.runs` throughput runs of the bare chain and of windowpipe's `ours`, one of each in
+    turn, so a machine that slows down or speeds up during the phase moves both alike; their
+    rates (bare, ours)."""
+    bare_rates, rates = [], []
+    for run in range(plan.runs):
+        bare_rates.append(bare_cpu.measure(plan.windows, lambda: bare.throughput(plan.windows)))
+        rates.append(ours_cpu.measure(plan.windows, ours))
+        log(
+            f"orchestration {phase} run {run + 1}: bare {bare_rates[-1]:.1f} windows/s, "
+            f"{bare_cpu.total_ms[-1]:.1f} ms a window; windowpipe {rates[-1]:.1f} windows/s, "
+            f"{ours_cpu.workers_ms[-1]:.1f} ms workers, {ours_cpu.total_ms[-1]:.1f} ms with "
+            "PostgreSQL"
+        )
+    return bare_rates, rates
+
+
+def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[Row]:
+    plan = PLANS["quick" if quick else "full"]
+    database = database_url.rsplit("/", 1)[1]
+    data_url = schema_url(database_url, "orchestration")
+    state_url = schema_url(database_url, "orchestration_state")
+    total = plan.warmup + 2 * plan.runs * plan.windows + plan.latency_samples
+    _seed(data_url, total)
+    config_path = _config(workdir / "orchestration.toml", redis_url, state_url, data_url, workdir)
     env = {"WINDOWPIPE_CONFIG": str(config_path)}
     load_config(config_path)  # the workers read it: it must be valid
     bench_url = as_bench_client(state_url)
@@ -335,13 +369,8 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
     store.create_windows(PIPELINE, [Window(frontier - SIZE, frontier)], kind=WindowKind.SCHEDULED)
     layout = [*STAGE_QUEUES, "control"]
 
-    log("orchestration: bare Celery chain of four no-op tasks")
-    sender = _Sender(redis_url, "bench.noop")
-    with Workers("bench.noop_app", workdir, env) as workers:
-        workers.start(layout, CONCURRENCY)
-        base_cpu = _Cpu([p.pid for p in workers.processes], database, bench_url)
-        base_rates, base_latencies = _measure(_Noop(redis_url, sender), plan, "no-op", base_cpu)
     log("orchestration: windowpipe's app (time limits, logging, liveness) with no-op bodies")
+    sender = _Sender(redis_url, "bench.noop")
     with Workers("bench.noop_windowpipe_app", workdir, env) as workers:
         workers.start(layout, CONCURRENCY)
         app_cpu = _Cpu([p.pid for p in workers.processes], database, bench_url)
@@ -350,29 +379,58 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
         )
     sender.close()
 
-    log("orchestration: windowpipe, four stages")
-    sender = _Sender(redis_url, "windowpipe")
-    with Workers("workers", workdir, env) as workers:
-        workers.start(layout, CONCURRENCY)
-        chains = _Windowpipe(store, sender)
-        cpu = _Cpu([p.pid for p in workers.processes], database, bench_url)
-        rates, latencies = _measure(chains, plan, "windowpipe", cpu)
-        log("orchestration: windowpipe, `windowpipe enqueue` with beat running")
-        enqueued = _Enqueued(store, chains, env)
-        with Beat("workers", workdir, env) as beat:
-            beat.start()
-            assert beat.process is not None
-            enqueued_cpu = _Cpu([*cpu.groups, beat.process.pid], database, bench_url)
-            enqueued_rates = []
-            for run in range(plan.runs):
-                enqueued_rates.append(
-                    enqueued_cpu.measure(plan.windows, lambda: enqueued.throughput(plan.windows))
+    # The bare chain's workers run beside windowpipe's on a Redis DB of their own (the same
+    # queue names, other messages), so their runs can alternate with windowpipe's.
+    log("orchestration: the bare chain and windowpipe's four stages, runs alternating")
+    with redis_db() as bare_redis_url:
+        bare_path = _config(
+            workdir / "orchestration-bare.toml", bare_redis_url, state_url, data_url, workdir
+        )
+        bare_env = {"WINDOWPIPE_CONFIG": str(bare_path)}
+        bare_sender = _Sender(bare_redis_url, "bench.noop")
+        sender = _Sender(redis_url, "windowpipe")
+        with (
+            Workers("bench.noop_app", workdir, bare_env) as bare_workers,
+            Workers("workers", workdir, env) as workers,
+        ):
+            bare_workers.start(layout, CONCURRENCY)
+            workers.start(layout, CONCURRENCY)
+            bare = _Noop(bare_redis_url, bare_sender)
+            chains = _Windowpipe(store, sender)
+            bare_groups = [p.pid for p in bare_workers.processes]
+            base_cpu = _Cpu(bare_groups, database, bench_url)
+            cpu = _Cpu([p.pid for p in workers.processes], database, bench_url)
+            bare.throughput(plan.warmup)  # every pool process imports and connects once
+            chains.throughput(plan.warmup)
+            base_rates, rates = _alternate(
+                plan, "chains", bare, base_cpu, lambda: chains.throughput(plan.windows), cpu
+            )
+            base_latencies, latencies = [], []
+            for _ in range(plan.latency_samples):
+                base_latencies.append(bare.latency())
+                latencies.append(chains.latency())
+                time.sleep(0.05)
+            log(
+                f"orchestration idle latency p50 bare {percentile(base_latencies, 0.5) * 1000:.0f}"
+                f" ms, windowpipe {percentile(latencies, 0.5) * 1000:.0f} ms"
+            )
+            log("orchestration: `windowpipe enqueue` with beat running, alternating")
+            enqueued = _Enqueued(store, chains, env)
+            with Beat("workers", workdir, env) as beat:
+                beat.start()
+                assert beat.process is not None
+                enqueued_cpu = _Cpu([*cpu.groups, beat.process.pid], database, bench_url)
+                enqueue_base_cpu = _Cpu(bare_groups, database, bench_url)
+                enqueue_base_rates, enqueued_rates = _alternate(
+                    plan,
+                    "enqueue",
+                    bare,
+                    enqueue_base_cpu,
+                    lambda: enqueued.throughput(plan.windows),
+                    enqueued_cpu,
                 )
-                log(
-                    f"orchestration enqueue run {run + 1}: {enqueued_rates[-1]:.1f} windows/s, "
-                    f"CPU per window {enqueued_cpu.total_ms[-1]:.1f} ms with PostgreSQL"
-                )
-    sender.close()
+        bare_sender.close()
+        sender.close()
     store.dispose()
 
     ratio = median(rates) / median(base_rates)
@@ -380,22 +438,22 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
         f"{plan.windows} windows per run, {plan.runs} runs; one worker per stage queue + "
         f"control, prefork -c {CONCURRENCY}"
     )
-    enqueued_ratio = median(enqueued_rates) / median(base_rates)
+    enqueued_ratio = median(enqueued_rates) / median(enqueue_base_rates)
     rows = [
         Row(
             "1. orchestration",
             "windows/s, `windowpipe enqueue` + beat (headline)",
             median(enqueued_rates),
-            median(base_rates),
+            median(enqueue_base_rates),
             enqueued_ratio,
             f">= {TARGET_RATIO}x",
             enqueued_ratio >= TARGET_RATIO,
             enqueued_rates,
-            base_rates,
+            enqueue_base_rates,
             f"{plan.windows} windows per `windowpipe enqueue`, {plan.runs} runs, caps "
             f"max_active_windows = max_backfill_windows = {ENQUEUE_CAP}, beat running, records, "
             "source and target on PostgreSQL; rate from the records (first started_at to last "
-            "finished_at); baseline: the bare chain below",
+            "finished_at); baseline: the bare chain, its runs alternating with these",
         ),
         Row(
             "1. orchestration",
@@ -435,25 +493,29 @@ def run(quick: bool, database_url: str, redis_url: str, workdir: Path) -> list[R
     cpu_names = [*layout, "beat"]
     cpu_note = (
         "CPU (user + system, from /proc) of the worker processes and their pool children, "
-        "plus the PostgreSQL backends of the bench database, over the throughput runs, per "
-        "window; Redis not counted"
+        "plus the PostgreSQL backends of the bench database (but the bench's own), over the "
+        "throughput runs, per window; Redis not counted; the bare chain's runs alternate with "
+        "windowpipe's"
     )
-    for label, ours in (("`windowpipe enqueue` + beat", enqueued_cpu), ("chains", cpu)):
-        ratio_cpu = median(ours.total_ms) / median(base_cpu.total_ms)
+    for label, ours, base in (
+        ("`windowpipe enqueue` + beat", enqueued_cpu, enqueue_base_cpu),
+        ("chains", cpu, base_cpu),
+    ):
+        ratio_cpu = median(ours.total_ms) / median(base.total_ms)
         rows.append(
             Row(
                 "1. orchestration",
                 f"CPU ms per window, {label}",
                 median(ours.total_ms),
-                median(base_cpu.total_ms),
+                median(base.total_ms),
                 ratio_cpu,
                 "report",
                 None,
                 ours.total_ms,
-                base_cpu.total_ms,
+                base.total_ms,
                 f"{cpu_note}; workers alone {median(ours.workers_ms):.1f} vs "
-                f"{median(base_cpu.workers_ms):.1f} ms; by worker ({ours.split(cpu_names)}) vs "
-                f"({base_cpu.split(cpu_names)})",
+                f"{median(base.workers_ms):.1f} ms; by worker ({ours.split(cpu_names)}) vs "
+                f"({base.split(cpu_names)})",
             )
         )
     for name, fraction in (("p50", 0.5), ("p95", 0.95)):
