@@ -93,7 +93,8 @@ def seed(database_url: str, redis_url: str, workdir: Path, sizes: list[int]) -> 
 
 
 def runtime(config_path: Path) -> Runtime:
-    """An in-process windowpipe runtime (what a worker process builds) for the bulk config."""
+    """An in-process windowpipe runtime (what a worker process builds) for the config at
+    `config_path` (the bulk config here, bench 1's in `bench.stage_cpu`)."""
     config = load_config(config_path)
     store = StateStore(config.settings.state_url)
     store.migrate()

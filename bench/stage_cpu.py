@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
-
+from bench import bulk
 from bench.common import (
     cpu_seconds,
     log,
@@ -36,13 +35,10 @@ from bench.common import (
     write_config,
 )
 from bench.orchestration import ORIGIN, PIPELINE, SIZE, _seed
-from connectors.registry import close_all, connector_for
-from core.config import load_config
 from core.instants import format_instant
 from core.logs import configure_logging
 from core.records import STAGE_ORDER, WindowKind, WindowStatus
-from core.runner import Runtime, run_stage
-from core.store import StateStore
+from core.runner import run_stage
 from core.windows import Window
 
 
@@ -74,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging("INFO")
         finally:
             sys.stderr = real_stderr
-        config = load_config(config_path)
-        store = StateStore(config.settings.state_url)
-        store.migrate()
-        client = redis.Redis.from_url(redis_url)
-        runtime = Runtime(config, store, client, connector_for)
+        rt = bulk.runtime(config_path)
+        store = rt.store
         windows = [Window(ORIGIN + i * SIZE, ORIGIN + (i + 1) * SIZE) for i in range(total)]
         store.create_windows(PIPELINE, windows, kind=WindowKind.MANUAL)
         for window in windows:
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for stage in STAGE_ORDER:
                 began, backends = time.process_time(), cpu_seconds([], database)
                 for window in batch:
-                    result = run_stage(runtime, stage, PIPELINE, window.start)
+                    result = run_stage(rt, stage, PIPELINE, window.start)
                     if not result.continues_chain and result.status != WindowStatus.SUCCEEDED:
                         raise RuntimeError(f"{stage.value} stopped: {result.summary()}")
                 if round_number == 0:
@@ -99,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 client_ms[stage.value].append(spent)
                 spent = (cpu_seconds([], database) - backends) * 1000 / len(batch)
                 server_ms[stage.value].append(spent)
-        close_all()
-        store.dispose()
-        client.close()
+        bulk.close(rt)
         sink.close()
     log(f"CPU ms per window, medians of {args.rounds} rounds of {args.batch} windows:")
     log("stage        client   PostgreSQL")
